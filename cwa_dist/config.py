@@ -1,0 +1,117 @@
+"""The run configuration: typed, documented, validated once, written to config.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from cwa_dist.errors import UsageError
+from cwa_dist.metrics import METRICS
+from cwa_dist.perturb import MODES
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    model: str
+    """Hugging Face Hub id, local save_pretrained directory, or .gguf file."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when the Ray cluster has GPUs)."""
+    dtype: str = "auto"
+    """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."""
+    metrics: tuple[str, ...] = ("grad_x_weight",)
+    """Sensitivity metrics to rank by."""
+    topk: tuple[int, ...] = (100,)
+    """Ranking sizes; the largest is computed once and the others are its prefixes."""
+    perturbation_ratios: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    """Fractions of each top-K to perturb, each in (0, 1]."""
+    perturbation_mode: str = "zero"
+    """How a selected weight is perturbed."""
+    random_seeds: int = 3
+    """How many random-K controls per (K, ratio)."""
+    eval_limit: int | None = 100
+    """Use at most this many texts (lines) of the data."""
+    data_file: str | None = None
+    """One text per line; the bundled default text when None."""
+    seq_len: int = 128
+    """Tokens per chunk."""
+    batch_size: int = 4
+    """Chunks per forward/backward pass (does not change the gradient, only speed and memory)."""
+    calibration_fraction: float = 0.5
+    """Share of chunks used for gradients; the rest measure perplexity."""
+    fast_perturbation: bool = False
+    """Measure perturbation perplexity on a subset of the evaluation chunks."""
+    fast_eval_chunks: int = 4
+    """Size of that subset."""
+    no_perturbation: bool = False
+    """Stop after the ranking."""
+    include_bias: bool = False
+    """Also score 1-D bias vectors."""
+    include_norm: bool = False
+    """Also score normalisation weights (and other 1-D non-bias parameters)."""
+    num_eval_actors: int | None = None
+    """Evaluation actors in the pool; None picks one per free CPU (or GPU), at most the number of experiments."""
+    seed: int = 0
+    """Seeds the chunk split and the random controls."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code."""
+    ray_address: str | None = None
+    """Ray cluster to join; None uses RAY_ADDRESS or starts a local Ray."""
+    output: str = "outputs"
+    """Parent directory of the run directory."""
+    experiment_id: str | None = None
+    """Run directory name; None gives critical_analysis_<timestamp>."""
+    verbose: bool = False
+    """More console output, and tracebacks on errors."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise UsageError("--model is empty; give a Hub id, a local model directory or a .gguf file")
+        _one_of("--device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("--dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if not self.metrics:
+            raise UsageError("--metric needs at least one metric")
+        for m in self.metrics:
+            if m not in METRICS:
+                raise UsageError(METRICS.unknown_message(m))
+        if self.perturbation_mode not in MODES:
+            raise UsageError(MODES.unknown_message(self.perturbation_mode))
+        if not self.topk:
+            raise UsageError("--topk needs at least one value")
+        for k in self.topk:
+            if k <= 0:
+                raise UsageError(f"--topk {k} is not positive; every K must be at least 1")
+        for r in self.perturbation_ratios:
+            if not (0 < r <= 1) or math.isnan(r):
+                raise UsageError(f"--perturbation-ratios {r} is outside (0, 1]; a ratio is the share of the top-K to perturb")
+        _positive("--seq-len", self.seq_len, minimum=2)
+        _positive("--batch-size", self.batch_size)
+        _positive("--fast-eval-chunks", self.fast_eval_chunks)
+        if self.eval_limit is not None:
+            _positive("--eval-limit", self.eval_limit)
+        if self.random_seeds < 0:
+            raise UsageError(f"--random-seeds {self.random_seeds} is negative")
+        if self.num_eval_actors is not None:
+            _positive("--num-eval-actors", self.num_eval_actors)
+        if not (0 < self.calibration_fraction < 1):
+            raise UsageError(f"--calibration-fraction {self.calibration_fraction} is outside (0, 1)")
+        # Duplicates would only repeat work and rows.
+        self.metrics = tuple(dict.fromkeys(self.metrics))
+        self.topk = tuple(sorted(set(self.topk)))
+        self.perturbation_ratios = tuple(sorted(set(self.perturbation_ratios)))
+
+    @property
+    def max_k(self) -> int:
+        return max(self.topk)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(flag: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} {value} is too small; it must be at least {minimum}")

@@ -1,0 +1,105 @@
+"""Perturbation experiments on a pool of Ray actors.
+
+Each actor builds one model replica from the shared blob (the model file is read once, by the
+driver), measures the baseline once, then runs specs one at a time: save the touched values,
+apply, measure perplexity, restore, and check the restore bit for bit. Idle actors take the
+next spec from the driver's queue.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
+import torch
+
+from cwa_dist.evaluate import Perplexity, perplexity
+from cwa_dist.models import ModelBlob
+from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentResult:
+    key: str
+    perturbed: Perplexity
+    baseline: Perplexity
+    weights_masked: int
+    wall_s: float
+    restored_exact: bool
+    actor: str  # host:pid, for tracing a result to a process
+
+
+class EvalActor:
+    def __init__(self, blob: ModelBlob, device: str, chunks: list[torch.Tensor], batch_size: int, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = blob.build(device)
+        self.params = dict(self.model.named_parameters())
+        self.chunks, self.batch_size = chunks, batch_size
+        self.fingerprints = {n: fingerprint(p) for n, p in self.params.items()}
+        self.baseline = perplexity(self.model, chunks, batch_size)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def describe(self) -> tuple[str, Perplexity]:
+        return self.name, self.baseline
+
+    def run(self, spec: PerturbationSpec) -> ExperimentResult:
+        start = time.perf_counter()
+        saved = apply(self.params, spec.targets, spec.mode)
+        try:
+            perturbed = perplexity(self.model, self.chunks, self.batch_size)
+        finally:
+            restore(self.params, saved)
+        exact = restored_exactly(self.params, saved) and all(
+            fingerprint(self.params[n]) == self.fingerprints[n] for n in saved.values
+        )
+        return ExperimentResult(
+            key=spec.key,
+            perturbed=perturbed,
+            baseline=self.baseline,
+            weights_masked=len(spec.targets),
+            wall_s=time.perf_counter() - start,
+            restored_exact=exact,
+            actor=self.name,
+        )
+
+    def all_weights_intact(self) -> bool:
+        """Every parameter still has the bytes it was built with."""
+        return all(fingerprint(p) == self.fingerprints[n] for n, p in self.params.items())
+
+
+class EvalPool:
+    def __init__(self, blob_ref, chunks_ref, *, num_actors: int, device: str, batch_size: int):
+        remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
+        # On CPU each actor uses one core, so actors do not fight over threads.
+        threads = None if device == "cuda" else 1
+        self.actors = [remote.remote(blob_ref, device, chunks_ref, batch_size, threads) for _ in range(num_actors)]
+
+    def describe(self) -> list[tuple[str, Perplexity]]:
+        return ray.get([a.describe.remote() for a in self.actors])
+
+    def run(self, specs: list[PerturbationSpec], on_result: Callable[[ExperimentResult], None]) -> None:
+        """Run every spec once, handing each finished result to `on_result` as it arrives."""
+        queue = deque(specs)
+        idle = list(self.actors)
+        in_flight: dict = {}
+        while queue or in_flight:
+            while idle and queue:
+                actor = idle.pop()
+                in_flight[actor.run.remote(queue.popleft())] = actor
+            (done,), _ = ray.wait(list(in_flight), num_returns=1)
+            idle.append(in_flight.pop(done))
+            on_result(ray.get(done))
+
+    def all_weights_intact(self) -> bool:
+        return all(ray.get([a.all_weights_intact.remote() for a in self.actors]))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,157 @@
+"""The run directory: the driver is the only writer, and every file lands atomically.
+
+Schemas (column → meaning) are declared once here and written into the README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from cwa_dist.errors import UsageError
+from cwa_dist.sensitivity import unravel
+from cwa_dist.topk import Candidates
+
+RANKING_COLUMNS = {
+    "metric": "metric the weights are ranked by",
+    "rank": "1 = most critical",
+    "param": "parameter name, as in model.named_parameters()",
+    "flat_index": "index into the flattened parameter",
+    "row": "first index of the unravelled position",
+    "col": "second index (empty for 1-D parameters)",
+    "layer_index": "transformer block number (empty for embeddings, final norm, LM head)",
+    "module": "module kind within the block, e.g. mlp.down_proj",
+    "score": "the metric's value",
+    "weight": "the weight's value",
+    "grad": "its gradient of the calibration mean NLL",
+}
+# The original tool's columns first, so its readers keep working.
+TOPK_CSV_COLUMNS = ["rank", "layer", "indices", "sensitivity"] + [
+    c for c in RANKING_COLUMNS if c not in ("rank", "score", "metric", "param")
+]
+PERTURBATION_COLUMNS = {
+    "metric": "metric name, or the control: random / magnitude",
+    "topk": "K of the ranking",
+    "mask_ratio": "share of the top-K perturbed",
+    "weights_masked": "weights perturbed: ⌈mask_ratio·K⌉",
+    "baseline_ppl": "perplexity of the unperturbed model on the same chunks",
+    "perturbed_ppl": "perplexity with the weights perturbed (inf if it overflows)",
+    "ppl_increase": "perturbed_ppl − baseline_ppl",
+    "ppl_ratio": "perturbed_ppl / baseline_ppl",
+    "is_control": "true for random / magnitude controls",
+    "seed": "random control's seed (empty otherwise)",
+    "mode": "perturbation mode, e.g. zero",
+    "eval_tokens": "predicted tokens the perplexity is over",
+    "wall_s": "seconds the experiment took on its actor",
+    "restored_exact": "the model was bitwise identical after restoring",
+    "actor": "host:pid of the evaluation actor",
+    "key": "unique experiment key",
+}
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def describe_param(name: str) -> tuple[int | None, str]:
+    """(block number, module kind): 'model.layers.3.mlp.down_proj.weight' → (3, 'mlp.down_proj');
+    outside the blocks the module is the owning module's own name, e.g. 'embed_tokens'."""
+    owner = name.rsplit(".", 1)[0] if "." in name else name
+    m = _LAYER.search(name)
+    if m:
+        rest = name[m.end() :]
+        return int(m.group(1)), rest.rsplit(".", 1)[0] if "." in rest else rest
+    return None, owner.rsplit(".", 1)[-1]
+
+
+def ranking_frame(metric: str, c: Candidates, shapes: dict[str, Sequence[int]]) -> pd.DataFrame:
+    names = c.names()
+    flat = c.flat_index.tolist()
+    pos = [unravel(i, shapes[n]) for n, i in zip(names, flat)]
+    layer = [describe_param(n) for n in names]
+    return pd.DataFrame(
+        {
+            "metric": metric,
+            "rank": range(1, len(c) + 1),
+            "param": names,
+            "flat_index": flat,
+            "row": pd.array([p[0] for p in pos], dtype="Int64"),
+            "col": pd.array([p[1] if len(p) > 1 else None for p in pos], dtype="Int64"),
+            "layer_index": pd.array([li for li, _ in layer], dtype="Int64"),
+            "module": [mod for _, mod in layer],
+            "score": c.score.double().numpy(),
+            "weight": c.weight.double().numpy(),
+            "grad": c.grad.double().numpy(),
+            "indices": [str(p) for p in pos],
+        }
+    )
+
+
+def topk_csv_frame(ranking: pd.DataFrame, k: int) -> pd.DataFrame:
+    top = ranking.head(k).rename(columns={"param": "layer", "score": "sensitivity"})
+    return top[TOPK_CSV_COLUMNS]
+
+
+def _json_safe(obj):
+    # JSON has no inf/nan; write them as strings a reader can still parse with float().
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+class RunDirectory:
+    def __init__(self, path: Path):
+        self.path = path
+
+    @staticmethod
+    def create(output: str, experiment_id: str) -> "RunDirectory":
+        path = Path(output).expanduser() / experiment_id
+        if path.exists() and any(path.iterdir()):
+            raise UsageError(f"run directory {path} already exists and is not empty; choose another --experiment-id")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"cannot write to {path} ({e.strerror}); choose a writable --output") from None
+        return RunDirectory(path)
+
+    def _atomic(self, name: str, write) -> Path:
+        final = self.path / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return final
+
+    def write_json(self, name: str, obj) -> Path:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
+                f.write("\n")
+
+        return self._atomic(name, write)
+
+    def write_csv(self, name: str, df: pd.DataFrame) -> Path:
+        return self._atomic(name, lambda tmp: df.to_csv(tmp, index=False))
+
+    def write_parquet(self, name: str, df: pd.DataFrame) -> Path:
+        return self._atomic(name, lambda tmp: df.to_parquet(tmp, index=False))
+
+    def write_figure(self, name: str, fig) -> Path:
+        return self._atomic(name, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))

@@ -1,0 +1,142 @@
+"""Perturbation modes, target sets and exact apply/restore: pure torch, no Ray.
+
+A *spec* names a set of weights and a mode. Applying it saves the touched values first, so
+restoring writes back exactly the bits that were there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from cwa_dist.registry import Registry
+from cwa_dist.topk import Candidates
+
+ModeFn = Callable[[torch.Tensor], torch.Tensor]
+
+MODES: Registry[ModeFn] = Registry("perturbation mode")
+
+
+def register_mode(name: str):
+    def wrap(fn: ModeFn) -> ModeFn:
+        MODES.add(name, fn)
+        return fn
+
+    return wrap
+
+
+@register_mode("zero")
+def zero(values: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(values)
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """A set of weights, as (parameter, flat index) pairs; entries point into `param_names`."""
+
+    param_names: list[str]
+    param: torch.Tensor  # int64 (n,)
+    flat_index: torch.Tensor  # int64 (n,)
+
+    def __len__(self) -> int:
+        return int(self.flat_index.numel())
+
+    @staticmethod
+    def from_candidates(c: Candidates) -> "Targets":
+        return Targets(list(c.param_names), c.param.clone(), c.flat_index.clone())
+
+    def head(self, n: int) -> "Targets":
+        return Targets(self.param_names, self.param[:n], self.flat_index[:n])
+
+    def by_param(self) -> dict[str, torch.Tensor]:
+        """Flat indices grouped per parameter name."""
+        out = {}
+        for i, name in enumerate(self.param_names):
+            idx = self.flat_index[self.param == i]
+            if idx.numel():
+                out[name] = idx
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PerturbationSpec:
+    """One experiment: perturb `targets` with `mode`, then measure perplexity."""
+
+    key: str  # unique and stable across runs, e.g. "grad_x_weight|k=100|r=0.5"
+    method: str  # a metric name, or a control: "random" / "magnitude"
+    is_control: bool
+    topk: int
+    mask_ratio: float
+    seed: int | None
+    mode: str
+    targets: Targets
+
+
+def random_targets(param_names: Sequence[str], numels: Sequence[int], n: int, seed: int) -> Targets:
+    """n distinct weights drawn uniformly from the given parameters, in draw order.
+
+    Draw order makes the sets nested: the first m of a draw of n is the draw of m for the same
+    seed, just as the top-m is a prefix of the top-n.
+    """
+    total = sum(numels)
+    if n > total:
+        raise ValueError(f"cannot draw {n} distinct weights from {total}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    while len(chosen) < n:
+        for g in torch.randint(total, (2 * (n - len(chosen)) + 16,), generator=gen).tolist():
+            chosen.setdefault(g, None)
+            if len(chosen) == n:
+                break
+    flat_global = torch.tensor(list(chosen), dtype=torch.int64)
+    ends = torch.cumsum(torch.tensor(list(numels), dtype=torch.int64), 0)
+    param = torch.searchsorted(ends, flat_global, right=True)
+    starts = ends - torch.tensor(list(numels), dtype=torch.int64)
+    return Targets(list(param_names), param, flat_global - starts[param])
+
+
+@dataclass(slots=True)
+class Saved:
+    """The original values of perturbed weights, per parameter: (flat indices, values)."""
+
+    values: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _flat(param: torch.Tensor) -> torch.Tensor:
+    return param.data.view(-1)  # a view: writes land in the parameter
+
+
+@torch.no_grad()
+def apply(params: dict[str, torch.Tensor], targets: Targets, mode: str) -> Saved:
+    fn = MODES.get(mode)
+    saved = {}
+    for name, idx in targets.by_param().items():
+        flat = _flat(params[name])
+        original = flat[idx].clone()
+        saved[name] = (idx, original)
+        flat[idx] = fn(original).to(flat.dtype)
+    return Saved(saved)
+
+
+@torch.no_grad()
+def restore(params: dict[str, torch.Tensor], saved: Saved) -> None:
+    for name, (idx, original) in saved.values.items():
+        _flat(params[name])[idx] = original
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    # Compare raw bits, so -0.0 vs 0.0 and NaN payloads count as differences.
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def restored_exactly(params: dict[str, torch.Tensor], saved: Saved) -> bool:
+    return all(torch.equal(_bits(_flat(params[n])[idx]), _bits(orig)) for n, (idx, orig) in saved.values.items())
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A digest of a tensor's exact bytes."""
+    data = _bits(t.detach().cpu())
+    return hashlib.blake2b(data.numpy(), digest_size=16).hexdigest()

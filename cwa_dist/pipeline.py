@@ -1,0 +1,410 @@
+"""Stage orchestration on the driver: data → model → sensitivity → ranking → perturbation → export.
+
+Workers and actors compute; only this module's driver process writes the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import ray
+import torch
+
+from cwa_dist import plots
+from cwa_dist.config import RunConfig
+from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
+from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
+from cwa_dist.distributed.runtime import available_cpus, cluster_gpus, start_ray
+from cwa_dist.errors import UsageError
+from cwa_dist.evaluate import Perplexity, predicted_tokens
+from cwa_dist.metrics import MAGNITUDE
+from cwa_dist.models import ModelBlob, load_model, resolve_dtype
+from cwa_dist.outputs import PERTURBATION_COLUMNS, RunDirectory, ranking_frame, topk_csv_frame
+from cwa_dist.perturb import PerturbationSpec
+from cwa_dist.plan import plan_experiments
+from cwa_dist.provenance import git_revision, host, versions
+from cwa_dist.report import Reporter
+from cwa_dist.sensitivity import ShardScores, numel, select_parameters
+
+
+@dataclass
+class RunState:
+    """What the stages hand each other on the driver."""
+
+    cfg: RunConfig
+    rep: Reporter
+    device: str = "cpu"
+    blob_bytes: int = 0
+    run_dir: RunDirectory | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def mark(self, stage: str, status: str) -> None:
+        entry = self.manifest["stages"].setdefault(stage, {})
+        entry["status"] = status
+        if stage in self.timings:
+            entry["seconds"] = self.timings[stage]
+        self.manifest["stage_timings_s"] = dict(self.timings)
+        self.run_dir.write_json("manifest.json", self.manifest)
+
+
+def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
+    rep = rep or Reporter(cfg.verbose)
+    state = RunState(cfg=cfg, rep=rep)
+    experiment_id = cfg.experiment_id or dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
+    texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
+    started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
+    try:
+        state.device = _resolve_device(cfg.device)
+        _header(state, experiment_id, len(texts))
+        net, tokenizer, scored, shapes = _load(state)
+        chunks = tokenize_chunks(tokenizer, texts, cfg.seq_len)
+        split = split_chunks(chunks, cfg.calibration_fraction, cfg.seed)
+        _report_data(state, texts, chunks, split)
+
+        state.run_dir = RunDirectory.create(cfg.output, experiment_id)
+        _start_manifest(state, net, scored, shapes)
+        state.run_dir.write_json("config.json", {**cfg.to_dict(), "experiment_id": experiment_id, "device": state.device})
+        try:
+            blob = ModelBlob.pack(net, trust_remote_code=cfg.trust_remote_code)
+            state.blob_bytes = blob.nbytes()
+            blob_ref = ray.put(blob)
+            del net, blob  # the object store holds the weights now; workers rebuild from it
+            merged = _sensitivity(state, blob_ref, split, scored, shapes)
+            rankings = _export_rankings(state, merged, shapes)
+            results = None
+            if not cfg.no_perturbation:
+                results = _perturbation(state, blob_ref, split, merged, scored, shapes)
+            _finish(state, rankings, results)
+        except BaseException as e:
+            state.manifest["status"] = "failed"
+            state.manifest["error"] = f"{type(e).__name__}: {e}"
+            state.run_dir.write_json("manifest.json", state.manifest)
+            raise
+        return state.run_dir
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _resolve_device(device: str) -> str:
+    gpus = cluster_gpus()
+    if device == "cuda" and gpus == 0:
+        raise UsageError("--device cuda, but the Ray cluster has no GPUs; use --device cpu or join a GPU cluster")
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    return device
+
+
+def _header(state: RunState, experiment_id: str, n_texts: int) -> None:
+    cfg, rep = state.cfg, state.rep
+    rep.line("🔬 Critical Weight Analysis (cwa_dist)")
+    rep.rule()
+    rep.line(f"📅 Started: {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
+    rep.line(f"🤖 Model: {cfg.model}")
+    rep.line(f"🔧 Device: {state.device}")
+    rep.line(f"📊 Metrics: {', '.join(cfg.metrics)}")
+    rep.line(f"🏆 Top-K values: {list(cfg.topk)}")
+    rep.line(f"📚 Evaluation texts: {n_texts}")
+    rep.line(f"💾 Output directory: {cfg.output}/{experiment_id}")
+    rep.rule()
+
+
+def _load(state: RunState):
+    cfg, rep = state.cfg, state.rep
+    with rep.stage("🤖 Loading Model", state.timings, "model"):
+        dtype = resolve_dtype(cfg.dtype, state.device)
+        net, tokenizer, source = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        params = dict(net.named_parameters())
+        scored = select_parameters(net, include_bias=cfg.include_bias, include_norm=cfg.include_norm)
+        shapes = {n: tuple(params[n].shape) for n in scored}
+        n_params = sum(p.numel() for p in params.values())
+        n_scored = sum(numel(s) for s in shapes.values())
+        rep.line(f"✅ Model: {type(net).__name__} ({source.kind}), dtype {str(dtype).removeprefix('torch.')}")
+        rep.line(f"✅ Parameters: {n_params:,}")
+        rep.line(f"✅ Scored: {len(scored)} tensors, {n_scored:,} weights")
+        if cfg.max_k > n_scored:
+            raise UsageError(
+                f"--topk {cfg.max_k} is larger than the {n_scored:,} weights being scored; "
+                "lower K or score more parameters (--include-bias, --include-norm)"
+            )
+        state.summary.update(model_name=cfg.model, num_parameters=n_params, num_scored_weights=n_scored)
+    return net, tokenizer, scored, shapes
+
+
+def _report_data(state: RunState, texts, chunks, split) -> None:
+    rep = state.rep
+    cal_tokens, eval_tokens = predicted_tokens(split.calibration), predicted_tokens(split.evaluation)
+    rep.heading("📚 Evaluation Data")
+    rep.line(f"✅ {len(texts)} texts → {len(chunks)} chunks of ≤{state.cfg.seq_len} tokens")
+    rep.line(f"✅ Calibration: {len(split.calibration)} chunks ({cal_tokens:,} predicted tokens)")
+    rep.line(f"✅ Evaluation: {len(split.evaluation)} chunks ({eval_tokens:,} predicted tokens)")
+    state.summary["data"] = {
+        "texts": len(texts),
+        "chunks": len(chunks),
+        "seq_len": state.cfg.seq_len,
+        "calibration_chunks": split.calibration_ids,
+        "evaluation_chunks": split.evaluation_ids,
+        "calibration_tokens": cal_tokens,
+        "evaluation_tokens": eval_tokens,
+    }
+
+
+def _start_manifest(state: RunState, net, scored, shapes) -> None:
+    state.manifest = {
+        "status": "running",
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(),
+        "git": git_revision(),
+        "host": host(),
+        "device": state.device,
+        "ray": {"resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
+        "model_class": type(net).__name__,
+        "scored_parameters": {n: list(s) for n, s in shapes.items()},
+        "stages": {"model": {"status": "done", "seconds": state.timings.get("model")}},
+    }
+    state.run_dir.write_json("manifest.json", state.manifest)
+
+
+def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScores:
+    cfg, rep = state.cfg, state.rep
+    with rep.stage("🧮 Computing Sensitivity Metrics", state.timings, "sensitivity"):
+        cpus = max(1, available_cpus())
+        group = GradientGroup(blob_ref, num_workers=1, device=state.device, cpus_per_worker=cpus)
+        try:
+            (baseline_nll, baseline_tokens), *_ = group.call("baseline", split.evaluation, cfg.batch_size)
+            baseline = Perplexity(baseline_nll, baseline_tokens)
+            rep.line(f"📏 Baseline perplexity (evaluation chunks): {baseline.value:.4f}")
+            state.summary["baseline_perplexity"] = baseline.value
+            total_tokens = predicted_tokens(split.calibration)
+            group.call("begin", scored)
+            with rep.progress(len(split.calibration), "backward", "chunk") as bar:
+                for start in range(0, len(split.calibration), cfg.batch_size):
+                    part = split.calibration[start : start + cfg.batch_size]
+                    group.call("backward", part, batch_size=cfg.batch_size, total_tokens=total_tokens)
+                    bar.update(len(part))
+            reports = group.call("score", scored=scored, metrics=list(cfg.metrics), k=cfg.max_k)
+        finally:
+            group.shutdown()
+        merged = merge_reports(reports, cfg.max_k)
+        loss = sum(r.loss for r in reports)
+        rep.line(f"✅ Calibration loss (mean NLL): {loss:.4f}")
+        rep.detail(f"  backward {reports[0].backward_s:.1f}s, scoring {reports[0].scoring_s:.1f}s, "
+                   f"worker peak RSS {reports[0].peak_rss_bytes / 2**30:.2f} GiB")
+        for metric in cfg.metrics:
+            overall = merged.statistics[metric].overall().finalize(with_histogram=False)
+            rep.line(f"🔄 {metric}:")
+            rep.line(f"  ✅ Tensors: {len(scored)}")
+            rep.line(f"  📊 Weights: {overall['count']:,}")
+            rep.line(f"  📈 Mean: {overall['mean']:.2e}")
+            rep.line(f"  📉 Std: {overall['std']:.2e}")
+            rep.line(f"  🔝 Max: {overall['max']:.2e}")
+        state.summary["calibration_loss"] = loss
+        state.summary["sensitivity"] = {
+            "backward_s": reports[0].backward_s,
+            "scoring_s": reports[0].scoring_s,
+            "workers": len(reports),
+        }
+    state.mark("sensitivity", "done")
+    return merged
+
+
+def _export_rankings(state: RunState, merged: ShardScores, shapes) -> pd.DataFrame:
+    cfg, rep, out = state.cfg, state.rep, state.run_dir
+    with rep.stage("🏆 Ranking Critical Weights", state.timings, "ranking"):
+        frames = []
+        for metric in [*cfg.metrics, MAGNITUDE.name]:
+            frame = ranking_frame(metric, merged.candidates[metric], shapes)
+            frames.append(frame)
+            if metric == MAGNITUDE.name:
+                continue
+            for k in cfg.topk:
+                out.write_csv(f"top_{k}_weights_{metric}.csv", topk_csv_frame(frame, k))
+                top = frame.head(k)
+                rep.line(f"  {metric} top-{k}: {top['param'].nunique()} tensors, "
+                         f"{top['layer_index'].nunique()} blocks; #1 {top['param'].iloc[0]} {top['indices'].iloc[0]}")
+        rankings = pd.concat(frames, ignore_index=True)
+        out.write_parquet("rankings.parquet", rankings.drop(columns=["indices"]))
+        out.write_json(
+            "sensitivity_statistics.json",
+            {m: s.finalize() for m, s in merged.statistics.items()},
+        )
+    state.mark("ranking", "done")
+    return rankings
+
+
+def _num_actors(cfg: RunConfig, device: str, n_specs: int, blob_bytes: int) -> int:
+    if cfg.num_eval_actors:
+        return cfg.num_eval_actors
+    free = ray.available_resources()
+    slots = int(free.get("GPU", 0)) if device == "cuda" else int(free.get("CPU", 0))
+    # Each actor holds a replica plus activations; leave room for them in Ray's memory budget.
+    by_memory = int(free.get("memory", 0) // (3 * blob_bytes)) if blob_bytes else slots
+    return max(1, min(n_specs, slots, by_memory))
+
+
+def _perturbation(state: RunState, blob_ref, split, merged: ShardScores, scored, shapes) -> pd.DataFrame:
+    cfg, rep = state.cfg, state.rep
+    with rep.stage("🎯 Perturbation Analysis", state.timings, "perturbation"):
+        specs = plan_experiments(
+            rankings={m: merged.candidates[m] for m in cfg.metrics},
+            magnitude=merged.candidates[MAGNITUDE.name],
+            param_names=scored,
+            numels=[numel(shapes[n]) for n in scored],
+            topk=cfg.topk,
+            ratios=cfg.perturbation_ratios,
+            random_seeds=cfg.random_seeds,
+            seed=cfg.seed,
+            mode=cfg.perturbation_mode,
+        )
+        chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
+        n_actors = _num_actors(cfg, state.device, len(specs), state.blob_bytes)
+        rep.line(f"📊 Running {len(specs)} perturbation experiments on {n_actors} actor(s), "
+                 f"{len(chunks)} evaluation chunk(s) each")
+        pool = EvalPool(blob_ref, ray.put(chunks), num_actors=n_actors, device=state.device, batch_size=cfg.batch_size)
+        rows: list[dict] = []
+        by_key = {s.key: s for s in specs}
+        try:
+            described = pool.describe()
+            baselines = {round(b.value, 6) for _, b in described}
+            if len(baselines) > 1:
+                rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
+            with rep.progress(len(specs), "experiments", "exp") as bar:
+                def on_result(r: ExperimentResult) -> None:
+                    row = _result_row(by_key[r.key], r)
+                    rows.append(row)
+                    bar.update(1)
+                    bar.write(f"  {_describe(row)}")
+                pool.run(specs, on_result)
+            intact = pool.all_weights_intact()
+        finally:
+            pool.shutdown()
+        order = {s.key: i for i, s in enumerate(specs)}
+        results = pd.DataFrame(sorted(rows, key=lambda r: order[r["key"]]), columns=list(PERTURBATION_COLUMNS))
+        state.run_dir.write_csv("perturbation_results.csv", results)
+        state.run_dir.write_parquet("perturbation_results.parquet", results)
+        n_exact = int(results["restored_exact"].sum())
+        rep.line(f"✅ Completed {len(results)}/{len(specs)} experiments; "
+                 f"{n_exact}/{len(results)} restored bit-exactly; all weights intact at the end: {intact}")
+        if n_exact != len(results) or not intact:
+            raise RuntimeError("a perturbation was not restored exactly; the results after it are not trustworthy")
+        state.summary["weights_intact_after_perturbation"] = intact
+    state.mark("perturbation", "done")
+    return results
+
+
+def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
+    base, pert = r.baseline.value, r.perturbed.value
+    return {
+        "metric": spec.method,
+        "topk": spec.topk,
+        "mask_ratio": spec.mask_ratio,
+        "weights_masked": r.weights_masked,
+        "baseline_ppl": base,
+        "perturbed_ppl": pert,
+        "ppl_increase": pert - base,
+        "ppl_ratio": pert / base,
+        "is_control": spec.is_control,
+        "seed": spec.seed,
+        "mode": spec.mode,
+        "eval_tokens": r.perturbed.tokens,
+        "wall_s": round(r.wall_s, 3),
+        "restored_exact": r.restored_exact,
+        "actor": r.actor,
+        "key": r.key,
+    }
+
+
+def _describe(row: dict) -> str:
+    seed = f" seed {row['seed']}" if row["seed"] is not None else ""
+    return (f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: "
+            f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} ({row['ppl_increase']:+.2f})")
+
+
+def _finish(state: RunState, rankings: pd.DataFrame, results: pd.DataFrame | None) -> None:
+    cfg, rep, out = state.cfg, state.rep, state.run_dir
+    with rep.stage("💾 Exporting Results", state.timings, "export"):
+        out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(rankings[rankings["metric"].isin(cfg.metrics)]))
+        summary = dict(state.summary)
+        summary["experiments_completed"] = 0 if results is None else len(results)
+        if results is not None and len(results):
+            summary.update(_perturbation_summary(results))
+            out.write_figure("plots/ppl_vs_masked.png", plots.perplexity_vs_masked(results, results["baseline_ppl"].iloc[0]))
+        else:
+            summary["max_ppl_increase"] = None
+        summary["run_directory"] = str(out.path)
+        summary["stage_timings_s"] = dict(state.timings)
+        out.write_json("experiment_summary.json", summary)
+        for f in sorted(p.relative_to(out.path) for p in out.path.rglob("*") if p.is_file()):
+            rep.detail(f"  ✅ {f}")
+    state.manifest["status"] = "complete"
+    state.manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    state.mark("export", "done")
+    _final_report(state, summary)
+
+
+def _perturbation_summary(results: pd.DataFrame) -> dict:
+    metric_rows = results[~results["is_control"]]
+    best = metric_rows.loc[metric_rows["ppl_increase"].idxmax()] if len(metric_rows) else None
+    comparison = []
+    for (k, r), df in results.groupby(["topk", "mask_ratio"], sort=True):
+        entry = {"topk": int(k), "mask_ratio": float(r), "weights_masked": int(df["weights_masked"].iloc[0])}
+        for metric, g in df[~df["is_control"]].groupby("metric"):
+            entry[metric] = float(g["perturbed_ppl"].iloc[0])
+        rnd = df[df["metric"] == "random"]["perturbed_ppl"]
+        if len(rnd):
+            entry["random_mean"] = float(rnd.mean())
+            entry["random_max"] = float(rnd.max())
+        mag = df[df["metric"] == "magnitude"]["perturbed_ppl"]
+        if len(mag):
+            entry["magnitude"] = float(mag.iloc[0])
+        comparison.append(entry)
+    out = {
+        "max_ppl_increase": float(results["ppl_increase"].max()),
+        "comparison": comparison,
+    }
+    if best is not None:
+        out["most_impactful_perturbation"] = {
+            "metric": best["metric"],
+            "topk": int(best["topk"]),
+            "mask_ratio": float(best["mask_ratio"]),
+            "weights_masked": int(best["weights_masked"]),
+            "baseline_ppl": float(best["baseline_ppl"]),
+            "perturbed_ppl": float(best["perturbed_ppl"]),
+            "ppl_increase": float(best["ppl_increase"]),
+        }
+    return out
+
+
+def _final_report(state: RunState, summary: dict) -> None:
+    rep = state.rep
+    rep.line()
+    rep.line("🔬 Analysis Complete - Summary")
+    rep.rule()
+    rep.line(f"🤖 Model: {summary['model_name']}")
+    rep.line(f"📏 Baseline PPL: {summary['baseline_perplexity']:.2f}")
+    rep.line(f"🎯 Perturbation experiments: {summary['experiments_completed']}")
+    if summary.get("max_ppl_increase") is not None:
+        rep.line(f"📈 Max PPL increase: {summary['max_ppl_increase']:.2f}")
+    best = summary.get("most_impactful_perturbation")
+    if best:
+        rep.line("🏆 Most Impactful Perturbation:")
+        rep.line(f"  {best['metric']} Top-{best['topk']} at {best['mask_ratio']:.0%} masking ({best['weights_masked']} weights)")
+        rep.line(f"  PPL: {best['baseline_ppl']:.2f} → {best['perturbed_ppl']:.2f} ({best['ppl_increase']:+.2f})")
+        for entry in summary["comparison"]:
+            if entry["topk"] == best["topk"] and entry["mask_ratio"] == best["mask_ratio"]:
+                controls = []
+                if "random_mean" in entry:
+                    controls.append(f"random {entry['random_mean']:.2f} (mean)")
+                if "magnitude" in entry:
+                    controls.append(f"largest |W| {entry['magnitude']:.2f}")
+                if controls:
+                    rep.line(f"  Controls, same number of weights: {', '.join(controls)}")
+    rep.line(f"📁 Results: {summary['run_directory']}")
+    rep.line("🎉 Analysis complete!")

@@ -1,0 +1,62 @@
+"""The perturbation plan: which weights each experiment touches. Pure; no Ray."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from cwa_dist.perturb import PerturbationSpec, Targets, random_targets
+from cwa_dist.topk import Candidates
+
+
+def weights_for(k: int, ratio: float) -> int:
+    """How many of the top-k a ratio perturbs: ⌈ratio·k⌉, computed so 0.3·10 is 3, not 4."""
+    return max(1, math.ceil(round(ratio * k, 9)))
+
+
+def experiment_key(method: str, k: int, ratio: float, seed: int | None) -> str:
+    key = f"{method}|k={k}|r={ratio:g}"
+    return key if seed is None else f"{key}|seed={seed}"
+
+
+def plan_experiments(
+    *,
+    rankings: dict[str, Candidates],
+    magnitude: Candidates,
+    param_names: Sequence[str],
+    numels: Sequence[int],
+    topk: Sequence[int],
+    ratios: Sequence[float],
+    random_seeds: int,
+    seed: int,
+    mode: str,
+) -> list[PerturbationSpec]:
+    """For each metric, K and ratio: the top ⌈ratio·K⌉ weights. For each K and ratio, controls
+    of the same size on the same parameters: `random_seeds` random draws and the largest |W|."""
+    sizes = {(k, r): weights_for(k, r) for k in topk for r in ratios}
+    largest = max(sizes.values())
+    # One nested draw per seed: the draw for n weights is the first n of the largest draw.
+    draws = [random_targets(param_names, numels, largest, seed=seed + i) for i in range(random_seeds)]
+    by_magnitude = Targets.from_candidates(magnitude)
+
+    specs = []
+    for (k, r), n in sizes.items():
+        for metric, ranking in rankings.items():
+            specs.append(_spec(metric, False, k, r, None, mode, Targets.from_candidates(ranking).head(n)))
+        for i, draw in enumerate(draws):
+            specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n)))
+        specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n)))
+    return specs
+
+
+def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mode: str, targets: Targets):
+    return PerturbationSpec(
+        key=experiment_key(method, k, r, seed),
+        method=method,
+        is_control=is_control,
+        topk=k,
+        mask_ratio=r,
+        seed=seed,
+        mode=mode,
+        targets=targets,
+    )

@@ -1,0 +1,119 @@
+"""Command line: python -m cwa_dist.run --model MODEL [options]."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from cwa_dist.config import RunConfig
+from cwa_dist.errors import UsageError
+from cwa_dist.metrics import METRICS
+from cwa_dist.perturb import MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig(model="x")  # defaults, read from the one place they are declared
+    p = argparse.ArgumentParser(
+        prog="python -m cwa_dist.run",
+        description="Rank the weights of a causal language model by gradient-based sensitivity, "
+        "then perturb the top-K against random and magnitude controls and measure perplexity.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="Hugging Face Hub id, local save_pretrained directory, or .gguf file")
+    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where workers run; auto = cuda if the Ray cluster has GPUs")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="model dtype; auto = float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository to run its own Python code (off by default)")
+
+    g = p.add_argument_group("analysis")
+    g.add_argument("--metric", dest="metrics", nargs="+", default=list(d.metrics), metavar="NAME", help=f"sensitivity metrics: {', '.join(METRICS.names())}")
+    g.add_argument("--topk", nargs="+", type=int, default=list(d.topk), metavar="K", help="ranking sizes (the largest is computed, the others are its prefixes)")
+    g.add_argument("--include-bias", action="store_true", help="also score bias vectors")
+    g.add_argument("--include-norm", action="store_true", help="also score normalisation weights")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-file", default=None, help="text file, one text per line (blank lines ignored); default: the bundled English prose")
+    g.add_argument("--eval-limit", type=int, default=d.eval_limit, help="use at most this many texts")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per chunk")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks per forward/backward (does not change results)")
+    g.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction, help="share of chunks used for gradients; the rest, disjoint, measure perplexity")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the chunk split and the random controls")
+
+    g = p.add_argument_group("perturbation")
+    g.add_argument("--perturbation-ratios", nargs="+", type=float, default=list(d.perturbation_ratios), metavar="R", help="fractions of each top-K to perturb, in (0, 1]")
+    g.add_argument("--perturbation-mode", default=d.perturbation_mode, help=f"how weights are perturbed: {', '.join(MODES.names())}")
+    g.add_argument("--random-seeds", type=int, default=d.random_seeds, help="random-K controls per (K, ratio)")
+    g.add_argument("--fast-perturbation", action="store_true", help="measure perturbations on a subset of the evaluation chunks")
+    g.add_argument("--fast-eval-chunks", type=int, default=d.fast_eval_chunks, help="size of that subset")
+    g.add_argument("--no-perturbation", action="store_true", help="stop after the ranking")
+    g.add_argument("--num-eval-actors", type=int, default=None, help="evaluation actors (default: one per free CPU, or GPU)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--output", default=d.output, help="parent directory of the run directory")
+    g.add_argument("--experiment-id", default=None, help="run directory name (default: critical_analysis_<timestamp>)")
+    g.add_argument("--verbose", action="store_true", help="more detail, Ray's worker logs, and tracebacks on errors")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        model=ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        trust_remote_code=ns.trust_remote_code,
+        metrics=tuple(ns.metrics),
+        topk=tuple(ns.topk),
+        include_bias=ns.include_bias,
+        include_norm=ns.include_norm,
+        data_file=ns.data_file,
+        eval_limit=ns.eval_limit,
+        seq_len=ns.seq_len,
+        batch_size=ns.batch_size,
+        calibration_fraction=ns.calibration_fraction,
+        seed=ns.seed,
+        perturbation_ratios=tuple(ns.perturbation_ratios),
+        perturbation_mode=ns.perturbation_mode,
+        random_seeds=ns.random_seeds,
+        fast_perturbation=ns.fast_perturbation,
+        fast_eval_chunks=ns.fast_eval_chunks,
+        no_perturbation=ns.no_perturbation,
+        num_eval_actors=ns.num_eval_actors,
+        ray_address=ns.ray_address,
+        output=ns.output,
+        experiment_id=ns.experiment_id,
+        verbose=ns.verbose,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    # Hub downloads and tokenizers print to stderr through their own loggers; keep them quiet
+    # unless asked, so an error is one clear line.
+    if not ns.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from cwa_dist import pipeline  # heavy imports (ray, transformers) after argument parsing
+
+        pipeline.run(config_from_args(ns))
+        return 0
+    except UsageError as e:
+        if ns.verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if ns.verbose:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

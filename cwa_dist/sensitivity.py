@@ -1,0 +1,138 @@
+"""Gradients of the calibration loss and per-shard scoring: pure torch, no Ray.
+
+The gradient stage (a Ray worker; later a ZeRO-3 rank) calls `accumulate_gradients`, then hands
+its `ParamShard`s to `score_shards`, which keeps only each metric's top-K and its statistics.
+Nothing here ever concatenates the scores of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from cwa_dist.evaluate import batch_nll_sum, batches
+from cwa_dist.metrics import MAGNITUDE, Metric, get_metric
+from cwa_dist.statistics import ScoreStatistics
+from cwa_dist.topk import Candidates, RunningTopK
+
+
+class NonFiniteGradientError(RuntimeError):
+    """The loss or a gradient is NaN/Inf: the ranking would be garbage."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParamShard:
+    """The part of one parameter this process owns, flattened.
+
+    `offset` is where the shard starts in the parameter's flattened tensor (0 for a whole tensor).
+    """
+
+    name: str
+    offset: int
+    weight: torch.Tensor  # (n,)
+    grad: torch.Tensor | None  # (n,)
+
+
+def parameter_kind(name: str, param: torch.Tensor) -> str:
+    """'matrix' for weight matrices (embeddings and LM head included), else 'bias' or 'norm'."""
+    if param.ndim >= 2:
+        return "matrix"
+    return "bias" if name.endswith("bias") else "norm"
+
+
+def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_norm: bool) -> list[str]:
+    """Names of the parameters to score. Tied parameters appear once (named_parameters dedups)."""
+    wanted = {"matrix"} | ({"bias"} if include_bias else set()) | ({"norm"} if include_norm else set())
+    return [n for n, p in model.named_parameters() if parameter_kind(n, p) in wanted]
+
+
+def full_shards(model: torch.nn.Module, names: Iterable[str]) -> Iterator[ParamShard]:
+    """Whole parameters as shards: the single-process case of the sharded interface."""
+    params = dict(model.named_parameters())
+    for name in names:
+        p = params[name]
+        grad = p.grad.detach().reshape(-1) if p.grad is not None else None
+        yield ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad)
+
+
+def prepare_gradients(model: torch.nn.Module, scored: Sequence[str]) -> None:
+    """Give only the `scored` parameters gradients, all starting empty; no dropout, so the
+    gradient is a deterministic function of the weights."""
+    wanted = set(scored)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)
+        p.grad = None
+    model.eval()
+
+
+def accumulate_gradients(
+    model: torch.nn.Module, chunks: Sequence[torch.Tensor], *, batch_size: int, total_tokens: int
+) -> float:
+    """Add the gradient of (summed NLL of `chunks`) / `total_tokens` to the parameters' .grad.
+
+    Dividing every batch by the same `total_tokens` (all calibration tokens, on every rank) makes
+    the accumulated gradient that of the token-weighted mean NLL, whatever the batch size, the
+    chunk order, or the split of chunks across calls and ranks. Returns this share of the mean NLL.
+    """
+    loss_total = 0.0
+    for ids, mask in batches(chunks, batch_size):
+        loss = batch_nll_sum(model, ids, mask) / total_tokens
+        if not torch.isfinite(loss):
+            raise NonFiniteGradientError(f"the calibration loss is {float(loss)}; {_DTYPE_ADVICE}")
+        loss.backward()
+        loss_total += float(loss)
+    return loss_total
+
+
+_DTYPE_ADVICE = "the model overflows in this dtype (use --dtype bfloat16 or float32)"
+
+
+def check_gradients_finite(model: torch.nn.Module) -> None:
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteGradientError(f"NaN/Inf gradients in {shown}; {_DTYPE_ADVICE}")
+
+
+@dataclass
+class ShardScores:
+    """What one process returns: each metric's local top-K candidates and score statistics."""
+
+    candidates: dict[str, Candidates] = field(default_factory=dict)
+    statistics: dict[str, ScoreStatistics] = field(default_factory=dict)
+
+
+def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: int) -> ShardScores:
+    """Score every shard with every metric (plus the magnitude control) and keep the top-k of each."""
+    metrics: list[Metric] = [get_metric(m) for m in metric_names] + [MAGNITUDE]
+    tops = {m.name: RunningTopK(k) for m in metrics}
+    # The magnitude control only needs its ranking, not statistics.
+    stats = {m.name: ScoreStatistics() for m in metrics if m.needs_grad}
+    for shard in shards:
+        # A parameter the loss never reached has no .grad: its gradient is zero.
+        grad = shard.grad if shard.grad is not None else torch.zeros_like(shard.weight)
+        for m in metrics:
+            scores = m.score(grad, shard.weight)
+            if m.name in stats:
+                stats[m.name].add_batch(shard.name, scores)
+            tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
+    return ShardScores(
+        candidates={name: t.best for name, t in tops.items()},
+        statistics=stats,
+    )
+
+
+def unravel(flat_index: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """Flat index → index tuple in a tensor of `shape` (row-major)."""
+    out = []
+    for size in reversed(shape):
+        out.append(flat_index % size)
+        flat_index //= size
+    return tuple(reversed(out))
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
