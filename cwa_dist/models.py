@@ -73,14 +73,17 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def load_model(model: str, *, dtype: torch.dtype, trust_remote_code: bool):
+def load_model(model: str, *, dtype: torch.dtype, trust_remote_code: bool, progress: bool = True):
     """(model, tokenizer, source) with the model in eval mode on the CPU.
 
     Every failure a user can cause or fix (a missing file, a corrupt file, an unreachable Hub,
     an unknown repository) becomes a UsageError with one line saying what to do.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not progress:
+        hf_logging.disable_progress_bar()
     source = resolve_source(model)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:

@@ -120,7 +120,10 @@ def _load(state: RunState):
     cfg, rep = state.cfg, state.rep
     with rep.stage("🤖 Loading Model", state.timings, "model"):
         dtype = resolve_dtype(cfg.dtype, state.device)
-        net, tokenizer, source = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        rep.line(f"🔄 Loading {cfg.model} ...")
+        net, tokenizer, source = load_model(
+            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, progress=cfg.verbose
+        )
         params = dict(net.named_parameters())
         scored = select_parameters(net, include_bias=cfg.include_bias, include_norm=cfg.include_norm)
         shapes = {n: tuple(params[n].shape) for n in scored}

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from cwa_dist import pipeline  # heavy imports (ray, transformers) after argument parsing
 

@@ -83,7 +83,7 @@ def accumulate_gradients(
         if not torch.isfinite(loss):
             raise NonFiniteGradientError(f"the calibration loss is {float(loss)}; {_DTYPE_ADVICE}")
         loss.backward()
-        loss_total += float(loss)
+        loss_total += float(loss.detach())
     return loss_total
 
 

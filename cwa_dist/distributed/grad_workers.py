@@ -81,10 +81,10 @@ class GradientWorker:
 
 def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
     """Exact global top-K and merged statistics from every worker's local results."""
-    metrics = list(reports[0].scores.candidates)
     merged = ShardScores()
-    for m in metrics:
+    for m in reports[0].scores.candidates:
         merged.candidates[m] = merge([r.scores.candidates[m] for r in reports], k)
+    for m in reports[0].scores.statistics:
         stats = ScoreStatistics()
         for r in reports:
             stats.merge(r.scores.statistics[m])

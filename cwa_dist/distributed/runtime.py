@@ -20,7 +20,7 @@ def start_ray(address: str | None, *, verbose: bool) -> bool:
         address=address,
         include_dashboard=False,
         log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.WARNING,
+        logging_level=logging.INFO if verbose else logging.ERROR,
     )
     return True
 

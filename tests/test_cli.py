@@ -1,0 +1,167 @@
+"""The command line end to end, through real Ray, on tiny local models."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.models import load_model
+from cwa_dist.outputs import PERTURBATION_COLUMNS, RANKING_COLUMNS, TOPK_CSV_COLUMNS
+from cwa_dist.run import main
+from cwa_dist.sensitivity import select_parameters
+
+SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tmp_path_factory):
+    """One complete run as a user would start it: a fresh process that starts its own Ray."""
+    out = tmp_path_factory.mktemp("cli")
+    cmd = [sys.executable, "-m", "cwa_dist.run", "--model", str(tiny_model_dir["llama"]), *SMALL,
+           "--metric", "grad_x_weight", "grad_squared", "--topk", "5", "20", "--perturbation-ratios", "0.5", "1.0",
+           "--random-seeds", "2", "--output", str(out), "--experiment-id", "e2e"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "e2e", proc
+
+
+def test_every_output_file_is_written(full_run):
+    run_dir, _ = full_run
+    expected = {
+        "config.json", "manifest.json", "experiment_summary.json", "rankings.parquet",
+        "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
+        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png",
+    } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
+    present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+    assert expected == present
+    for png in ("plots/topk_by_layer.png", "plots/ppl_vs_masked.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ranking_files_have_documented_columns_and_agree(full_run):
+    run_dir, _ = full_run
+    top20 = pd.read_csv(run_dir / "top_20_weights_grad_x_weight.csv")
+    top5 = pd.read_csv(run_dir / "top_5_weights_grad_x_weight.csv")
+    assert list(top20.columns) == TOPK_CSV_COLUMNS
+    assert list(top20["rank"]) == list(range(1, 21))
+    pd.testing.assert_frame_equal(top5, top20.head(5))
+    assert (np.diff(top20["sensitivity"]) <= 0).all()
+    rankings = pd.read_parquet(run_dir / "rankings.parquet")
+    assert list(rankings.columns) == list(RANKING_COLUMNS)
+    assert set(rankings["metric"]) == {"grad_x_weight", "grad_squared", "magnitude"}
+    gxw = rankings[rankings["metric"] == "grad_x_weight"].reset_index(drop=True)
+    assert list(gxw["param"]) == list(top20["layer"]) and list(gxw["flat_index"]) == list(top20["flat_index"])
+    np.testing.assert_allclose(gxw["score"], np.abs(gxw["weight"] * gxw["grad"]), rtol=1e-6)
+
+
+def test_cli_ranking_equals_plain_pytorch_reference(full_run, tiny_model_dir):
+    """Recompute the whole analysis in one process with plain PyTorch and compare."""
+    run_dir, _ = full_run
+    cfg = json.loads((run_dir / "config.json").read_text())
+    net, tok, _ = load_model(str(tiny_model_dir["llama"]), dtype=torch.float32, trust_remote_code=False)
+    chunks = tokenize_chunks(tok, load_texts(None, cfg["eval_limit"]), cfg["seq_len"])
+    split = split_chunks(chunks, cfg["calibration_fraction"], cfg["seed"])
+    tokens = sum(len(c) - 1 for c in split.calibration)
+    loss = sum(torch.nn.functional.cross_entropy(net(input_ids=c[None]).logits[0, :-1], c[1:], reduction="sum")
+               for c in split.calibration) / tokens
+    loss.backward()
+    params = dict(net.named_parameters())
+    entries = []
+    for n in select_parameters(net, include_bias=False, include_norm=False):
+        s = (params[n].grad * params[n].detach()).abs().reshape(-1)
+        entries += [(-float(v), n, i) for i, v in enumerate(s.tolist())]
+    ref = sorted(entries)[:20]
+    got = pd.read_csv(run_dir / "top_20_weights_grad_x_weight.csv")
+    assert list(zip(got["layer"], got["flat_index"])) == [(n, i) for _, n, i in ref]
+    np.testing.assert_allclose(got["sensitivity"], [-s for s, _, _ in ref], rtol=1e-4)
+
+
+def test_perturbation_results(full_run):
+    run_dir, _ = full_run
+    res = pd.read_csv(run_dir / "perturbation_results.csv")
+    assert list(res.columns) == list(PERTURBATION_COLUMNS)
+    # 2 K × 2 ratios × (2 metrics + 2 random seeds + magnitude)
+    assert len(res) == 20 and res["key"].is_unique
+    assert res["restored_exact"].all()
+    assert set(res["weights_masked"]) == {3, 5, 10, 20}
+    assert (res["baseline_ppl"] == res["baseline_ppl"].iloc[0]).all()
+    np.testing.assert_allclose(res["ppl_increase"], res["perturbed_ppl"] - res["baseline_ppl"])
+    pq = pd.read_parquet(run_dir / "perturbation_results.parquet")
+    assert list(pq["key"]) == list(res["key"])
+
+
+def test_summary_manifest_and_config(full_run):
+    run_dir, proc = full_run
+    summary = json.loads((run_dir / "experiment_summary.json").read_text())
+    for key in ("model_name", "baseline_perplexity", "num_parameters", "experiments_completed", "max_ppl_increase",
+                "most_impactful_perturbation", "comparison", "data"):
+        assert key in summary
+    assert summary["experiments_completed"] == 20
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert {s for s, v in manifest["stages"].items() if v["status"] == "done"} >= {"sensitivity", "perturbation", "export"}
+    assert manifest["versions"]["torch"] and manifest["versions"]["ray"]
+    stats = json.loads((run_dir / "sensitivity_statistics.json").read_text())
+    assert stats["grad_x_weight"]["overall"]["count"] == summary["num_scored_weights"]
+    assert "Analysis complete" in proc.stdout and "Baseline perplexity" in proc.stdout
+
+
+def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
+    code = main(["--model", str(tiny_model_dir["gpt2"]), *SMALL, "--topk", "7", "--no-perturbation",
+                 "--output", str(tmp_path), "--experiment-id", "np"])
+    assert code == 0
+    run_dir = tmp_path / "np"
+    assert (run_dir / "top_7_weights_grad_x_weight.csv").is_file()
+    assert not (run_dir / "perturbation_results.csv").exists()
+    summary = json.loads((run_dir / "experiment_summary.json").read_text())
+    assert summary["experiments_completed"] == 0 and summary["max_ppl_increase"] is None
+
+
+def _bad_inputs(model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    return [
+        (["--model", str(tmp_path / "nope")], "not a local path|unreachable"),
+        (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
+        (["--model", model_dir, "--data-file", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--model", model_dir, "--data-file", str(empty)], "holds no text"),
+        (["--model", model_dir, "--metric", "grad_x_wieght"], "Did you mean 'grad_x_weight'"),
+        (["--model", model_dir, "--topk", "0"], "not positive"),
+        (["--model", model_dir, "--topk", "-3"], "not positive"),
+        (["--model", model_dir, "--topk", "10000000"], "larger than the"),
+        (["--model", model_dir, "--perturbation-ratios", "0"], r"outside \(0, 1\]"),
+        (["--model", model_dir, "--perturbation-ratios", "1.5"], r"outside \(0, 1\]"),
+    ]
+
+
+def test_bad_input_table(ray_local, tiny_model_dir, tmp_path, capsys):
+    for args, message in _bad_inputs(str(tiny_model_dir["llama"]), tmp_path):
+        out = tmp_path / "runs"
+        code = main([*args, *SMALL, "--output", str(out), "--experiment-id", "bad"])
+        err = capsys.readouterr().err
+        assert code == 2, args
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+        assert pytest.importorskip("re").search(message, lines[0]), (args, lines[0])
+        assert "Traceback" not in err
+        assert not (out / "bad" / "experiment_summary.json").exists()
+
+
+def test_bad_input_in_a_real_process_exits_nonzero_without_traceback(tiny_model_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwa_dist.run", "--model", str(tiny_model_dir["llama"]), "--metric", "nope",
+         "--output", str(tmp_path)], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown metric 'nope'") and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_verbose_shows_the_traceback(tiny_model_dir, tmp_path, capsys):
+    assert main(["--model", str(tiny_model_dir["llama"]), "--topk", "0", "--verbose", "--output", str(tmp_path)]) == 2
+    assert "Traceback" in capsys.readouterr().err
