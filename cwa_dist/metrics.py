@@ -51,12 +51,12 @@ def register_metric(name: str, *, needs_grad: bool = True, description: str):
 
 @register_metric("grad_x_weight", description="|g·w|: first-order estimate of the loss change if the weight is zeroed")
 def grad_x_weight(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (g * w).abs()
+    return torch.mul(g, w).abs_()  # in place: one full-size temporary, not two
 
 
 @register_metric("grad_squared", description="g²: diagonal empirical-Fisher estimate")
 def grad_squared(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return g * g
+    return torch.square(g)
 
 
 # The largest-|W| control is ranked by the same top-K machinery on every run, but it is not a

@@ -52,7 +52,8 @@ class Candidates:
         )
 
 
-BLOCK = 1024  # elements per block in the block-maximum prefilter
+BLOCK = 1024  # largest block of the block-maximum prefilter
+MIN_BLOCK = 16  # below this, blocks filter too little to pay for themselves
 
 
 def shard_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,17 +68,19 @@ def shard_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     k = min(k, n)
     if k <= 0:
         return torch.empty(0, dtype=torch.int64), scores[:0]
-    full = n // BLOCK
-    if full >= 4 * k:
-        block_max = scores[: full * BLOCK].view(full, BLOCK).amax(1)
-        if n > full * BLOCK:
-            block_max = torch.cat([block_max, scores[full * BLOCK :].amax().reshape(1)])
+    # At least 8k blocks, so the blocks that pass hold a small share of the elements.
+    block = min(BLOCK, n // (8 * k))
+    if block >= MIN_BLOCK:
+        full = n // block
+        block_max = scores[: full * block].view(full, block).amax(1)
+        if n > full * block:
+            block_max = torch.cat([block_max, scores[full * block :].amax().reshape(1)])
         best = torch.topk(block_max, k, sorted=False).values
         if not bool(torch.isfinite(best).all()):
             raise NonFiniteScoreError("scores contain NaN or Inf")
         threshold = best.min()
         blocks = torch.nonzero(block_max >= threshold).squeeze(1)
-        index = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)  # ascending
+        index = (blocks[:, None] * block + torch.arange(block)).reshape(-1)  # ascending
         index = index[index < n]
         local, top = _exact_topk(scores[index], k)
         return index[local], top

@@ -11,7 +11,9 @@ def reference_order(names: list[str], flat: np.ndarray, score: np.ndarray) -> np
     return np.lexsort((flat, name_rank, -score))
 
 
-@pytest.mark.parametrize("n,k", [(10, 3), (1000, 1000), (BLOCK * 50 + 17, 7), (BLOCK * 9, 2), (5, 10)])
+@pytest.mark.parametrize(
+    "n,k", [(10, 3), (1000, 1000), (BLOCK * 50 + 17, 7), (BLOCK * 9, 2), (5, 10), (50_000, 300), (20_011, 40)]
+)
 def test_shard_topk_matches_full_sort_with_ties(n, k):
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randint(0, 20, (n,), generator=g).float()  # many ties
