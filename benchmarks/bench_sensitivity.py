@@ -28,6 +28,7 @@ from cwa_dist.models import load_model
 from cwa_dist.sensitivity import (
     accumulate_gradients,
     check_gradients_finite,
+    checkpoint_blocks,
     full_shards,
     prepare_gradients,
     score_shards,
@@ -89,6 +90,7 @@ def main():
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -103,12 +105,13 @@ def main():
     grad_bytes = sum(params[n].numel() * params[n].element_size() for n in scored)
     n_scored = sum(params[n].numel() for n in scored)
     print(f"model: SmolLM2-135M fp32, {sum(p.numel() for p in params.values()):,} parameters, {n_scored:,} scored")
+    print(f"block checkpointing in the stage: {args.gradient_checkpointing}")
     print(f"calibration: {len(cal)} chunks, {predicted_tokens(cal):,} predicted tokens, "
           f"seq_len {args.seq_len}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 
     bare, stage, backward, scoring = [], [], [], []
-    peak_ratio = bare_peak_ratio = None
-    for i in range(args.repeats):
+    bare_peak_ratio = peak_ratio = None
+    for _ in range(args.repeats):
         gc.collect()
         with PeakRSS() as bare_peak:
             start = time.perf_counter()
@@ -117,6 +120,9 @@ def main():
         bare_peak_ratio = (bare_peak.peak - rss_before_model) / (param_bytes + grad_bytes)
         for p in net.parameters():
             p.grad = None
+    if args.gradient_checkpointing:
+        checkpoint_blocks(net)  # after the bare runs: only the stage uses it
+    for _ in range(args.repeats):
         gc.collect()
         with PeakRSS() as peak:
             start = time.perf_counter()
@@ -127,7 +133,6 @@ def main():
         peak_ratio = (peak.peak - rss_before_model) / (param_bytes + grad_bytes)
         for p in net.parameters():
             p.grad = None
-        gc.collect()
 
     # (b) the merge the driver does, on this single worker's report
     from cwa_dist.distributed.grad_workers import WorkerReport
@@ -164,7 +169,7 @@ def ray_stage(net, cal, args, scored, bare_s):
         total = predicted_tokens(cal)
         runs = []
         for _ in range(args.repeats):
-            group.call("begin", scored)  # the first call also waits for the worker to build its replica
+            group.call("begin", scored, args.gradient_checkpointing)  # the first call also waits for the worker to build its replica
             start = time.perf_counter()
             for i in range(0, len(cal), args.batch_size):
                 group.call("backward", cal[i : i + args.batch_size], batch_size=args.batch_size, total_tokens=total)

@@ -36,6 +36,8 @@ class RunConfig:
     """Tokens per chunk."""
     batch_size: int = 4
     """Chunks per forward/backward pass (does not change the gradient, only speed and memory)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward: less memory, about a third more time."""
     calibration_fraction: float = 0.5
     """Share of chunks used for gradients; the rest measure perplexity."""
     fast_perturbation: bool = False

@@ -36,7 +36,8 @@ def batch_nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     """Summed next-token NLL over the unpadded positions of one batch (a scalar, differentiable)."""
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    # use_cache=False: a KV cache is never reused here and would only hold memory.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     targets = input_ids[:, 1:]
     keep = attention_mask[:, 1:].bool()
     nll = F.cross_entropy(

@@ -186,7 +186,7 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
             rep.line(f"📏 Baseline perplexity (evaluation chunks): {baseline.value:.4f}")
             state.summary["baseline_perplexity"] = baseline.value
             total_tokens = predicted_tokens(split.calibration)
-            group.call("begin", scored)
+            group.call("begin", scored, cfg.gradient_checkpointing)
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
                 for start in range(0, len(split.calibration), cfg.batch_size):
                     part = split.calibration[start : start + cfg.batch_size]

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, default=d.eval_limit, help="use at most this many texts (default: %(default)s)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per chunk (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks per forward/backward (does not change results) (default: %(default)s)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations during backward: less memory, about a third more time")
     g.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction, help="share of chunks used for gradients; the rest, disjoint, measure perplexity (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the chunk split and the random controls (default: %(default)s)")
 
@@ -71,6 +72,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         eval_limit=ns.eval_limit,
         seq_len=ns.seq_len,
         batch_size=ns.batch_size,
+        gradient_checkpointing=ns.gradient_checkpointing,
         calibration_fraction=ns.calibration_fraction,
         seed=ns.seed,
         perturbation_ratios=tuple(ns.perturbation_ratios),

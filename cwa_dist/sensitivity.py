@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from cwa_dist.evaluate import batch_nll_sum, batches
 from cwa_dist.metrics import MAGNITUDE, Metric, get_metric
@@ -66,6 +67,30 @@ def prepare_gradients(model: torch.nn.Module, scored: Sequence[str]) -> None:
         p.requires_grad_(name in wanted)
         p.grad = None
     model.eval()
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> int:
+    """Recompute each transformer block's activations during backward instead of storing them.
+
+    The blocks are the ModuleList holding the most parameters (model.layers, transformer.h, ...).
+    transformers' own switch works only in training mode, which would turn dropout on; this
+    wrapper works in eval mode. Returns how many blocks were wrapped.
+    """
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return 0
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    for block in blocks:
+        if getattr(block, "_cwa_checkpointed", False):
+            continue
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+        block._cwa_checkpointed = True
+    return len(blocks)
 
 
 def accumulate_gradients(

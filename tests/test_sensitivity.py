@@ -9,6 +9,7 @@ from conftest import FAMILIES, build_tiny_model, calibration_chunks
 from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.sensitivity import (
     accumulate_gradients,
+    checkpoint_blocks,
     full_shards,
     prepare_gradients,
     score_shards,
@@ -119,3 +120,20 @@ def test_gradient_is_that_of_the_token_weighted_mean_nll():
     total.backward()
     for n, p in net.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_block_checkpointing_gives_the_same_gradient(family):
+    chunks = calibration_chunks(3, 12, ragged=True)
+    reference = _gradients(build_tiny_model(family), chunks, batch_size=2)
+    net = build_tiny_model(family)
+    assert checkpoint_blocks(net) == 2
+    calls = []
+    first_block_mlp = [m for n, m in net.named_modules() if n.endswith("0.mlp")][0]
+    # A pre-hook: recomputation stops early once the last saved tensor is rebuilt, before
+    # post-hooks of the block's last module would run.
+    first_block_mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    got = _gradients(net, chunks, batch_size=2)
+    assert len(calls) == 2 * 2  # 2 batches, each run forward once and again in backward
+    for n in reference:
+        torch.testing.assert_close(got[n], reference[n], rtol=1e-6, atol=1e-8)

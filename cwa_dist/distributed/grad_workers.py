@@ -21,6 +21,7 @@ from cwa_dist.sensitivity import (
     ShardScores,
     accumulate_gradients,
     check_gradients_finite,
+    checkpoint_blocks,
     full_shards,
     prepare_gradients,
     score_shards,
@@ -55,7 +56,9 @@ class GradientWorker:
         p = perplexity(self.model, chunks, batch_size)
         return p.nll_sum, p.tokens
 
-    def begin(self, scored: list[str]) -> None:
+    def begin(self, scored: list[str], checkpointing: bool = False) -> None:
+        if checkpointing:
+            checkpoint_blocks(self.model)
         prepare_gradients(self.model, scored)
         self.loss, self.backward_s = 0.0, 0.0
 
