@@ -50,6 +50,24 @@ class RunConfig:
     """Also score 1-D bias vectors."""
     include_norm: bool = False
     """Also score normalisation weights (and other 1-D non-bias parameters)."""
+    num_workers: int = 1
+    """Gradient workers (ranks of one process group); parameters are sharded across them."""
+    shard_backend: str = "zero3"
+    """How the gradient workers shard the model: zero3 (DeepSpeed ZeRO-3) or none (one whole replica)."""
+    cpus_per_worker: int | None = None
+    """CPUs per gradient worker; None divides the free CPUs evenly."""
+    gpus_per_worker: int | None = None
+    """GPUs per gradient worker; None gives 1 on a GPU cluster, else 0."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameter partitions in CPU memory between uses (models larger than the GPUs)."""
+    zero_reduce_bucket_size: int = 50_000_000
+    """ZeRO-3: elements per gradient reduce-scatter bucket."""
+    zero_prefetch_bucket_size: int = 50_000_000
+    """ZeRO-3: elements of parameters gathered ahead of use."""
+    zero_max_live_parameters: int = 1_000_000_000
+    """ZeRO-3: most gathered parameter elements alive at once per rank."""
+    zero_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters smaller than this stay gathered (saves collectives on tiny tensors)."""
     num_eval_actors: int | None = None
     """Evaluation actors in the pool; None picks one per free CPU (or GPU), at most the number of experiments."""
     seed: int = 0
@@ -92,6 +110,18 @@ class RunConfig:
             _positive("--eval-limit", self.eval_limit)
         if self.random_seeds < 0:
             raise UsageError(f"--random-seeds {self.random_seeds} is negative")
+        _positive("--num-workers", self.num_workers)
+        _one_of("--shard-backend", self.shard_backend, ("zero3", "none"))
+        if self.shard_backend == "none" and self.num_workers > 1:
+            raise UsageError("--shard-backend none runs one worker; use --shard-backend zero3 with --num-workers > 1")
+        if self.cpus_per_worker is not None:
+            _positive("--cpus-per-worker", self.cpus_per_worker)
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise UsageError(f"--gpus-per-worker {self.gpus_per_worker} is negative")
+        for flag, v in (("--zero-reduce-bucket-size", self.zero_reduce_bucket_size),
+                        ("--zero-prefetch-bucket-size", self.zero_prefetch_bucket_size),
+                        ("--zero-max-live-parameters", self.zero_max_live_parameters)):
+            _positive(flag, v)
         if self.num_eval_actors is not None:
             _positive("--num-eval-actors", self.num_eval_actors)
         if not (0 < self.calibration_fraction < 1):
@@ -104,6 +134,17 @@ class RunConfig:
     @property
     def max_k(self) -> int:
         return max(self.topk)
+
+    def zero_settings(self):
+        from cwa_dist.distributed.backends import ZeroSettings
+
+        return ZeroSettings(
+            offload_params=self.offload_params,
+            reduce_bucket_size=self.zero_reduce_bucket_size,
+            prefetch_bucket_size=self.zero_prefetch_bucket_size,
+            max_live_parameters=self.zero_max_live_parameters,
+            param_persistence_threshold=self.zero_param_persistence_threshold,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

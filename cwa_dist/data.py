@@ -73,3 +73,14 @@ def split_chunks(chunks: list[torch.Tensor], calibration_fraction: float, seed: 
     n_cal = min(len(chunks) - 1, max(1, round(calibration_fraction * len(chunks))))
     cal, ev = sorted(order[:n_cal]), sorted(order[n_cal:])
     return Split([chunks[i] for i in cal], [chunks[i] for i in ev], cal, ev)
+
+
+def lockstep_batches(chunks: list[torch.Tensor], world_size: int, batch_size: int) -> list[list[list[torch.Tensor]]]:
+    """steps[s][r]: the chunks rank r processes in step s (possibly none).
+
+    Chunks go to ranks round-robin; every rank takes the same number of steps, because sharded
+    forward and backward passes are collective: a rank out of data still joins with a dummy.
+    """
+    per_rank = [chunks[r::world_size] for r in range(world_size)]
+    steps = max(-(-len(c) // batch_size) for c in per_rank) if chunks else 0
+    return [[c[s * batch_size : (s + 1) * batch_size] for c in per_rank] for s in range(steps)]

@@ -139,7 +139,9 @@ class ModelBlob:
     @staticmethod
     def pack(net: torch.nn.Module, *, trust_remote_code: bool) -> "ModelBlob":
         arrays, dtypes, aliases, seen = {}, {}, {}, {}
-        for key, t in net.state_dict().items():
+        # Non-persistent buffers (e.g. rotary tables) too: a sharded build may create them wrongly.
+        tensors = {**dict(net.named_buffers()), **net.state_dict()}
+        for key, t in tensors.items():
             ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
             if ptr in seen:
                 aliases[key] = seen[ptr]
@@ -150,23 +152,39 @@ class ModelBlob:
             arrays[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
         return ModelBlob(net.config, arrays, dtypes, aliases, trust_remote_code)
 
+    def tensor(self, key: str) -> torch.Tensor:
+        """A writable copy (the object store's arrays are read-only; perturbations write)."""
+        t = torch.from_numpy(np.array(self.arrays[key], copy=True))
+        return t.view(torch.bfloat16) if self.dtypes[key] == "bfloat16" else t
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, a in self.arrays.items():
-            # Copy: the object store's arrays are read-only, and perturbations write into weights.
-            t = torch.from_numpy(np.array(a, copy=True))
-            out[key] = t.view(torch.bfloat16) if self.dtypes[key] == "bfloat16" else t
+        out = {key: self.tensor(key) for key in self.arrays}
         for key, target in self.aliases.items():
             out[key] = out[target]
         return out
 
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the model's weights: the floating dtype holding the most elements (buffers
+        such as rotary tables may be float32 in a bfloat16 model)."""
+        size: dict[str, int] = {}
+        for key, d in self.dtypes.items():
+            if d in ("float32", "bfloat16", "float16", "float64"):
+                size[d] = size.get(d, 0) + self.arrays[key].size
+        return getattr(torch, max(size, key=size.get) if size else "float32")
+
+    def flat_slice(self, key: str, start: int, length: int) -> torch.Tensor:
+        """Elements [start, start+length) of one flattened tensor, without copying the rest."""
+        key = self.aliases.get(key, key)
+        t = torch.from_numpy(self.arrays[key].reshape(-1)[start : start + length].copy())
+        return t.view(torch.bfloat16) if self.dtypes[key] == "bfloat16" else t
+
     def build(self, device: str = "cpu") -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        floats = [d for d in self.dtypes.values() if d in ("float32", "bfloat16", "float16", "float64")]
-        dtype = getattr(torch, floats[0] if floats else "float32")
+        dtype = self.float_dtype()
         net = AutoModelForCausalLM.from_config(self.config, dtype=dtype, trust_remote_code=self.trust_remote_code)
-        net.load_state_dict(self.state_dict(), strict=True)
+        wanted = net.state_dict().keys()  # without the non-persistent buffers __init__ made
+        net.load_state_dict({k: v for k, v in self.state_dict().items() if k in wanted}, strict=True)
         if hasattr(net, "tie_weights"):
             net.tie_weights()
         return net.to(device).eval()

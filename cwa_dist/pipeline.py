@@ -6,17 +6,16 @@ Workers and actors compute; only this module's driver process writes the run dir
 from __future__ import annotations
 
 import datetime as dt
-import math
-import time
+import os
 from dataclasses import dataclass, field
 
 import pandas as pd
 import ray
-import torch
 
 from cwa_dist import plots
 from cwa_dist.config import RunConfig
-from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.data import load_texts, lockstep_batches, split_chunks, tokenize_chunks
+from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 from cwa_dist.distributed.runtime import available_cpus, cluster_gpus, start_ray
@@ -40,6 +39,7 @@ class RunState:
     rep: Reporter
     device: str = "cpu"
     blob_bytes: int = 0
+    joined_cluster: bool = False  # an existing cluster may autoscale; a local Ray cannot grow
     run_dir: RunDirectory | None = None
     timings: dict[str, float] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
@@ -60,6 +60,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
     experiment_id = cfg.experiment_id or dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
     texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
     started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
+    state.joined_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
         state.device = _resolve_device(cfg.device)
         _header(state, experiment_id, len(texts))
@@ -178,28 +179,40 @@ def _start_manifest(state: RunState, net, scored, shapes) -> None:
 def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScores:
     cfg, rep = state.cfg, state.rep
     with rep.stage("🧮 Computing Sensitivity Metrics", state.timings, "sensitivity"):
-        cpus = max(1, available_cpus())
-        group = GradientGroup(blob_ref, num_workers=1, device=state.device, cpus_per_worker=cpus)
+        settings = cfg.zero_settings()
+        if cfg.shard_backend == "zero3":
+            state.run_dir.write_json("deepspeed_config.json", deepspeed_config(settings, resolve_dtype(cfg.dtype, state.device)))
+        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if state.device == "cuda" else 0)
+        cpus = cfg.cpus_per_worker or max(1, available_cpus() // cfg.num_workers)
+        rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {cfg.shard_backend}, "
+                 f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
+        group = GradientGroup(blob_ref, num_workers=cfg.num_workers, backend=cfg.shard_backend, device=state.device,
+                              cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
+                              autoscaling=state.joined_cluster)
         try:
-            (baseline_nll, baseline_tokens), *_ = group.call("baseline", split.evaluation, cfg.batch_size)
-            baseline = Perplexity(baseline_nll, baseline_tokens)
+            nll, tokens = 0.0, 0
+            for step in lockstep_batches(split.evaluation, group.world_size, cfg.batch_size):
+                for n, t in group.each("nll", step, batch_size=cfg.batch_size):
+                    nll, tokens = nll + n, tokens + t
+            baseline = Perplexity(nll, tokens)
             rep.line(f"📏 Baseline perplexity (evaluation chunks): {baseline.value:.4f}")
             state.summary["baseline_perplexity"] = baseline.value
             total_tokens = predicted_tokens(split.calibration)
             group.call("begin", scored, cfg.gradient_checkpointing)
+            steps = lockstep_batches(split.calibration, group.world_size, cfg.batch_size)
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
-                for start in range(0, len(split.calibration), cfg.batch_size):
-                    part = split.calibration[start : start + cfg.batch_size]
-                    group.call("backward", part, batch_size=cfg.batch_size, total_tokens=total_tokens)
-                    bar.update(len(part))
+                for step in steps:
+                    group.each("backward", step, total_tokens=total_tokens)
+                    bar.update(sum(len(s) for s in step))
             reports = group.call("score", scored=scored, metrics=list(cfg.metrics), k=cfg.max_k)
         finally:
             group.shutdown()
         merged = merge_reports(reports, cfg.max_k)
         loss = sum(r.loss for r in reports)
         rep.line(f"✅ Calibration loss (mean NLL): {loss:.4f}")
-        rep.detail(f"  backward {reports[0].backward_s:.1f}s, scoring {reports[0].scoring_s:.1f}s, "
-                   f"worker peak RSS {reports[0].peak_rss_bytes / 2**30:.2f} GiB")
+        for r in reports:
+            rep.detail(f"  rank {r.rank} ({r.node}): backward {r.backward_s:.1f}s, scoring {r.scoring_s:.1f}s, "
+                       f"{r.local_param_numel:,} parameter elements held, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB")
         for metric in cfg.metrics:
             overall = merged.statistics[metric].overall().finalize(with_histogram=False)
             rep.line(f"🔄 {metric}:")
@@ -210,9 +223,13 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
             rep.line(f"  🔝 Max: {overall['max']:.2e}")
         state.summary["calibration_loss"] = loss
         state.summary["sensitivity"] = {
-            "backward_s": reports[0].backward_s,
-            "scoring_s": reports[0].scoring_s,
-            "workers": len(reports),
+            "backend": cfg.shard_backend,
+            "workers": [
+                {"rank": r.rank, "node": r.node, "backward_s": r.backward_s, "scoring_s": r.scoring_s,
+                 "local_param_numel": r.local_param_numel, "local_grad_numel": r.local_grad_numel,
+                 "peak_rss_bytes": r.peak_rss_bytes}
+                for r in reports
+            ],
         }
     state.mark("sensitivity", "done")
     return merged

@@ -8,5 +8,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and pinned: an unpinned torch can pull a multi-GB CUDA build where a CPU one is wanted.
 .venv/bin/python -m pip install --quiet "torch==${CWA_TORCH_VERSION:-2.13.0}"
+# DeepSpeed with its shared-memory communication op compiled now (about a minute), so no run pays
+# for compiling it on first use with gloo.
+if ! .venv/bin/python -c "import deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null; then
+  DS_BUILD_SHM_COMM=1 .venv/bin/python -m pip install --quiet --no-cache-dir --no-build-isolation "deepspeed==0.19.8"
+fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m cwa_dist.smollm2 >/dev/null

@@ -35,7 +35,7 @@ def test_every_output_file_is_written(full_run):
     expected = {
         "config.json", "manifest.json", "experiment_summary.json", "rankings.parquet",
         "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
-        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png",
+        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "deepspeed_config.json",
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
@@ -165,3 +165,28 @@ def test_bad_input_in_a_real_process_exits_nonzero_without_traceback(tiny_model_
 def test_verbose_shows_the_traceback(tiny_model_dir, tmp_path, capsys):
     assert main(["--model", str(tiny_model_dir["llama"]), "--topk", "0", "--verbose", "--output", str(tmp_path)]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_two_zero3_workers_write_the_same_ranking_as_one(ray_local, tiny_model_dir, tmp_path):
+    common = ["--model", str(tiny_model_dir["llama_tied"]), *SMALL, "--metric", "grad_x_weight", "grad_squared",
+              "--topk", "30", "--no-perturbation", "--output", str(tmp_path), "--cpus-per-worker", "1"]
+    assert main([*common, "--num-workers", "1", "--experiment-id", "w1"]) == 0
+    assert main([*common, "--num-workers", "2", "--experiment-id", "w2"]) == 0
+    for metric in ("grad_x_weight", "grad_squared"):
+        one = pd.read_csv(tmp_path / "w1" / f"top_30_weights_{metric}.csv")
+        two = pd.read_csv(tmp_path / "w2" / f"top_30_weights_{metric}.csv")
+        assert list(zip(one["layer"], one["flat_index"])) == list(zip(two["layer"], two["flat_index"]))
+        np.testing.assert_allclose(two["sensitivity"], one["sensitivity"], rtol=1e-5)
+        assert (one["weight"] == two["weight"]).all()
+    ds = json.loads((tmp_path / "w2" / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    workers = json.loads((tmp_path / "w2" / "experiment_summary.json").read_text())["sensitivity"]["workers"]
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_at_once(ray_local, tiny_model_dir, tmp_path, capsys):
+    code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--num-workers", "9", "--cpus-per-worker", "1",
+                 "--no-perturbation", "--output", str(tmp_path), "--experiment-id", "big"])
+    assert code == 2
+    assert "need 9 CPU in all, but the Ray cluster has 4" in capsys.readouterr().err
+    assert not (tmp_path / "big" / "experiment_summary.json").exists()

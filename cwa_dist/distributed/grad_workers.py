@@ -1,31 +1,29 @@
-"""The gradient stage as a group of Ray workers.
+"""The gradient stage as a group of Ray workers forming one torch.distributed process group.
 
-Each worker holds a model replica (today) or its ZeRO-3 partition (with sharding), runs
-backward over the calibration chunks it is given, scores the shards it owns and returns only
-its local top-K candidates and statistics. The driver merges them with `topk.merge`, which is
-exact for any number of workers; one worker is the same code path.
+Each worker loads the model through a sharding backend (`backends.py`), runs its share of the
+calibration chunks in lockstep with the others, scores only the shards it owns and returns its
+local top-K candidates and statistics. The driver merges them with `topk.merge`, which is exact
+for any number of workers; one worker is the same code path.
 """
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import time
 from dataclasses import dataclass
 
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cwa_dist.evaluate import perplexity
-from cwa_dist.models import ModelBlob
-from cwa_dist.sensitivity import (
-    ShardScores,
-    accumulate_gradients,
-    check_gradients_finite,
-    checkpoint_blocks,
-    full_shards,
-    prepare_gradients,
-    score_shards,
-)
+from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
+from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
+from cwa_dist.errors import UsageError
+from cwa_dist.evaluate import batches, predicted_tokens
+from cwa_dist.sensitivity import ShardScores, score_shards
 from cwa_dist.statistics import ScoreStatistics
 from cwa_dist.topk import merge
 
@@ -34,56 +32,85 @@ from cwa_dist.topk import merge
 class WorkerReport:
     """What one worker returns after scoring."""
 
+    rank: int
+    node: str
     scores: ShardScores
-    loss: float  # this worker's share of the calibration mean NLL
+    loss: float  # this rank's share of the calibration mean NLL
     backward_s: float
     scoring_s: float
     peak_rss_bytes: int
+    local_param_numel: int  # parameter elements this rank holds at rest
+    local_grad_numel: int  # gradient elements this rank holds
 
 
 class GradientWorker:
-    """One rank of the gradient group. Methods are called by the driver in lockstep."""
+    """One rank. The driver calls its methods on all ranks together (collectives need that)."""
 
-    def __init__(self, blob: ModelBlob, device: str, threads: int | None):
+    def __init__(self, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        self.device = device
-        self.model = blob.build(device)
-        self.loss = 0.0
-        self.backward_s = 0.0
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
 
-    def baseline(self, chunks: list[torch.Tensor], batch_size: int) -> tuple[float, int]:
-        p = perplexity(self.model, chunks, batch_size)
-        return p.nll_sum, p.tokens
+    def rendezvous(self) -> tuple[str, int]:
+        return rendezvous_address()
 
-    def begin(self, scored: list[str], checkpointing: bool = False) -> None:
-        if checkpointing:
-            checkpoint_blocks(self.model)
-        prepare_gradients(self.model, scored)
-        self.loss, self.backward_s = 0.0, 0.0
+    def setup(self, blob_box: list, *, rank: int, world_size: int, address: str, port: int, backend: str,
+              device: str, settings: ZeroSettings) -> None:
+        self.rank, self.world_size = rank, world_size
+        init_group(rank=rank, world_size=world_size, address=address, port=port,
+                   backend="nccl" if device == "cuda" else "gloo")
+        # The blob arrives wrapped in a list so Ray does not fetch it before we ask: every rank
+        # maps the same object-store copy and reads only its own slices.
+        (blob_ref,) = blob_box
+        self.backend = BACKENDS[backend]()
+        self.backend.load(ray.get(blob_ref), device=device, rank=rank, world_size=world_size, settings=settings)
+        self.loss = self.backward_s = 0.0
 
-    def backward(self, chunks: list[torch.Tensor], *, batch_size: int, total_tokens: int) -> int:
-        """Accumulate the gradients of these chunks; returns how many chunks it took."""
+    def nll(self, chunks: list[torch.Tensor], batch_size: int) -> tuple[float, int]:
+        """Summed NLL and predicted tokens of these chunks (none: join the collectives only)."""
+        if not chunks:
+            self.backend.dummy(backward=False)
+            return 0.0, 0
+        total = sum(self.backend.nll_sum(ids, mask) for ids, mask in batches(chunks, batch_size))
+        return total, predicted_tokens(chunks)
+
+    def begin(self, scored: list[str], checkpointing: bool) -> None:
+        self.backend.prepare(scored, checkpointing)
+        self.loss = self.backward_s = 0.0
+
+    def backward(self, chunks: list[torch.Tensor], *, total_tokens: int) -> None:
+        """One forward/backward over these chunks as one batch, scaled by 1/total_tokens."""
         start = time.perf_counter()
-        self.loss += accumulate_gradients(self.model, chunks, batch_size=batch_size, total_tokens=total_tokens)
+        if chunks:
+            ((ids, mask),) = batches(chunks, len(chunks))
+            self.loss += self.backend.forward_backward(ids, mask, 1.0 / total_tokens)
+        else:
+            self.backend.dummy(backward=True)
         self.backward_s += time.perf_counter() - start
-        return len(chunks)
 
     def score(self, *, scored: list[str], metrics: list[str], k: int) -> WorkerReport:
         start = time.perf_counter()
-        check_gradients_finite(self.model)
-        result = score_shards(full_shards(self.model, scored), metrics, k)
+        result = score_shards(self.backend.shards(scored), metrics, k)
+        params, grads = self.backend.local_numel()
         return WorkerReport(
+            rank=self.rank,
+            node=self.node,
             scores=result,
             loss=self.loss,
             backward_s=self.backward_s,
             scoring_s=time.perf_counter() - start,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            local_param_numel=params,
+            local_grad_numel=grads,
         )
+
+    def teardown(self) -> None:
+        self.backend.teardown()
+        destroy_group()
 
 
 def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
-    """Exact global top-K and merged statistics from every worker's local results."""
+    """Exact global top-K and merged statistics from every rank's local results."""
     merged = ShardScores()
     for m in reports[0].scores.candidates:
         merged.candidates[m] = merge([r.scores.candidates[m] for r in reports], k)
@@ -95,19 +122,72 @@ def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
     return merged
 
 
-class GradientGroup:
-    """N gradient workers as Ray actors (N = 1 until sharding lands)."""
+def _check_capacity(bundle: dict, num_workers: int, autoscaling: bool) -> None:
+    """Refuse at once what the cluster can never hold, instead of waiting for it forever.
+    An autoscaling cluster may still grow, so there the placement timeout decides."""
+    if autoscaling:
+        return
+    total = ray.cluster_resources()
+    for kind, amount in bundle.items():
+        if amount * num_workers > total.get(kind, 0):
+            raise UsageError(
+                f"{num_workers} gradient worker(s) need {amount * num_workers:g} {kind} in all, but the Ray "
+                f"cluster has {total.get(kind, 0):g}; lower --num-workers or --{kind.lower()}s-per-worker"
+            )
 
-    def __init__(self, blob_ref, *, num_workers: int, device: str, cpus_per_worker: int):
-        remote = ray.remote(GradientWorker).options(
-            num_cpus=cpus_per_worker, num_gpus=1 if device == "cuda" else 0, max_concurrency=1
-        )
-        self.workers = [remote.remote(blob_ref, device, cpus_per_worker) for _ in range(num_workers)]
+
+class GradientGroup:
+    """N gradient workers as Ray actors in one placement group, with one process group."""
+
+    def __init__(self, blob_ref, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
+                 gpus_per_worker: int, settings: ZeroSettings, autoscaling: bool = False,
+                 placement_timeout_s: float = 600.0):
+        if backend == "none" and num_workers != 1:
+            raise UsageError("--shard-backend none runs a single worker; use --shard-backend zero3 for more")
+        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        _check_capacity(bundle, num_workers, autoscaling)
+        self.pg = placement_group([bundle] * num_workers, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise UsageError(
+                f"the Ray cluster cannot place {num_workers} gradient worker(s) of {bundle} within "
+                f"{placement_timeout_s:.0f}s (it has {ray.cluster_resources()}); lower --num-workers or the "
+                "resources per worker, or grow the cluster"
+            )
+        remote = ray.remote(GradientWorker)
+        self.workers = [
+            remote.options(
+                num_cpus=cpus_per_worker,
+                num_gpus=gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(None if device == "cuda" else cpus_per_worker)
+            for i in range(num_workers)
+        ]
+        address, port = ray.get(self.workers[0].rendezvous.remote())
+        ray.get([
+            w.setup.remote([blob_ref], rank=i, world_size=num_workers, address=address, port=port,
+                           backend=backend, device=device, settings=settings)
+            for i, w in enumerate(self.workers)
+        ])
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def each(self, method: str, per_rank_args: list, **kwargs) -> list:
+        """Call `method` on every rank with its own first argument, together."""
+        return ray.get([getattr(w, method).remote(a, **kwargs) for w, a in zip(self.workers, per_rank_args)])
 
     def call(self, method: str, *args, **kwargs) -> list:
         return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
     def shutdown(self) -> None:
+        try:
+            ray.get([w.teardown.remote() for w in self.workers], timeout=60)
+        except Exception:
+            pass  # the actors are killed next either way
         for w in self.workers:
             ray.kill(w)
+        remove_placement_group(self.pg)
         self.workers = []
