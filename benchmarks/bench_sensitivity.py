@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
-from cwa_dist.distributed.grad_workers import merge_reports
 from cwa_dist.evaluate import batches, predicted_tokens
 from cwa_dist.models import load_model
 from cwa_dist.sensitivity import (
@@ -35,6 +34,7 @@ from cwa_dist.sensitivity import (
     select_parameters,
 )
 from cwa_dist.smollm2 import ensure_smollm2
+from cwa_dist.topk import merge
 
 
 class PeakRSS:
@@ -134,11 +134,10 @@ def main():
         for p in net.parameters():
             p.grad = None
 
-    # (b) the merge the driver does, on this single worker's report
-    from cwa_dist.distributed.grad_workers import WorkerReport
-
+    # (b) the merge the driver does, on this single worker's candidates
     start = time.perf_counter()
-    merge_reports([WorkerReport(result, 0.0, 0.0, 0.0, 0)], args.k)
+    for candidates in result.candidates.values():
+        merge([candidates], args.k)
     merge_s = time.perf_counter() - start
 
     print(f"bare forward+backward (plain PyTorch): {min(bare):.2f}s (runs: {', '.join(f'{t:.2f}' for t in bare)})")
@@ -159,26 +158,29 @@ def ray_stage(net, cal, args, scored, bare_s):
     """The same stage through the real Ray gradient worker the CLI uses."""
     import ray
 
-    from cwa_dist.distributed.grad_workers import GradientGroup
+    from cwa_dist.distributed.backends import ZeroSettings
+    from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
     from cwa_dist.models import ModelBlob
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         blob_ref = ray.put(ModelBlob.pack(net, trust_remote_code=False))
-        group = GradientGroup(blob_ref, num_workers=1, device="cpu", cpus_per_worker=os.cpu_count())
         total = predicted_tokens(cal)
-        runs = []
-        for _ in range(args.repeats):
-            group.call("begin", scored, args.gradient_checkpointing)  # the first call also waits for the worker to build its replica
-            start = time.perf_counter()
-            for i in range(0, len(cal), args.batch_size):
-                group.call("backward", cal[i : i + args.batch_size], batch_size=args.batch_size, total_tokens=total)
-            (report,) = group.call("score", scored=scored, metrics=["grad_x_weight"], k=args.k)
-            merge_reports([report], args.k)
-            runs.append(time.perf_counter() - start)
-        group.shutdown()
-        print(f"(a') stage through a Ray worker: {min(runs):.2f}s (runs: {', '.join(f'{t:.2f}' for t in runs)}); "
-              f"/ bare forward+backward: {min(runs) / bare_s:.3f}")
+        for backend in ("none", "zero3"):
+            group = GradientGroup(blob_ref, num_workers=1, backend=backend, device="cpu",
+                                  cpus_per_worker=os.cpu_count(), gpus_per_worker=0, settings=ZeroSettings())
+            runs = []
+            for _ in range(args.repeats):
+                group.call("begin", scored, args.gradient_checkpointing)
+                start = time.perf_counter()
+                for i in range(0, len(cal), args.batch_size):
+                    group.call("backward", cal[i : i + args.batch_size], total_tokens=total)
+                (report,) = group.call("score", scored=scored, metrics=["grad_x_weight"], k=args.k)
+                merge_reports([report], args.k)
+                runs.append(time.perf_counter() - start)
+            group.shutdown()
+            print(f"(a') stage through one Ray worker, backend {backend}: {min(runs):.2f}s "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in runs)}); / bare forward+backward: {min(runs) / bare_s:.3f}")
     finally:
         ray.shutdown()
 

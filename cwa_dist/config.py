@@ -53,13 +53,15 @@ class RunConfig:
     num_workers: int = 1
     """Gradient workers (ranks of one process group); parameters are sharded across them."""
     shard_backend: str = "zero3"
-    """How the gradient workers shard the model: zero3 (DeepSpeed ZeRO-3) or none (one whole replica)."""
+    """How the gradient workers shard the model: zero3 (DeepSpeed ZeRO-3), fsdp2 (PyTorch FSDP2) or none."""
     cpus_per_worker: int | None = None
     """CPUs per gradient worker; None divides the free CPUs evenly."""
     gpus_per_worker: int | None = None
     """GPUs per gradient worker; None gives 1 on a GPU cluster, else 0."""
     offload_params: bool = False
     """ZeRO-3: keep parameter partitions in CPU memory between uses (models larger than the GPUs)."""
+    offload_optimizer: bool = False
+    """ZeRO-3: keep DeepSpeed's fp32 master and gradient partitions in CPU memory."""
     zero_reduce_bucket_size: int = 50_000_000
     """ZeRO-3: elements per gradient reduce-scatter bucket."""
     zero_prefetch_bucket_size: int = 50_000_000
@@ -68,6 +70,8 @@ class RunConfig:
     """ZeRO-3: most gathered parameter elements alive at once per rank."""
     zero_param_persistence_threshold: int = 100_000
     """ZeRO-3: parameters smaller than this stay gathered (saves collectives on tiny tensors)."""
+    gpus_per_eval_actor: int = 1
+    """GPUs per evaluation actor on a GPU cluster; the model is split over them by blocks."""
     num_eval_actors: int | None = None
     """Evaluation actors in the pool; None picks one per free CPU (or GPU), at most the number of experiments."""
     seed: int = 0
@@ -111,7 +115,9 @@ class RunConfig:
         if self.random_seeds < 0:
             raise UsageError(f"--random-seeds {self.random_seeds} is negative")
         _positive("--num-workers", self.num_workers)
-        _one_of("--shard-backend", self.shard_backend, ("zero3", "none"))
+        _one_of("--shard-backend", self.shard_backend, ("zero3", "fsdp2", "none"))
+        if self.shard_backend == "fsdp2" and self.gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing works with --shard-backend zero3 or none, not fsdp2")
         if self.shard_backend == "none" and self.num_workers > 1:
             raise UsageError("--shard-backend none runs one worker; use --shard-backend zero3 with --num-workers > 1")
         if self.cpus_per_worker is not None:
@@ -122,6 +128,7 @@ class RunConfig:
                         ("--zero-prefetch-bucket-size", self.zero_prefetch_bucket_size),
                         ("--zero-max-live-parameters", self.zero_max_live_parameters)):
             _positive(flag, v)
+        _positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
         if self.num_eval_actors is not None:
             _positive("--num-eval-actors", self.num_eval_actors)
         if not (0 < self.calibration_fraction < 1):
@@ -140,6 +147,7 @@ class RunConfig:
 
         return ZeroSettings(
             offload_params=self.offload_params,
+            offload_optimizer=self.offload_optimizer,
             reduce_bucket_size=self.zero_reduce_bucket_size,
             prefetch_bucket_size=self.zero_prefetch_bucket_size,
             max_live_parameters=self.zero_max_live_parameters,

@@ -191,3 +191,16 @@ class ModelBlob:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+
+def place(net: torch.nn.Module, device: str, gpus: int) -> torch.nn.Module:
+    """Move a model onto its device; over several GPUs, split it by whole blocks with
+    accelerate's device_map so a model larger than one GPU still fits."""
+    if device != "cuda":
+        return net
+    if gpus <= 1:
+        return net.to("cuda")
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(net, no_split_module_classes=getattr(net, "_no_split_modules", None) or [])
+    return dispatch_model(net, device_map=device_map)

@@ -115,6 +115,7 @@ def apply(params: dict[str, torch.Tensor], targets: Targets, mode: str) -> Saved
     saved = {}
     for name, idx in targets.by_param().items():
         flat = _flat(params[name])
+        idx = idx.to(flat.device)  # parameters may sit on different GPUs
         original = flat[idx].clone()
         saved[name] = (idx, original)
         flat[idx] = fn(original).to(flat.dtype)

@@ -263,7 +263,7 @@ def _num_actors(cfg: RunConfig, device: str, n_specs: int, blob_bytes: int) -> i
     if cfg.num_eval_actors:
         return cfg.num_eval_actors
     free = ray.available_resources()
-    slots = int(free.get("GPU", 0)) if device == "cuda" else int(free.get("CPU", 0))
+    slots = int(free.get("GPU", 0)) // cfg.gpus_per_eval_actor if device == "cuda" else int(free.get("CPU", 0))
     # Each actor holds a replica plus activations; leave room for them in Ray's memory budget.
     by_memory = int(free.get("memory", 0) // (3 * blob_bytes)) if blob_bytes else slots
     return max(1, min(n_specs, slots, by_memory))
@@ -287,7 +287,8 @@ def _perturbation(state: RunState, blob_ref, split, merged: ShardScores, scored,
         n_actors = _num_actors(cfg, state.device, len(specs), state.blob_bytes)
         rep.line(f"📊 Running {len(specs)} perturbation experiments on {n_actors} actor(s), "
                  f"{len(chunks)} evaluation chunk(s) each")
-        pool = EvalPool(blob_ref, ray.put(chunks), num_actors=n_actors, device=state.device, batch_size=cfg.batch_size)
+        pool = EvalPool(blob_ref, ray.put(chunks), num_actors=n_actors, device=state.device,
+                        gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
         rows: list[dict] = []
         by_key = {s.key: s for s in specs}
         try:

@@ -48,14 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast-perturbation", action="store_true", help="measure perturbations on a subset of the evaluation chunks")
     g.add_argument("--fast-eval-chunks", type=int, default=d.fast_eval_chunks, help="size of that subset (default: %(default)s)")
     g.add_argument("--no-perturbation", action="store_true", help="stop after the ranking")
+    g.add_argument("--gpus-per-eval-actor", type=int, default=d.gpus_per_eval_actor, help="GPUs per evaluation actor on a GPU cluster; the model is split over them with accelerate's device_map (default: %(default)s)")
     g.add_argument("--num-eval-actors", type=int, default=None, help="evaluation actors (default: one per free CPU, or GPU)")
 
     g = p.add_argument_group("sharded gradients")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="gradient workers forming one process group; parameters and gradients are sharded across them (default: %(default)s)")
-    g.add_argument("--shard-backend", default=d.shard_backend, choices=["zero3", "none"], help="zero3 = DeepSpeed ZeRO-3; none = one worker holding the whole model (default: %(default)s)")
+    g.add_argument("--shard-backend", default=d.shard_backend, choices=["zero3", "fsdp2", "none"], help="zero3 = DeepSpeed ZeRO-3, fsdp2 = PyTorch FSDP2, none = one worker holding the whole model (default: %(default)s)")
     g.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs per gradient worker (default: the free CPUs divided evenly)")
     g.add_argument("--gpus-per-worker", type=int, default=None, help="GPUs per gradient worker (default: 1 on a GPU cluster, else 0)")
     g.add_argument("--offload-params", action="store_true", help="ZeRO-3: keep parameter partitions in CPU memory (models larger than the GPUs)")
+    g.add_argument("--offload-optimizer", action="store_true", help="ZeRO-3: keep DeepSpeed's fp32 master and gradient partitions in CPU memory (70B in bf16 on 8x80 GB)")
     g.add_argument("--zero-reduce-bucket-size", type=int, default=d.zero_reduce_bucket_size, help="ZeRO-3: elements per gradient reduce-scatter bucket (default: %(default)s)")
     g.add_argument("--zero-prefetch-bucket-size", type=int, default=d.zero_prefetch_bucket_size, help="ZeRO-3: parameter elements gathered ahead of use (default: %(default)s)")
     g.add_argument("--zero-max-live-parameters", type=int, default=d.zero_max_live_parameters, help="ZeRO-3: most gathered parameter elements alive per rank (default: %(default)s)")
@@ -93,11 +95,13 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         fast_eval_chunks=ns.fast_eval_chunks,
         no_perturbation=ns.no_perturbation,
         num_eval_actors=ns.num_eval_actors,
+        gpus_per_eval_actor=ns.gpus_per_eval_actor,
         num_workers=ns.num_workers,
         shard_backend=ns.shard_backend,
         cpus_per_worker=ns.cpus_per_worker,
         gpus_per_worker=ns.gpus_per_worker,
         offload_params=ns.offload_params,
+        offload_optimizer=ns.offload_optimizer,
         zero_reduce_bucket_size=ns.zero_reduce_bucket_size,
         zero_prefetch_bucket_size=ns.zero_prefetch_bucket_size,
         zero_max_live_parameters=ns.zero_max_live_parameters,

@@ -69,6 +69,13 @@ def prepare_gradients(model: torch.nn.Module, scored: Sequence[str]) -> None:
     model.eval()
 
 
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks: the ModuleList holding the most parameters (model.layers,
+    transformer.h, gpt_neox.layers, ...); empty if the model has none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters())) if lists else torch.nn.ModuleList()
+
+
 def checkpoint_blocks(model: torch.nn.Module) -> int:
     """Recompute each transformer block's activations during backward instead of storing them.
 
@@ -76,10 +83,7 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
     transformers' own switch works only in training mode, which would turn dropout on; this
     wrapper works in eval mode. Returns how many blocks were wrapped.
     """
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        return 0
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = transformer_blocks(model)
     for block in blocks:
         if getattr(block, "_cwa_checkpointed", False):
             continue

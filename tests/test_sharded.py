@@ -92,3 +92,21 @@ def test_backend_none_matches_zero3_at_world_one(ray_local):
     zero, _ = sharded(ray_local, net, chunks, names, 1, backend="zero3")
     for metric in METRICS:
         assert_same_ranking(zero.candidates[metric], replica.candidates[metric], rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "llama_odd"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fsdp2_topk_equals_single_process_and_zero3(ray_local, family, world_size):
+    net = build_tiny_model(family)
+    chunks = calibration_chunks(5, 14, ragged=True)
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    ref = single_process(build_tiny_model(family), chunks, names)
+    fsdp, reports = sharded(ray_local, net, chunks, names, world_size, backend="fsdp2")
+    zero, _ = sharded(ray_local, net, chunks, names, world_size, backend="zero3")
+    for metric in METRICS:
+        assert_same_ranking(fsdp.candidates[metric], ref.candidates[metric], rtol=1e-5)
+        assert_same_ranking(fsdp.candidates[metric], zero.candidates[metric], rtol=1e-5)
+    sizes = [p.shape for p in net.parameters()]
+    rows = sum(math.ceil(s[0] / world_size) * math.prod(s[1:]) for s in sizes)
+    assert max(r.local_param_numel for r in reports) <= rows
+    assert sum(r.local_param_numel for r in reports) == sum(math.prod(s) for s in sizes)  # rows, no padding

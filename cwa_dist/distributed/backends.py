@@ -8,10 +8,13 @@ above this interface knows which backend ran; the scoring and top-K code is the 
 - `zero3`: DeepSpeed ZeRO-3. Parameters are created partitioned (`deepspeed.zero.Init`); rank r
   owns elements [r·P, (r+1)·P) of every flattened parameter, P = ⌈numel / world⌉ (the last
   partition is padded; the padding is cut off here).
+- `fsdp2`: PyTorch FSDP2 (`fully_shard` per block and on the root, built on the meta device).
+  Rank r owns rows [r·R, (r+1)·R) of every parameter's first dimension, R = ⌈rows / world⌉, which
+  is one contiguous flat range starting at r·R·(numel/rows).
 
-Gradient averaging: ZeRO-3 averages gradients over ranks, so each rank's loss is multiplied by
-the world size; with every rank dividing its summed NLL by the global token count, the result is
-the single-process gradient of the token-weighted mean NLL.
+Gradient averaging: both backends average gradients over ranks, so each rank's loss is
+multiplied by the world size; with every rank dividing its summed NLL by the global token count,
+the result is the single-process gradient of the token-weighted mean NLL.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from cwa_dist.evaluate import batch_nll_sum
 from cwa_dist.models import ModelBlob
-from cwa_dist.sensitivity import ParamShard, checkpoint_blocks, full_shards, prepare_gradients
+from cwa_dist.sensitivity import ParamShard, checkpoint_blocks, full_shards, prepare_gradients, transformer_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,7 @@ class ZeroSettings:
     """The ZeRO-3 knobs that matter for memory."""
 
     offload_params: bool = False
+    offload_optimizer: bool = False
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
@@ -50,6 +54,9 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
     }
     if settings.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if settings.offload_optimizer:
+        # Moves DeepSpeed's fp32 master partitions and fp32 gradient partitions to CPU memory.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -145,7 +152,7 @@ class Zero3Backend:
             for name, _ in list(net.named_buffers()):
                 if name in blob.arrays:
                     owner, _, leaf = name.rpartition(".")
-                    net.get_submodule(owner)._buffers[leaf] = blob.tensor(name)
+                    net.get_submodule(owner)._buffers[leaf] = blob.tensor(name).to(_device(device))
         # ZeRO keeps partitioned gradients only under an optimizer; this one never steps.
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
         self.engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.config)
@@ -208,6 +215,87 @@ class Zero3Backend:
             self.engine.destroy()
 
 
+class Fsdp2Backend:
+    name = "fsdp2"
+
+    def load(self, blob: ModelBlob, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from transformers import AutoModelForCausalLM
+
+        self.rank, self.world_size = rank, world_size
+        mesh = init_device_mesh(device, (world_size,))
+        dtype = blob.float_dtype()
+        with torch.device("meta"):  # no rank ever allocates the whole model
+            net = AutoModelForCausalLM.from_config(blob.config, dtype=dtype, trust_remote_code=blob.trust_remote_code)
+        for block in transformer_blocks(net):
+            fully_shard(block, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        net.to_empty(device=_device(device))
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                local = p.to_local()
+                start, _ = self._rows(p)
+                per_row = p.numel() // p.shape[0]
+                local.copy_(blob.flat_slice(name, start * per_row, local.numel()).view(local.shape))
+            # to_empty left the buffers uninitialised; the loaded model's own tensors go in.
+            for name, _ in list(net.named_buffers()):
+                owner, _, leaf = name.rpartition(".")
+                net.get_submodule(owner)._buffers[leaf] = blob.tensor(name).to(_device(device))
+        self.model = net.eval()
+
+    def _rows(self, p) -> tuple[int, int]:
+        per_rank = -(-p.shape[0] // self.world_size)
+        start = min(self.rank * per_rank, p.shape[0])
+        return start, min(per_rank, p.shape[0] - start)
+
+    def prepare(self, scored: list[str], checkpointing: bool) -> None:
+        if checkpointing:
+            # Recomputing a block outside FSDP's own hooks would see the resharded parameters.
+            raise ValueError("--gradient-checkpointing is not supported with --shard-backend fsdp2; use zero3")
+        self.model.eval()
+
+    def forward_backward(self, ids, mask, scale: float) -> float:
+        loss = batch_nll_sum(self.model, ids, mask) * scale
+        _check_finite(loss)
+        (loss * self.world_size).backward()  # undo FSDP's averaging over ranks
+        return float(loss.detach())
+
+    def nll_sum(self, ids, mask) -> float:
+        with torch.no_grad():
+            return float(batch_nll_sum(self.model, ids, mask))
+
+    def dummy(self, backward: bool) -> None:
+        ids, mask = _dummy_batch()
+        if backward:
+            (batch_nll_sum(self.model, ids, mask) * 0.0).backward()
+        else:
+            with torch.no_grad():
+                batch_nll_sum(self.model, ids, mask)
+
+    def shards(self, scored: list[str]) -> Iterator[ParamShard]:
+        params = dict(self.model.named_parameters())
+        for name in scored:
+            p = params[name]
+            start, _ = self._rows(p)
+            grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
+            yield ParamShard(name=name, offset=start * (p.numel() // p.shape[0]),
+                             weight=p.to_local().detach().reshape(-1), grad=grad)
+
+    def local_numel(self) -> tuple[int, int]:
+        params = list(self.model.parameters())
+        return (sum(p.to_local().numel() for p in params),
+                sum(p.grad.to_local().numel() for p in params if p.grad is not None))
+
+    def teardown(self) -> None:
+        pass
+
+
+def _device(device: str) -> torch.device:
+    # A GPU worker sees only its own GPU(s) (Ray sets CUDA_VISIBLE_DEVICES): index 0 is its own.
+    return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+
+
 def _check_finite(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         from cwa_dist.sensitivity import NonFiniteGradientError
@@ -217,4 +305,4 @@ def _check_finite(loss: torch.Tensor) -> None:
         )
 
 
-BACKENDS = {"none": ReplicaBackend, "zero3": Zero3Backend}
+BACKENDS = {"none": ReplicaBackend, "zero3": Zero3Backend, "fsdp2": Fsdp2Backend}

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from cwa_dist.evaluate import Perplexity, perplexity
-from cwa_dist.models import ModelBlob
+from cwa_dist.models import ModelBlob, place
 from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 
 
@@ -35,10 +35,11 @@ class ExperimentResult:
 
 
 class EvalActor:
-    def __init__(self, blob: ModelBlob, device: str, chunks: list[torch.Tensor], batch_size: int, threads: int | None):
+    def __init__(self, blob: ModelBlob, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
+                 threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        self.model = blob.build(device)
+        self.model = place(blob.build("cpu"), device, gpus)
         self.params = dict(self.model.named_parameters())
         self.chunks, self.batch_size = chunks, batch_size
         self.fingerprints = {n: fingerprint(p) for n, p in self.params.items()}
@@ -74,11 +75,12 @@ class EvalActor:
 
 
 class EvalPool:
-    def __init__(self, blob_ref, chunks_ref, *, num_actors: int, device: str, batch_size: int):
-        remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
+    def __init__(self, blob_ref, chunks_ref, *, num_actors: int, device: str, gpus_per_actor: int, batch_size: int):
+        gpus = gpus_per_actor if device == "cuda" else 0
+        remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
-        self.actors = [remote.remote(blob_ref, device, chunks_ref, batch_size, threads) for _ in range(num_actors)]
+        self.actors = [remote.remote(blob_ref, device, gpus, chunks_ref, batch_size, threads) for _ in range(num_actors)]
 
     def describe(self) -> list[tuple[str, Perplexity]]:
         return ray.get([a.describe.remote() for a in self.actors])

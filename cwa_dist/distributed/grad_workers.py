@@ -41,6 +41,7 @@ class WorkerReport:
     peak_rss_bytes: int
     local_param_numel: int  # parameter elements this rank holds at rest
     local_grad_numel: int  # gradient elements this rank holds
+    peak_device_bytes: int  # peak GPU memory allocated by torch (0 on CPU)
 
 
 class GradientWorker:
@@ -57,6 +58,8 @@ class GradientWorker:
     def setup(self, blob_box: list, *, rank: int, world_size: int, address: str, port: int, backend: str,
               device: str, settings: ZeroSettings) -> None:
         self.rank, self.world_size = rank, world_size
+        if device == "cuda":
+            torch.cuda.set_device(0)  # Ray shows each worker only the GPU(s) it was given
         init_group(rank=rank, world_size=world_size, address=address, port=port,
                    backend="nccl" if device == "cuda" else "gloo")
         # The blob arrives wrapped in a list so Ray does not fetch it before we ask: every rank
@@ -102,6 +105,7 @@ class GradientWorker:
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             local_param_numel=params,
             local_grad_numel=grads,
+            peak_device_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         )
 
     def teardown(self) -> None:

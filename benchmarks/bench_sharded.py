@@ -1,0 +1,98 @@
+"""Sharded gradient stage: per-rank memory and wall time at world size 1 and 2, per backend.
+
+Models: SmolLM2-135M (the real model) and a randomly initialised ~160M Llama config. Prints, per
+(model, backend, world size): stage wall time (rendezvous and model load excluded), per-rank
+parameter+gradient bytes held (partitions, padding included), per-rank peak RSS, the merge time,
+and the ratio of per-rank parameter+gradient bytes at world 2 to world 1 (target <= 0.6).
+
+    python benchmarks/bench_sharded.py [--chunks 4] [--seq-len 128] [--backends zero3 fsdp2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import ray
+import torch
+
+from cwa_dist.data import load_texts, lockstep_batches, tokenize_chunks
+from cwa_dist.distributed.backends import ZeroSettings
+from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
+from cwa_dist.evaluate import predicted_tokens
+from cwa_dist.models import ModelBlob, load_model
+from cwa_dist.sensitivity import select_parameters
+from cwa_dist.smollm2 import ensure_smollm2
+
+
+def random_llama_160m():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=16,
+                      num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def run(blob_ref, chunks, names, *, backend, world, k):
+    group = GradientGroup(blob_ref, num_workers=world, backend=backend, device="cpu",
+                          cpus_per_worker=max(1, 2 // world), gpus_per_worker=0, settings=ZeroSettings())
+    try:
+        start = time.perf_counter()
+        group.call("begin", names, False)
+        total = predicted_tokens(chunks)
+        for step in lockstep_batches(chunks, world, 1):
+            group.each("backward", step, total_tokens=total)
+        reports = group.call("score", scored=names, metrics=["grad_x_weight"], k=k)
+        stage_s = time.perf_counter() - start
+    finally:
+        group.shutdown()
+    start = time.perf_counter()
+    merged = merge_reports(reports, k)
+    merge_ms = (time.perf_counter() - start) * 1000
+    return stage_s, merge_ms, reports, merged
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--backends", nargs="+", default=["zero3", "fsdp2"])
+    ap.add_argument("--models", nargs="+", default=["smollm2", "llama160m"])
+    args = ap.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    smol, tok, _ = load_model(str(ensure_smollm2()), dtype=torch.float32, trust_remote_code=False, progress=False)
+    texts = load_texts(None, None)
+    builders = {"smollm2": lambda: smol, "llama160m": random_llama_160m}
+    print(f"{'model':10} {'backend':7} {'world':>5} {'stage s':>8} {'param+grad MiB/rank':>20} "
+          f"{'peak RSS GiB/rank':>18} {'merge ms':>9}")
+    for model_name in args.models:
+        net = builders[model_name]()
+        ids = tokenize_chunks(tok, texts, args.seq_len)[: args.chunks]
+        vocab = net.config.vocab_size
+        chunks = [c % vocab for c in ids]
+        names = select_parameters(net, include_bias=False, include_norm=False)
+        blob_ref = ray.put(ModelBlob.pack(net, trust_remote_code=False))
+        for backend in args.backends:
+            held = {}
+            rankings = {}
+            for world in (1, 2):
+                stage_s, merge_ms, reports, merged = run(blob_ref, chunks, names, backend=backend, world=world, k=args.k)
+                per_rank = max((r.local_param_numel + r.local_grad_numel) * 4 for r in reports)
+                held[world] = per_rank
+                rankings[world] = list(zip(merged.candidates["grad_x_weight"].names(),
+                                           merged.candidates["grad_x_weight"].flat_index.tolist()))
+                rss = max(r.peak_rss_bytes for r in reports) / 2**30
+                print(f"{model_name:10} {backend:7} {world:>5} {stage_s:>8.2f} {per_rank / 2**20:>20.0f} "
+                      f"{rss:>18.2f} {merge_ms:>9.1f}", flush=True)
+            same = sum(a == b for a, b in zip(rankings[1], rankings[2]))
+            print(f"{model_name:10} {backend:7} param+grad bytes/rank, world 2 / world 1: "
+                  f"{held[2] / held[1]:.3f} (target <= 0.6); top-{args.k} entries equal in place: {same}/{args.k}",
+                  flush=True)
+        del blob_ref
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
