@@ -69,12 +69,46 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
     }
 
 
-def _dummy_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    # A rank without data still joins every collective of a forward/backward.
-    return torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+class Backend:
+    """What every backend shares: the loss of a micro-batch, its backward, and the dummy passes
+    that keep ranks without data in step. Subclasses set `model` (and `runner`, the module that
+    forward is called on, when it is a wrapper such as DeepSpeed's engine)."""
+
+    world_size = 1
+
+    @property
+    def runner(self) -> torch.nn.Module:
+        return self.model
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def forward_backward(self, ids, mask, scale: float) -> float:
+        loss = batch_nll_sum(self.runner, ids, mask) * scale
+        _check_finite(loss)
+        # Sharded backends average gradients over ranks; multiplying by the world size undoes that.
+        self._backward(loss * self.world_size)
+        return float(loss.detach())
+
+    def nll_sum(self, ids, mask) -> float:
+        with torch.no_grad():
+            return float(batch_nll_sum(self.runner, ids, mask))
+
+    def dummy(self, backward: bool) -> None:
+        """A pass over a throwaway batch, so a rank without data still joins the collectives."""
+        if self.world_size == 1:
+            return
+        ids, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+        if backward:
+            self._backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
+        else:
+            self.nll_sum(ids, mask)
+
+    def teardown(self) -> None:
+        pass
 
 
-class ReplicaBackend:
+class ReplicaBackend(Backend):
     """The whole model in one process: world size 1, no sharding."""
 
     name = "none"
@@ -83,25 +117,11 @@ class ReplicaBackend:
         if world_size != 1:
             raise ValueError("--shard-backend none runs one worker; use zero3 or fsdp2 for more")
         self.model = blob.build(device)
-        self.params = self.model
 
     def prepare(self, scored: list[str], checkpointing: bool) -> None:
         if checkpointing:
             checkpoint_blocks(self.model)
         prepare_gradients(self.model, scored)
-
-    def forward_backward(self, ids, mask, scale: float) -> float:
-        loss = batch_nll_sum(self.model, ids, mask) * scale
-        _check_finite(loss)
-        loss.backward()
-        return float(loss.detach())
-
-    @torch.inference_mode()
-    def nll_sum(self, ids, mask) -> float:
-        return float(batch_nll_sum(self.model, ids, mask))
-
-    def dummy(self, backward: bool) -> None:
-        pass  # no collectives to join
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
         return full_shards(self.model, scored)
@@ -110,11 +130,8 @@ class ReplicaBackend:
         n = sum(p.numel() for p in self.model.parameters())
         return n, sum(p.grad.numel() for p in self.model.parameters() if p.grad is not None)
 
-    def teardown(self) -> None:
-        pass
 
-
-class Zero3Backend:
+class Zero3Backend(Backend):
     name = "zero3"
 
     def load(self, blob: ModelBlob, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
@@ -171,23 +188,12 @@ class Zero3Backend:
             checkpoint_blocks(self.model)
         self.model.eval()
 
-    def forward_backward(self, ids, mask, scale: float) -> float:
-        loss = batch_nll_sum(self.engine, ids, mask) * scale
-        _check_finite(loss)
-        self.engine.backward(loss * self.world_size)  # undo ZeRO's averaging over ranks
-        return float(loss.detach())
+    @property
+    def runner(self) -> torch.nn.Module:
+        return self.engine
 
-    def nll_sum(self, ids, mask) -> float:
-        with torch.no_grad():
-            return float(batch_nll_sum(self.engine, ids, mask))
-
-    def dummy(self, backward: bool) -> None:
-        ids, mask = _dummy_batch()
-        if backward:
-            self.engine.backward(batch_nll_sum(self.engine, ids, mask) * 0.0)
-        else:
-            with torch.no_grad():
-                batch_nll_sum(self.engine, ids, mask)
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
@@ -215,7 +221,7 @@ class Zero3Backend:
             self.engine.destroy()
 
 
-class Fsdp2Backend:
+class Fsdp2Backend(Backend):
     name = "fsdp2"
 
     def load(self, blob: ModelBlob, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
@@ -255,24 +261,6 @@ class Fsdp2Backend:
             raise ValueError("--gradient-checkpointing is not supported with --shard-backend fsdp2; use zero3")
         self.model.eval()
 
-    def forward_backward(self, ids, mask, scale: float) -> float:
-        loss = batch_nll_sum(self.model, ids, mask) * scale
-        _check_finite(loss)
-        (loss * self.world_size).backward()  # undo FSDP's averaging over ranks
-        return float(loss.detach())
-
-    def nll_sum(self, ids, mask) -> float:
-        with torch.no_grad():
-            return float(batch_nll_sum(self.model, ids, mask))
-
-    def dummy(self, backward: bool) -> None:
-        ids, mask = _dummy_batch()
-        if backward:
-            (batch_nll_sum(self.model, ids, mask) * 0.0).backward()
-        else:
-            with torch.no_grad():
-                batch_nll_sum(self.model, ids, mask)
-
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
         params = dict(self.model.named_parameters())
         for name in scored:
@@ -286,9 +274,6 @@ class Fsdp2Backend:
         params = list(self.model.parameters())
         return (sum(p.to_local().numel() for p in params),
                 sum(p.grad.to_local().numel() for p in params if p.grad is not None))
-
-    def teardown(self) -> None:
-        pass
 
 
 def _device(device: str) -> torch.device:
