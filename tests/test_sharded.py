@@ -24,10 +24,10 @@ def single_process(net, chunks, names):
     return score_shards(full_shards(net, names), METRICS, K)
 
 
-def sharded(ray, net, chunks, names, world_size, backend="zero3"):
+def sharded(ray, net, chunks, names, world_size, backend="zero3", settings=ZeroSettings()):
     blob_ref = ray.put(ModelBlob.pack(net, trust_remote_code=False))
     group = GradientGroup(blob_ref, num_workers=world_size, backend=backend, device="cpu", cpus_per_worker=1,
-                          gpus_per_worker=0, settings=ZeroSettings())
+                          gpus_per_worker=0, settings=settings)
     try:
         group.call("begin", names, False)
         total = predicted_tokens(chunks)
@@ -110,3 +110,17 @@ def test_fsdp2_topk_equals_single_process_and_zero3(ray_local, family, world_siz
     rows = sum(math.ceil(s[0] / world_size) * math.prod(s[1:]) for s in sizes)
     assert max(r.local_param_numel for r in reports) <= rows
     assert sum(r.local_param_numel for r in reports) == sum(math.prod(s) for s in sizes)  # rows, no padding
+
+
+@pytest.mark.parametrize("settings", [ZeroSettings(offload_params=True), ZeroSettings(offload_optimizer=True),
+                                      ZeroSettings(reduce_bucket_size=1000, prefetch_bucket_size=1000,
+                                                   max_live_parameters=5000, param_persistence_threshold=10)],
+                         ids=["offload_params", "offload_optimizer", "small_buckets"])
+def test_zero3_memory_knobs_keep_the_ranking(ray_local, settings):
+    net = build_tiny_model("llama_odd")
+    chunks = calibration_chunks(4, 12)
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    ref = single_process(build_tiny_model("llama_odd"), chunks, names)
+    merged, _ = sharded(ray_local, net, chunks, names, 2, settings=settings)
+    for metric in METRICS:
+        assert_same_ranking(merged.candidates[metric], ref.candidates[metric], rtol=1e-5)
