@@ -74,6 +74,10 @@ class RunConfig:
     """GPUs per evaluation actor on a GPU cluster; the model is split over them by blocks."""
     num_eval_actors: int | None = None
     """Evaluation actors in the pool; None picks one per free CPU (or GPU), at most the number of experiments."""
+    max_retries: int = 2
+    """Times an experiment is retried after its actor died, before it is recorded as failed."""
+    resume: bool = False
+    """Continue the run in --output/--experiment-id (default: the newest unfinished one)."""
     seed: int = 0
     """Seeds the chunk split and the random controls."""
     trust_remote_code: bool = False
@@ -112,6 +116,8 @@ class RunConfig:
         _positive("--fast-eval-chunks", self.fast_eval_chunks)
         if self.eval_limit is not None:
             _positive("--eval-limit", self.eval_limit)
+        if self.max_retries < 0:
+            raise UsageError(f"--max-retries {self.max_retries} is negative")
         if self.random_seeds < 0:
             raise UsageError(f"--random-seeds {self.random_seeds} is negative")
         _positive("--num-workers", self.num_workers)

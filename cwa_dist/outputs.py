@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import torch
 
 from cwa_dist.errors import UsageError
 from cwa_dist.sensitivity import unravel
@@ -53,6 +54,8 @@ PERTURBATION_COLUMNS = {
     "restored_exact": "the model was bitwise identical after restoring",
     "actor": "host:pid of the evaluation actor",
     "key": "unique experiment key",
+    "status": "ok, or failed (the actor died more than --max-retries times, or the experiment raised)",
+    "error": "why it failed (empty when ok)",
 }
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -90,6 +93,24 @@ def ranking_frame(metric: str, c: Candidates, shapes: dict[str, Sequence[int]]) 
             "indices": [str(p) for p in pos],
         }
     )
+
+
+def candidates_from_rankings(rankings: pd.DataFrame) -> dict[str, Candidates]:
+    """The per-metric candidates back from rankings.parquet (for a resumed run)."""
+    out = {}
+    for metric, df in rankings.groupby("metric", sort=False):
+        df = df.sort_values("rank")
+        names = sorted(set(df["param"]))
+        position = {n: i for i, n in enumerate(names)}
+        out[metric] = Candidates(
+            names,
+            torch.tensor([position[n] for n in df["param"]], dtype=torch.int64),
+            torch.tensor(df["flat_index"].to_numpy(), dtype=torch.int64),
+            torch.tensor(df["score"].to_numpy()),
+            torch.tensor(df["weight"].to_numpy()),
+            torch.tensor(df["grad"].to_numpy()),
+        )
+    return out
 
 
 def topk_csv_frame(ranking: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -6,7 +6,9 @@ Workers and actors compute; only this module's driver process writes the run dir
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -23,11 +25,18 @@ from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import Perplexity, predicted_tokens
 from cwa_dist.metrics import MAGNITUDE
 from cwa_dist.models import ModelBlob, load_model, resolve_dtype
-from cwa_dist.outputs import PERTURBATION_COLUMNS, RunDirectory, ranking_frame, topk_csv_frame
+from cwa_dist.outputs import (
+    PERTURBATION_COLUMNS,
+    RunDirectory,
+    candidates_from_rankings,
+    ranking_frame,
+    topk_csv_frame,
+)
 from cwa_dist.perturb import PerturbationSpec
 from cwa_dist.plan import plan_experiments
 from cwa_dist.provenance import git_revision, host, versions
 from cwa_dist.report import Reporter
+from cwa_dist.resume import ResultLog, differing_settings, latest_unfinished
 from cwa_dist.sensitivity import ShardScores, numel, select_parameters
 
 
@@ -45,20 +54,28 @@ class RunState:
     manifest: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
 
+    def done(self, stage: str) -> bool:
+        return self.manifest.get("stages", {}).get(stage, {}).get("status") == "done"
+
     def mark(self, stage: str, status: str) -> None:
         entry = self.manifest["stages"].setdefault(stage, {})
         entry["status"] = status
         if stage in self.timings:
             entry["seconds"] = self.timings[stage]
-        self.manifest["stage_timings_s"] = dict(self.timings)
+        self.manifest["stage_timings_s"] = {**self.manifest.get("stage_timings_s", {}), **self.timings}
+        self.manifest["summary"] = self.summary  # what a resumed run needs from finished stages
         self.run_dir.write_json("manifest.json", self.manifest)
 
 
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
     rep = rep or Reporter(cfg.verbose)
     state = RunState(cfg=cfg, rep=rep)
-    experiment_id = cfg.experiment_id or dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
+    experiment_id = _experiment_id(cfg)
     texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
+    previous = _previous_run(cfg, experiment_id)
+    if previous and previous.get("status") == "complete":
+        rep.line(f"✅ {Path(cfg.output) / experiment_id} is already complete; nothing to resume")
+        return RunDirectory(Path(cfg.output).expanduser() / experiment_id)
     started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
     state.joined_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
@@ -69,16 +86,29 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
         split = split_chunks(chunks, cfg.calibration_fraction, cfg.seed)
         _report_data(state, texts, chunks, split)
 
-        state.run_dir = RunDirectory.create(cfg.output, experiment_id)
-        _start_manifest(state, net, scored, shapes)
-        state.run_dir.write_json("config.json", {**cfg.to_dict(), "experiment_id": experiment_id, "device": state.device})
+        if previous:
+            state.run_dir = RunDirectory(Path(cfg.output).expanduser() / experiment_id)
+            state.manifest = previous
+            state.manifest.update(status="running", resumed=state.manifest.get("resumed", 0) + 1)
+            state.summary.update(previous.get("summary", {}), **state.summary)
+            done = [s for s, v in previous.get("stages", {}).items() if v.get("status") == "done"]
+            rep.line(f"🔁 Resuming {state.run_dir.path}; stages already done: {', '.join(done) or 'none'}")
+        else:
+            state.run_dir = RunDirectory.create(cfg.output, experiment_id)
+            _start_manifest(state, net, scored, shapes)
+            state.run_dir.write_json("config.json", _config_record(cfg, experiment_id, state.device))
         try:
             blob = ModelBlob.pack(net, trust_remote_code=cfg.trust_remote_code)
             state.blob_bytes = blob.nbytes()
             blob_ref = ray.put(blob)
             del net, blob  # the object store holds the weights now; workers rebuild from it
-            merged = _sensitivity(state, blob_ref, split, scored, shapes)
-            rankings = _export_rankings(state, merged, shapes)
+            if state.done("ranking"):
+                rankings = pd.read_parquet(state.run_dir.path / "rankings.parquet")
+                merged = ShardScores(candidates=candidates_from_rankings(rankings))
+                rep.line("✅ Sensitivity and ranking: done earlier, read from rankings.parquet")
+            else:
+                merged = _sensitivity(state, blob_ref, split, scored, shapes)
+                rankings = _export_rankings(state, merged, shapes)
             results = None
             if not cfg.no_perturbation:
                 results = _perturbation(state, blob_ref, split, merged, scored, shapes)
@@ -92,6 +122,39 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _experiment_id(cfg: RunConfig) -> str:
+    if cfg.experiment_id:
+        return cfg.experiment_id
+    if cfg.resume:
+        latest = latest_unfinished(cfg.output)
+        if latest is None:
+            raise UsageError(f"--resume: no unfinished run under {cfg.output}; give --experiment-id or start a new run")
+        return latest
+    return dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
+
+
+def _config_record(cfg: RunConfig, experiment_id: str, device: str) -> dict:
+    return {**cfg.to_dict(), "experiment_id": experiment_id, "device": device}
+
+
+def _previous_run(cfg: RunConfig, experiment_id: str) -> dict | None:
+    """The manifest of the run to continue, after checking that continuing it is safe."""
+    path = Path(cfg.output).expanduser() / experiment_id
+    manifest, config = path / "manifest.json", path / "config.json"
+    if not manifest.exists() or not config.exists():
+        if cfg.resume:
+            raise UsageError(f"--resume: {path} holds no run to continue; start it without --resume")
+        return None  # RunDirectory.create refuses a non-empty directory that is not a run
+    stored = json.loads(config.read_text())
+    diffs = differing_settings(stored, _config_record(cfg, experiment_id, stored.get("device")))
+    if diffs:
+        raise UsageError(
+            f"cannot resume {path}: these settings differ from the stored run and would make its results "
+            f"wrong: {'; '.join(diffs)}. Use the stored settings, or a new --experiment-id"
+        )
+    return json.loads(manifest.read_text())
 
 
 def _resolve_device(device: str) -> str:
@@ -283,41 +346,65 @@ def _perturbation(state: RunState, blob_ref, split, merged: ShardScores, scored,
             seed=cfg.seed,
             mode=cfg.perturbation_mode,
         )
-        chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
-        n_actors = _num_actors(cfg, state.device, len(specs), state.blob_bytes)
-        rep.line(f"📊 Running {len(specs)} perturbation experiments on {n_actors} actor(s), "
-                 f"{len(chunks)} evaluation chunk(s) each")
-        pool = EvalPool(blob_ref, ray.put(chunks), num_actors=n_actors, device=state.device,
-                        gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
-        rows: list[dict] = []
         by_key = {s.key: s for s in specs}
-        try:
-            described = pool.describe()
-            baselines = {round(b.value, 6) for _, b in described}
-            if len(baselines) > 1:
-                rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
-            with rep.progress(len(specs), "experiments", "exp") as bar:
-                def on_result(r: ExperimentResult) -> None:
-                    row = _result_row(by_key[r.key], r)
-                    rows.append(row)
-                    bar.update(1)
-                    bar.write(f"  {_describe(row)}")
-                pool.run(specs, on_result)
-            intact = pool.all_weights_intact()
-        finally:
-            pool.shutdown()
-        order = {s.key: i for i, s in enumerate(specs)}
-        results = pd.DataFrame(sorted(rows, key=lambda r: order[r["key"]]), columns=list(PERTURBATION_COLUMNS))
+        log = ResultLog(state.run_dir.path / "perturbation_results.jsonl")
+        # Experiments a killed or failed earlier try finished stay; failed ones run again.
+        rows = {r["key"]: r for r in log.repair() if r["key"] in by_key and r["status"] == "ok"}
+        todo = [s for s in specs if s.key not in rows]
+        if rows:
+            rep.line(f"🔁 {len(rows)} of {len(specs)} experiments finished earlier; running the other {len(todo)}")
+        chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
+        intact = True
+        if todo:
+            n_actors = _num_actors(cfg, state.device, len(todo), state.blob_bytes)
+            rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
+                     f"{len(chunks)} evaluation chunk(s) each")
+            pool = EvalPool(blob_ref, ray.put(chunks), num_actors=n_actors, device=state.device,
+                            gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
+            try:
+                baselines = {round(b.value, 6) for _, b in pool.describe()}
+                if len(baselines) > 1:
+                    rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
+                with rep.progress(len(todo), "experiments", "exp") as bar:
+                    def record(row: dict) -> None:
+                        log.append(row)
+                        rows[row["key"]] = row
+                        bar.update(1)
+                        bar.write(f"  {_describe(row)}")
+
+                    pool.run(
+                        todo,
+                        on_result=lambda r: record(_result_row(by_key[r.key], r)),
+                        on_failure=lambda spec, error: record(_failed_row(spec, error, min(baselines))),
+                        max_retries=cfg.max_retries,
+                    )
+                intact = pool.all_weights_intact()
+            finally:
+                pool.shutdown()
+        results = pd.DataFrame([rows[s.key] for s in specs], columns=list(PERTURBATION_COLUMNS))
         state.run_dir.write_csv("perturbation_results.csv", results)
         state.run_dir.write_parquet("perturbation_results.parquet", results)
-        n_exact = int(results["restored_exact"].sum())
-        rep.line(f"✅ Completed {len(results)}/{len(specs)} experiments; "
-                 f"{n_exact}/{len(results)} restored bit-exactly; all weights intact at the end: {intact}")
-        if n_exact != len(results) or not intact:
+        ok = results[results["status"] == "ok"]
+        n_exact = int(ok["restored_exact"].astype(bool).sum())
+        rep.line(f"✅ Completed {len(ok)}/{len(specs)} experiments; {len(results) - len(ok)} failed; "
+                 f"{n_exact}/{len(ok)} restored bit-exactly; all weights intact at the end: {intact}")
+        if n_exact != len(ok) or not intact:
             raise RuntimeError("a perturbation was not restored exactly; the results after it are not trustworthy")
         state.summary["weights_intact_after_perturbation"] = intact
+        state.summary["experiments_failed"] = len(results) - len(ok)
     state.mark("perturbation", "done")
     return results
+
+
+def _failed_row(spec: PerturbationSpec, error: str, baseline_ppl: float) -> dict:
+    """An experiment that kept failing: recorded, not dropped."""
+    return {
+        "metric": spec.method, "topk": spec.topk, "mask_ratio": spec.mask_ratio,
+        "weights_masked": len(spec.targets), "baseline_ppl": baseline_ppl, "perturbed_ppl": float("nan"),
+        "ppl_increase": float("nan"), "ppl_ratio": float("nan"), "is_control": spec.is_control, "seed": spec.seed,
+        "mode": spec.mode, "eval_tokens": 0, "wall_s": 0.0, "restored_exact": None, "actor": "", "key": spec.key,
+        "status": "failed", "error": error,
+    }
 
 
 def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
@@ -339,11 +426,15 @@ def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
         "restored_exact": r.restored_exact,
         "actor": r.actor,
         "key": r.key,
+        "status": "ok",
+        "error": "",
     }
 
 
 def _describe(row: dict) -> str:
     seed = f" seed {row['seed']}" if row["seed"] is not None else ""
+    if row["status"] != "ok":
+        return f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: FAILED ({row['error']})"
     return (f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: "
             f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} ({row['ppl_increase']:+.2f})")
 
@@ -353,10 +444,11 @@ def _finish(state: RunState, rankings: pd.DataFrame, results: pd.DataFrame | Non
     with rep.stage("💾 Exporting Results", state.timings, "export"):
         out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(rankings[rankings["metric"].isin(cfg.metrics)]))
         summary = dict(state.summary)
-        summary["experiments_completed"] = 0 if results is None else len(results)
-        if results is not None and len(results):
-            summary.update(_perturbation_summary(results))
-            out.write_figure("plots/ppl_vs_masked.png", plots.perplexity_vs_masked(results, results["baseline_ppl"].iloc[0]))
+        ok = None if results is None else results[results["status"] == "ok"]
+        summary["experiments_completed"] = 0 if ok is None else len(ok)
+        if ok is not None and len(ok):
+            summary.update(_perturbation_summary(ok))
+            out.write_figure("plots/ppl_vs_masked.png", plots.perplexity_vs_masked(ok, ok["baseline_ppl"].iloc[0]))
         else:
             summary["max_ppl_increase"] = None
         summary["run_directory"] = str(out.path)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     g.add_argument("--output", default=d.output, help="parent directory of the run directory (default: %(default)s)")
     g.add_argument("--experiment-id", default=None, help="run directory name (default: critical_analysis_<timestamp>)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run: the one named by --experiment-id, else the newest unfinished run under --output; finished stages and experiments are kept")
+    g.add_argument("--max-retries", type=int, default=d.max_retries, help="retries of an experiment whose actor died, before it is recorded as failed (default: %(default)s)")
     g.add_argument("--verbose", action="store_true", help="more detail, Ray's worker logs, and tracebacks on errors")
     return p
 
@@ -110,6 +112,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         output=ns.output,
         experiment_id=ns.experiment_id,
         verbose=ns.verbose,
+        resume=ns.resume,
+        max_retries=ns.max_retries,
     )
 
 

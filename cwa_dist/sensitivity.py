@@ -109,14 +109,18 @@ def accumulate_gradients(
     loss_total = 0.0
     for ids, mask in batches(chunks, batch_size):
         loss = batch_nll_sum(model, ids, mask) / total_tokens
-        if not torch.isfinite(loss):
-            raise NonFiniteGradientError(f"the calibration loss is {float(loss)}; {_DTYPE_ADVICE}")
+        check_loss_finite(loss)
         loss.backward()
         loss_total += float(loss.detach())
     return loss_total
 
 
 _DTYPE_ADVICE = "the model overflows in this dtype (use --dtype bfloat16 or float32)"
+
+
+def check_loss_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteGradientError(f"the calibration loss is {float(loss.detach())}; {_DTYPE_ADVICE}")
 
 
 def check_gradients_finite(model: torch.nn.Module) -> None:

@@ -1,6 +1,7 @@
 """The command line end to end, through real Ray, on tiny local models."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_every_output_file_is_written(full_run):
     expected = {
         "config.json", "manifest.json", "experiment_summary.json", "rankings.parquet",
         "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
-        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "deepspeed_config.json",
+        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "deepspeed_config.json", "perturbation_results.jsonl",
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
@@ -125,6 +126,16 @@ def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
 def _bad_inputs(model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"text\x00\x01\x02")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    short = tmp_path / "short.txt"
+    short.write_text("a\n")
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(100))
+    not_a_dir = tmp_path / "plain_file"
+    not_a_dir.write_text("x")
     return [
         (["--model", str(tmp_path / "nope")], "not a local path|unreachable"),
         (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
@@ -136,18 +147,29 @@ def _bad_inputs(model_dir, tmp_path):
         (["--model", model_dir, "--topk", "10000000"], "larger than the"),
         (["--model", model_dir, "--perturbation-ratios", "0"], r"outside \(0, 1\]"),
         (["--model", model_dir, "--perturbation-ratios", "1.5"], r"outside \(0, 1\]"),
+        (["--model", str(corrupt)], "cannot read GGUF file"),
+        (["--model", model_dir, "--data-file", str(binary)], "looks binary"),
+        (["--model", model_dir, "--data-file", str(latin1)], "not UTF-8"),
+        (["--model", model_dir, "--data-file", str(short)], "need one each"),
+        (["--model", model_dir, "--perturbation-mode", "zeros"], "Did you mean 'zero'"),
+        (["--model", model_dir, "--output", str(not_a_dir / "sub")], "cannot write to"),
+        (["--model", model_dir, "--num-workers", "3", "--shard-backend", "none"], "runs one worker"),
+        (["--model", model_dir, "--resume"], "no unfinished run"),
     ]
 
 
 def test_bad_input_table(ray_local, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
     for args, message in _bad_inputs(str(tiny_model_dir["llama"]), tmp_path):
-        out = tmp_path / "runs"
-        code = main([*args, *SMALL, "--output", str(out), "--experiment-id", "bad"])
+        defaults = [] if "--output" in args else ["--output", str(out)]
+        # (--resume without an id looks for an unfinished run to continue, so it gets none)
+        named = [] if "--resume" in args else ["--experiment-id", "bad"]
+        code = main([*args, *SMALL, *defaults, *named])
         err = capsys.readouterr().err
         assert code == 2, args
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
-        assert pytest.importorskip("re").search(message, lines[0]), (args, lines[0])
+        assert re.search(message, lines[0]), (args, lines[0])
         assert "Traceback" not in err
         assert not (out / "bad" / "experiment_summary.json").exists()
 

@@ -27,7 +27,14 @@ import torch
 
 from cwa_dist.evaluate import batch_nll_sum
 from cwa_dist.models import ModelBlob
-from cwa_dist.sensitivity import ParamShard, checkpoint_blocks, full_shards, prepare_gradients, transformer_blocks
+from cwa_dist.sensitivity import (
+    ParamShard,
+    check_loss_finite,
+    checkpoint_blocks,
+    full_shards,
+    prepare_gradients,
+    transformer_blocks,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +95,7 @@ class Backend:
 
     def forward_backward(self, ids, mask, scale: float) -> float:
         loss = batch_nll_sum(self.runner, ids, mask) * scale
-        _check_finite(loss)
+        check_loss_finite(loss)
         # Sharded backends average gradients over ranks; multiplying by the world size undoes that.
         self._backward(loss * self.world_size)
         return float(loss.detach())
@@ -282,15 +289,6 @@ class Fsdp2Backend(Backend):
 def _device(device: str) -> torch.device:
     # A GPU worker sees only its own GPU(s) (Ray sets CUDA_VISIBLE_DEVICES): index 0 is its own.
     return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-
-
-def _check_finite(loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss):
-        from cwa_dist.sensitivity import NonFiniteGradientError
-
-        raise NonFiniteGradientError(
-            f"the calibration loss is {float(loss)}; the model overflows in this dtype (use --dtype bfloat16 or float32)"
-        )
 
 
 BACKENDS = {"none": ReplicaBackend, "zero3": Zero3Backend, "fsdp2": Fsdp2Backend}

@@ -80,23 +80,51 @@ class EvalPool:
         remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
-        self.actors = [remote.remote(blob_ref, device, gpus, chunks_ref, batch_size, threads) for _ in range(num_actors)]
+        self._new_actor = lambda: remote.remote(blob_ref, device, gpus, chunks_ref, batch_size, threads)
+        self.actors = [self._new_actor() for _ in range(num_actors)]
 
     def describe(self) -> list[tuple[str, Perplexity]]:
         return ray.get([a.describe.remote() for a in self.actors])
 
-    def run(self, specs: list[PerturbationSpec], on_result: Callable[[ExperimentResult], None]) -> None:
-        """Run every spec once, handing each finished result to `on_result` as it arrives."""
-        queue = deque(specs)
+    def run(self, specs: list[PerturbationSpec], *, on_result: Callable[[ExperimentResult], None],
+            on_failure: Callable[[PerturbationSpec, str], None], max_retries: int) -> None:
+        """Run every spec once, handing each result to `on_result` as it arrives.
+
+        When an actor dies (its process killed, its node lost), a new actor takes its place and the
+        spec goes back in the queue, up to `max_retries` times; then, or when the experiment itself
+        raises, `on_failure` records it. Every spec ends in exactly one of the two callbacks.
+        """
+        queue = deque((spec, 0) for spec in specs)
         idle = list(self.actors)
         in_flight: dict = {}
         while queue or in_flight:
             while idle and queue:
                 actor = idle.pop()
-                in_flight[actor.run.remote(queue.popleft())] = actor
+                spec, tries = queue.popleft()
+                in_flight[actor.run.remote(spec)] = (actor, spec, tries)
             (done,), _ = ray.wait(list(in_flight), num_returns=1)
-            idle.append(in_flight.pop(done))
-            on_result(ray.get(done))
+            actor, spec, tries = in_flight.pop(done)
+            try:
+                result = ray.get(done)
+            except ray.exceptions.RayActorError as e:
+                idle.append(self._replace(actor))
+                if tries < max_retries:
+                    queue.append((spec, tries + 1))
+                else:
+                    on_failure(spec, f"evaluation actor died {tries + 1} time(s): {_first_line(e)}")
+                continue
+            except ray.exceptions.RayTaskError as e:
+                idle.append(actor)
+                on_failure(spec, _first_line(e.cause or e))
+                continue
+            idle.append(actor)
+            on_result(result)
+
+    def _replace(self, dead) -> object:
+        ray.kill(dead)  # make sure it is gone, whatever state it died in
+        fresh = self._new_actor()
+        self.actors[self.actors.index(dead)] = fresh
+        return fresh
 
     def all_weights_intact(self) -> bool:
         return all(ray.get([a.all_weights_intact.remote() for a in self.actors]))
@@ -105,3 +133,8 @@ class EvalPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else type(e).__name__

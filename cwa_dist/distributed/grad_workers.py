@@ -28,6 +28,15 @@ from cwa_dist.statistics import ScoreStatistics
 from cwa_dist.topk import merge
 
 
+class GradientWorkerError(RuntimeError):
+    """A rank of the gradient group died; the stage cannot go on without it."""
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else type(e).__name__
+
+
 @dataclass
 class WorkerReport:
     """What one worker returns after scoring."""
@@ -54,6 +63,10 @@ class GradientWorker:
 
     def rendezvous(self) -> tuple[str, int]:
         return rendezvous_address()
+
+    def where(self) -> str:
+        """host:pid of this rank, for error messages and for tests that kill it."""
+        return self.node
 
     def setup(self, blob_box: list, *, rank: int, world_size: int, address: str, port: int, backend: str,
               device: str, settings: ZeroSettings) -> None:
@@ -168,8 +181,10 @@ class GradientGroup:
             ).remote(None if device == "cuda" else cpus_per_worker)
             for i in range(num_workers)
         ]
-        address, port = ray.get(self.workers[0].rendezvous.remote())
-        ray.get([
+        self.nodes = ["?"] * num_workers
+        self.nodes = self._gather([w.where.remote() for w in self.workers])
+        address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
+        self._gather([
             w.setup.remote([blob_ref], rank=i, world_size=num_workers, address=address, port=port,
                            backend=backend, device=device, settings=settings)
             for i, w in enumerate(self.workers)
@@ -181,17 +196,40 @@ class GradientGroup:
 
     def each(self, method: str, per_rank_args: list, **kwargs) -> list:
         """Call `method` on every rank with its own first argument, together."""
-        return ray.get([getattr(w, method).remote(a, **kwargs) for w, a in zip(self.workers, per_rank_args)])
+        return self._gather([getattr(w, method).remote(a, **kwargs) for w, a in zip(self.workers, per_rank_args)])
 
     def call(self, method: str, *args, **kwargs) -> list:
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        return self._gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
-    def shutdown(self) -> None:
-        try:
-            ray.get([w.teardown.remote() for w in self.workers], timeout=60)
-        except Exception:
-            pass  # the actors are killed next either way
+    def _gather(self, refs: list) -> list:
+        """Results of one call per rank. Ranks wait on each other inside collectives, so when one
+        dies the others would hang until the process group times out: fail fast instead, kill the
+        whole group, and name the rank that died."""
+        pending = list(refs)
+        while pending:
+            (done,), pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayActorError as e:
+                rank = refs.index(done) if len(refs) > 1 else 0
+                self.shutdown(graceful=False)
+                raise GradientWorkerError(
+                    f"gradient worker rank {rank} on {self.nodes[rank]} died ({_last_line(e)}); the group was shut "
+                    "down. Rerun with --resume to restart the sensitivity stage"
+                ) from None
+            except ray.exceptions.RayTaskError as e:
+                self.shutdown(graceful=False)
+                raise e.as_instanceof_cause() from None
+        return ray.get(refs)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        if graceful:
+            try:
+                ray.get([w.teardown.remote() for w in self.workers], timeout=60)
+            except Exception:
+                pass  # the actors are killed next either way
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.workers:
+            remove_placement_group(self.pg)
         self.workers = []

@@ -1,0 +1,80 @@
+"""What a resumed run needs: which settings may change between tries, the log of finished
+experiments, and the newest unfinished run. No Ray here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Settings that change how a run is carried out, not what it computes: a resume may change them.
+OPERATIONAL = frozenset({
+    "output", "experiment_id", "verbose", "ray_address", "resume", "num_eval_actors", "max_retries",
+    "cpus_per_worker", "gpus_per_worker", "gpus_per_eval_actor", "offload_params", "offload_optimizer",
+    "zero_reduce_bucket_size", "zero_prefetch_bucket_size", "zero_max_live_parameters",
+    "zero_param_persistence_threshold", "device",
+})
+
+
+def differing_settings(stored: dict, current: dict) -> list[str]:
+    """Names of result-affecting settings whose values differ, with both values."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        if key in OPERATIONAL:
+            continue
+        a, b = _normal(stored.get(key)), _normal(current.get(key))
+        if a != b:
+            out.append(f"{key} (stored {a!r}, now {b!r})")
+    return out
+
+
+def _normal(v):
+    # JSON turns tuples into lists; compare them alike.
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def latest_unfinished(output: str) -> str | None:
+    """The experiment id of the newest run under `output` whose manifest is not complete."""
+    candidates = []
+    for manifest in Path(output).expanduser().glob("*/manifest.json"):
+        try:
+            status = json.loads(manifest.read_text()).get("status")
+        except (OSError, ValueError):
+            continue
+        if status != "complete":
+            candidates.append((manifest.stat().st_mtime, manifest.parent.name))
+    return max(candidates)[1] if candidates else None
+
+
+class ResultLog:
+    """Finished experiments, one JSON line each, appended and synced as they arrive, so a killed
+    driver loses at most the experiment in flight. A torn last line is ignored on reading."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # the line being written when the driver died
+        return rows
+
+    def repair(self) -> list[dict]:
+        """Drop a torn last line (so later appends start on a fresh line); return the rows."""
+        rows = self.read()
+        if self.path.exists():
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+            os.replace(tmp, self.path)
+        return rows
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
