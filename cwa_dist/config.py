@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from dataclasses import asdict, dataclass
 
 from cwa_dist.errors import UsageError
@@ -162,6 +165,41 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def config_from_mapping(values: dict, where: str) -> RunConfig:
+    """A RunConfig from plain data (a sweep file's entry), with each key and type checked so a typo
+    is named, with the closest setting, instead of being ignored."""
+    hints = typing.get_type_hints(RunConfig)
+    known = [f.name for f in dataclasses.fields(RunConfig)]
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"{where}: unknown setting {key!r}.{hint}")
+        out[key] = _coerce(hints[key], value, f"{where}: {key}")
+    if "model" not in out:
+        raise UsageError(f"{where}: no 'model' given")
+    return RunConfig(**out)
+
+
+def _coerce(hint, value, where: str):
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a list in YAML, or one value
+        items = value if isinstance(value, list) else [value]
+        return tuple(_coerce(args[0], v, where) for v in items)
+    if type(None) in args:  # X | None
+        return None if value is None else _coerce(next(a for a in args if a is not type(None)), value, where)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        raise UsageError(f"{where} should be {hint.__name__}, not {value!r}")
+    return float(value) if hint is float else value
 
 
 def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
