@@ -90,7 +90,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
             state.run_dir = RunDirectory(Path(cfg.output).expanduser() / experiment_id)
             state.manifest = previous
             state.manifest.update(status="running", resumed=state.manifest.get("resumed", 0) + 1)
-            state.summary.update(previous.get("summary", {}), **state.summary)
+            state.summary = {**previous.get("summary", {}), **state.summary}  # this try's model/data facts win
             done = [s for s, v in previous.get("stages", {}).items() if v.get("status") == "done"]
             rep.line(f"🔁 Resuming {state.run_dir.path}; stages already done: {', '.join(done) or 'none'}")
         else:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from typing import Callable
 
 from cwa_dist.config import RunConfig
 from cwa_dist.errors import UsageError
@@ -117,21 +118,22 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    # Hub downloads and tokenizers print to stderr through their own loggers; keep them quiet
-    # unless asked, so an error is one clear line.
-    if not ns.verbose:
+def quiet_libraries(verbose: bool) -> None:
+    """Hub downloads and tokenizers print through their own loggers; unless asked, keep them quiet,
+    so an error is one clear line."""
+    if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from cwa_dist import pipeline  # heavy imports (ray, transformers) after argument parsing
 
-        pipeline.run(config_from_args(ns))
+
+def report_errors(work: Callable[[], None], verbose: bool) -> int:
+    """Run `work`; turn what it raises into one line on stderr and an exit code (2: bad input)."""
+    try:
+        work()
         return 0
     except UsageError as e:
-        if ns.verbose:
+        if verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -139,10 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if ns.verbose:
+        if verbose:
             traceback.print_exc()
         print(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    quiet_libraries(ns.verbose)
+
+    def work() -> None:
+        from cwa_dist import pipeline  # heavy imports (ray, transformers) after argument parsing
+
+        pipeline.run(config_from_args(ns))
+
+    return report_errors(work, ns.verbose)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ import argparse
 import json
 import re
 import sys
-import traceback
 from pathlib import Path
 
 import yaml
 
 from cwa_dist.config import RunConfig, config_from_mapping
 from cwa_dist.errors import UsageError
+from cwa_dist.run import quiet_libraries, report_errors
 
 SWEEP_KEYS = {"name", "output", "defaults", "runs"}
 
@@ -88,34 +88,33 @@ def comparison_row(run_dir: Path) -> dict:
     return row
 
 
+def run_sweep(path: str, *, check: bool, verbose: bool) -> None:
+    name, directory, configs = load_sweep(path)
+    print(f"🧪 Sweep {name}: {len(configs)} run(s) into {directory}")
+    for cfg in configs:
+        print(f"  {cfg.experiment_id}: {cfg.model}")
+    if check:
+        return
+    import pandas as pd
+
+    from cwa_dist import pipeline
+
+    for cfg in configs:
+        cfg.verbose = cfg.verbose or verbose
+        pipeline.run(cfg)
+    table = pd.DataFrame([comparison_row(directory / cfg.experiment_id) for cfg in configs])
+    table.to_csv(directory / "comparison.csv", index=False)
+    print(f"\n📊 Comparison: {directory / 'comparison.csv'}\n{table.to_string(index=False)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cwa_dist.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_file")
     ap.add_argument("--check", action="store_true", help="validate the file and list its runs, run nothing")
     ap.add_argument("--verbose", action="store_true")
     ns = ap.parse_args(argv)
-    try:
-        name, directory, configs = load_sweep(ns.sweep_file)
-        print(f"🧪 Sweep {name}: {len(configs)} run(s) into {directory}")
-        for cfg in configs:
-            print(f"  {cfg.experiment_id}: {cfg.model}")
-        if ns.check:
-            return 0
-        from cwa_dist import pipeline
-        import pandas as pd
-
-        for cfg in configs:
-            cfg.verbose = cfg.verbose or ns.verbose
-            pipeline.run(cfg)
-        table = pd.DataFrame([comparison_row(directory / cfg.experiment_id) for cfg in configs])
-        table.to_csv(directory / "comparison.csv", index=False)
-        print(f"\n📊 Comparison: {directory / 'comparison.csv'}\n{table.to_string(index=False)}")
-        return 0
-    except UsageError as e:
-        if ns.verbose:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    quiet_libraries(ns.verbose)
+    return report_errors(lambda: run_sweep(ns.sweep_file, check=ns.check, verbose=ns.verbose), ns.verbose)
 
 
 if __name__ == "__main__":
