@@ -181,7 +181,7 @@ class GradientGroup:
             ).remote(None if device == "cuda" else cpus_per_worker)
             for i in range(num_workers)
         ]
-        self.nodes = ["?"] * num_workers
+        self.nodes = ["?"] * num_workers  # host:pid of each rank, once they answer
         self.nodes = self._gather([w.where.remote() for w in self.workers])
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
         self._gather([
