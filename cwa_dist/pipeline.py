@@ -243,13 +243,14 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
     cfg, rep = state.cfg, state.rep
     with rep.stage("🧮 Computing Sensitivity Metrics", state.timings, "sensitivity"):
         settings = cfg.zero_settings()
-        if cfg.shard_backend == "zero3":
+        backend = cfg.backend_for(state.device)
+        if backend == "zero3":
             state.run_dir.write_json("deepspeed_config.json", deepspeed_config(settings, resolve_dtype(cfg.dtype, state.device)))
         gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if state.device == "cuda" else 0)
         cpus = cfg.cpus_per_worker or max(1, available_cpus() // cfg.num_workers)
-        rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {cfg.shard_backend}, "
+        rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
-        group = GradientGroup(blob_ref, num_workers=cfg.num_workers, backend=cfg.shard_backend, device=state.device,
+        group = GradientGroup(blob_ref, num_workers=cfg.num_workers, backend=backend, device=state.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
                               autoscaling=state.joined_cluster)
         try:
@@ -286,7 +287,7 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
             rep.line(f"  🔝 Max: {overall['max']:.2e}")
         state.summary["calibration_loss"] = loss
         state.summary["sensitivity"] = {
-            "backend": cfg.shard_backend,
+            "backend": backend,
             "workers": [
                 {"rank": r.rank, "node": r.node, "backward_s": r.backward_s, "scoring_s": r.scoring_s,
                  "local_param_numel": r.local_param_numel, "local_grad_numel": r.local_grad_numel,

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sharded gradients")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="gradient workers forming one process group; parameters and gradients are sharded across them (default: %(default)s)")
-    g.add_argument("--shard-backend", default=d.shard_backend, choices=["zero3", "fsdp2", "none"], help="zero3 = DeepSpeed ZeRO-3, fsdp2 = PyTorch FSDP2, none = one worker holding the whole model (default: %(default)s)")
+    g.add_argument("--shard-backend", default=d.shard_backend, choices=["auto", "zero3", "fsdp2", "none"], help="zero3 = DeepSpeed ZeRO-3, fsdp2 = PyTorch FSDP2, none = one worker holding the whole model; auto = none for one CPU worker without offload, else zero3 (default: %(default)s)")
     g.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs per gradient worker (default: the free CPUs divided evenly)")
     g.add_argument("--gpus-per-worker", type=int, default=None, help="GPUs per gradient worker (default: 1 on a GPU cluster, else 0)")
     g.add_argument("--offload-params", action="store_true", help="ZeRO-3: keep parameter partitions in CPU memory (models larger than the GPUs)")

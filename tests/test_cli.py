@@ -36,7 +36,7 @@ def test_every_output_file_is_written(full_run):
     expected = {
         "config.json", "manifest.json", "experiment_summary.json", "rankings.parquet",
         "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
-        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "deepspeed_config.json", "perturbation_results.jsonl",
+        "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "perturbation_results.jsonl",
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
@@ -192,7 +192,7 @@ def test_verbose_shows_the_traceback(tiny_model_dir, tmp_path, capsys):
 def test_two_zero3_workers_write_the_same_ranking_as_one(ray_local, tiny_model_dir, tmp_path):
     common = ["--model", str(tiny_model_dir["llama_tied"]), *SMALL, "--metric", "grad_x_weight", "grad_squared",
               "--topk", "30", "--no-perturbation", "--output", str(tmp_path), "--cpus-per-worker", "1"]
-    assert main([*common, "--num-workers", "1", "--experiment-id", "w1"]) == 0
+    assert main([*common, "--num-workers", "1", "--shard-backend", "zero3", "--experiment-id", "w1"]) == 0
     assert main([*common, "--num-workers", "2", "--experiment-id", "w2"]) == 0
     for metric in ("grad_x_weight", "grad_squared"):
         one = pd.read_csv(tmp_path / "w1" / f"top_30_weights_{metric}.csv")
@@ -202,6 +202,12 @@ def test_two_zero3_workers_write_the_same_ranking_as_one(ray_local, tiny_model_d
         assert (one["weight"] == two["weight"]).all()
     ds = json.loads((tmp_path / "w2" / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3
+    assert main([*common, "--experiment-id", "w0"]) == 0  # auto: one CPU worker runs the plain replica
+    one = pd.read_csv(tmp_path / "w1" / "top_30_weights_grad_x_weight.csv")
+    plain = pd.read_csv(tmp_path / "w0" / "top_30_weights_grad_x_weight.csv")
+    assert list(zip(one["layer"], one["flat_index"])) == list(zip(plain["layer"], plain["flat_index"]))
+    summary = json.loads((tmp_path / "w0" / "experiment_summary.json").read_text())
+    assert summary["sensitivity"]["backend"] == "none" and not (tmp_path / "w0" / "deepspeed_config.json").exists()
     workers = json.loads((tmp_path / "w2" / "experiment_summary.json").read_text())["sensitivity"]["workers"]
     assert sorted(w["rank"] for w in workers) == [0, 1]
 
