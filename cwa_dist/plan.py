@@ -38,11 +38,12 @@ def plan_experiments(
     # One nested draw per seed: the draw for n weights is the first n of the largest draw.
     draws = [random_targets(param_names, numels, largest, seed=seed + i) for i in range(random_seeds)]
     by_magnitude = Targets.from_candidates(magnitude)
+    by_metric = {metric: Targets.from_candidates(ranking) for metric, ranking in rankings.items()}
 
     specs = []
     for (k, r), n in sizes.items():
-        for metric, ranking in rankings.items():
-            specs.append(_spec(metric, False, k, r, None, mode, Targets.from_candidates(ranking).head(n)))
+        for metric, ranked in by_metric.items():
+            specs.append(_spec(metric, False, k, r, None, mode, ranked.head(n)))
         for i, draw in enumerate(draws):
             specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n)))
         specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n)))

@@ -25,17 +25,9 @@ def start_ray(address: str | None, *, verbose: bool) -> bool:
     return True
 
 
-def cluster_cpus() -> int:
-    return int(ray.cluster_resources().get("CPU", 0))
-
-
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
 def available_cpus() -> int:
     return int(ray.available_resources().get("CPU", 0))
-
-
-def available_gpus() -> int:
-    return int(ray.available_resources().get("GPU", 0))
