@@ -3,3 +3,9 @@
 
 class UsageError(Exception):
     """Bad input or an unusable environment: the message names the problem and the fix."""
+
+
+def last_line(e: BaseException, limit: int = 300) -> str:
+    """The last non-blank line of an exception's message (where Ray puts the cause), shortened."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:limit] if lines else type(e).__name__

@@ -176,10 +176,7 @@ class Zero3Backend(Backend):
                 p.ds_tensor.view(-1)[:length].copy_(blob.flat_slice(name, start, length))
             # Buffers are not partitioned; zero.Init may have created them in the wrong dtype
             # (rotary tables), so put the loaded model's own tensors in their place.
-            for name, _ in list(net.named_buffers()):
-                if name in blob.arrays:
-                    owner, _, leaf = name.rpartition(".")
-                    net.get_submodule(owner)._buffers[leaf] = blob.tensor(name).to(_device(device))
+            _put_buffers(net, blob, device, strict=False)
         # ZeRO keeps partitioned gradients only under an optimizer; this one never steps.
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
         self.engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.config)
@@ -255,9 +252,7 @@ class Fsdp2Backend(Backend):
                 per_row = p.numel() // p.shape[0]
                 local.copy_(blob.flat_slice(name, start * per_row, local.numel()).view(local.shape))
             # to_empty left the buffers uninitialised; the loaded model's own tensors go in.
-            for name, _ in list(net.named_buffers()):
-                owner, _, leaf = name.rpartition(".")
-                net.get_submodule(owner)._buffers[leaf] = blob.tensor(name).to(_device(device))
+            _put_buffers(net, blob, device, strict=True)
         self.model = net.eval()
 
     def _rows(self, p) -> tuple[int, int]:
@@ -284,6 +279,15 @@ class Fsdp2Backend(Backend):
         params = list(self.model.parameters())
         return (sum(p.to_local().numel() for p in params),
                 sum(p.grad.to_local().numel() for p in params if p.grad is not None))
+
+
+def _put_buffers(net: torch.nn.Module, blob: ModelBlob, device: str, *, strict: bool) -> None:
+    """Replace the model's buffers by the loaded model's own tensors. `strict`: every buffer must
+    be in the blob (one left out would stay uninitialised memory)."""
+    for name, _ in list(net.named_buffers()):
+        if strict or name in blob.arrays:
+            owner, _, leaf = name.rpartition(".")
+            net.get_submodule(owner)._buffers[leaf] = blob.tensor(name).to(_device(device))
 
 
 def _device(device: str) -> torch.device:

@@ -18,6 +18,7 @@ from typing import Callable
 import ray
 import torch
 
+from cwa_dist.errors import last_line
 from cwa_dist.evaluate import Perplexity, perplexity
 from cwa_dist.models import ModelBlob, place
 from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
@@ -111,11 +112,11 @@ class EvalPool:
                 if tries < max_retries:
                     queue.append((spec, tries + 1))
                 else:
-                    on_failure(spec, f"evaluation actor died {tries + 1} time(s): {_first_line(e)}")
+                    on_failure(spec, f"evaluation actor died {tries + 1} time(s): {last_line(e)}")
                 continue
             except ray.exceptions.RayTaskError as e:
                 idle.append(actor)
-                on_failure(spec, _first_line(e.cause or e))
+                on_failure(spec, last_line(e.cause or e))
                 continue
             idle.append(actor)
             on_result(result)
@@ -133,8 +134,3 @@ class EvalPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else type(e).__name__

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
-from cwa_dist.errors import UsageError
+from cwa_dist.errors import UsageError, last_line
 from cwa_dist.evaluate import batches, predicted_tokens
 from cwa_dist.sensitivity import ShardScores, score_shards
 from cwa_dist.statistics import ScoreStatistics
@@ -30,11 +30,6 @@ from cwa_dist.topk import merge
 
 class GradientWorkerError(RuntimeError):
     """A rank of the gradient group died; the stage cannot go on without it."""
-
-
-def _last_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else type(e).__name__
 
 
 @dataclass
@@ -214,7 +209,7 @@ class GradientGroup:
                 rank = refs.index(done) if len(refs) > 1 else 0
                 self.shutdown(graceful=False)
                 raise GradientWorkerError(
-                    f"gradient worker rank {rank} on {self.nodes[rank]} died ({_last_line(e)}); the group was shut "
+                    f"gradient worker rank {rank} on {self.nodes[rank]} died ({last_line(e, 200)}); the group was shut "
                     "down. Rerun with --resume to restart the sensitivity stage"
                 ) from None
             except ray.exceptions.RayTaskError as e:
