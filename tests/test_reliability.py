@@ -65,7 +65,9 @@ def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local)
     assert not failures
     assert sorted(r.key for r in results) == sorted(s.key for s in specs)  # each exactly once
     assert all(r.restored_exact for r in results)
-    assert killed[0] not in {r.actor for r in results[1:]}  # the dead actor produced nothing more
+    # The dead actor produced nothing more, except at most the experiment it may have finished in
+    # the moment between the first result and the signal.
+    assert sum(r.actor == killed[0] for r in results[1:]) <= 1
     assert len({r.perturbed.value for r in results if r.key == "random|seed=3"}) == 1
 
 
