@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
 from cwa_dist.evaluate import batches, predicted_tokens
-from cwa_dist.models import load_model
+from cwa_dist.models import ModelRef, load_pretrained
 from cwa_dist.sensitivity import (
     accumulate_gradients,
     check_gradients_finite,
@@ -95,7 +95,7 @@ def main():
     torch.manual_seed(0)
 
     rss_before_model = psutil.Process().memory_info().rss
-    net, tok, _ = load_model(str(ensure_smollm2()), dtype=torch.float32, trust_remote_code=False, progress=False)
+    net, tok, _ = load_pretrained(str(ensure_smollm2()), dtype=torch.float32)
     gc.collect()
     chunks = tokenize_chunks(tok, load_texts(None, None), args.seq_len)
     cal = split_chunks(chunks, 0.5, seed=0).calibration
@@ -131,7 +131,7 @@ def main():
         for p in net.parameters():
             p.grad = None
     if args.gradient_checkpointing:
-        net = load_model(str(ensure_smollm2()), dtype=torch.float32, trust_remote_code=False, progress=False)[0]
+        net = load_pretrained(str(ensure_smollm2()), dtype=torch.float32)[0]
     for _ in range(args.repeats):
         gc.collect()
         with PeakRSS() as bare_peak:
@@ -170,14 +170,14 @@ def ray_stage(net, cal, args, scored, bare_s):
 
     from cwa_dist.distributed.backends import ZeroSettings
     from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
-    from cwa_dist.models import ModelBlob
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        blob_ref = ray.put(ModelBlob.pack(net, trust_remote_code=False))
+        _, _, path = load_pretrained(str(ensure_smollm2()), dtype=torch.float32, build=False)
+        model = ModelRef(source=str(path), checkpoint_dir=str(path), dtype="float32")
         total = predicted_tokens(cal)
         for backend in ("none", "zero3"):
-            group = GradientGroup(blob_ref, num_workers=1, backend=backend, device="cpu",
+            group = GradientGroup(model, num_workers=1, backend=backend, device="cpu",
                                   cpus_per_worker=os.cpu_count(), gpus_per_worker=0, settings=ZeroSettings())
             runs = []
             for _ in range(args.repeats):

@@ -15,7 +15,7 @@ from cwa_dist.data import load_texts, lockstep_batches, split_chunks, tokenize_c
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 from cwa_dist.evaluate import predicted_tokens
-from cwa_dist.models import ModelBlob, load_model
+from cwa_dist.models import ModelRef, load_pretrained
 from cwa_dist.sensitivity import select_parameters
 from cwa_dist.smollm2 import ensure_smollm2
 
@@ -33,12 +33,12 @@ def main():
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        net, tok, _ = load_model(path, dtype=dtype, trust_remote_code=False, progress=False)
+        net, tok, ckpt_dir = load_pretrained(path, dtype=dtype)
         cal = split_chunks(tokenize_chunks(tok, load_texts(None, None), 128), 0.5, seed=0).calibration
         names = select_parameters(net, include_bias=False, include_norm=False)
-        blob_ref = ray.put(ModelBlob.pack(net, trust_remote_code=False))
+        model = ModelRef(source=path, checkpoint_dir=str(ckpt_dir), dtype=dtype_name)
         for backend in args.backends:
-            group = GradientGroup(blob_ref, num_workers=1, backend=backend, device="cuda", cpus_per_worker=1,
+            group = GradientGroup(model, num_workers=1, backend=backend, device="cuda", cpus_per_worker=1,
                                   gpus_per_worker=1, settings=ZeroSettings())
             try:
                 group.call("begin", names, False)

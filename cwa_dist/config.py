@@ -20,7 +20,8 @@ class RunConfig:
     device: str = "auto"
     """cuda, cpu, or auto (cuda when the Ray cluster has GPUs)."""
     dtype: str = "auto"
-    """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."""
+    """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU). float16 is refused: its
+    gradients underflow without loss scaling; a float16 checkpoint is held exactly in float32."""
     metrics: tuple[str, ...] = ("grad_x_weight",)
     """Sensitivity metrics to rank by."""
     topk: tuple[int, ...] = (100,)
@@ -99,7 +100,10 @@ class RunConfig:
         if not self.model:
             raise UsageError("--model is empty; give a Hub id, a local model directory or a .gguf file")
         _one_of("--device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("--dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.dtype == "float16":
+            raise UsageError("--dtype float16 is not supported: small gradients underflow in float16 without loss "
+                             "scaling; use --dtype bfloat16, or float32 (which holds a float16 checkpoint exactly)")
+        _one_of("--dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if not self.metrics:
             raise UsageError("--metric needs at least one metric")
         for m in self.metrics:

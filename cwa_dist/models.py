@@ -1,17 +1,26 @@
-"""Load a causal LM and its tokenizer from a Hub id, a local directory, or a .gguf file,
-and pack loaded weights so other processes can rebuild the model without reading the file."""
+"""Where a model's weights come from, and how a process builds its copy of (part of) it.
+
+Every source becomes a local safetensors directory (`resolve_checkpoint`): a local directory as
+it is, a Hub id through each node's own Hugging Face cache (safetensors only), a .gguf file or a
+pickle-only directory converted once into a cache (`convert.py`). The driver reads only config,
+tokenizer and tensor headers; the weights travel by path (`ModelRef`), never through Ray, and
+each process reads what it needs from the files (`load_replica`, or a backend's partition).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 
+from cwa_dist import convert
+from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +40,7 @@ class ModelSource:
     gguf_file: str | None = None
 
 
-def resolve_source(model: str) -> ModelSource:
+def _resolve_source(model: str) -> ModelSource:
     path = Path(model).expanduser()
     if model.lower().endswith(".gguf"):
         if not path.is_file():
@@ -73,33 +82,213 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def load_model(model: str, *, dtype: torch.dtype, trust_remote_code: bool, progress: bool = True):
-    """(model, tokenizer, source) with the model in eval mode on the CPU.
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
+                "*.txt"]
+"""What a node downloads of a Hub repository: safetensors weights, configs and tokenizer files."""
 
-    Every failure a user can cause or fix (a missing file, a corrupt file, an unreachable Hub,
-    an unknown repository) becomes a UsageError with one line saying what to do.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    if not progress:
-        hf_logging.disable_progress_bar()
-    source = resolve_source(model)
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
-    if source.kind == "hub" and not hub_reachable():
-        # The model may still be in the local Hub cache.
-        kwargs["local_files_only"] = True
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """What the driver hands to gradient workers and evaluation actors: where the weights are,
+    not the weights. `checkpoint_dir` is the safetensors directory on the driver's node; a
+    process on another node resolves `source` itself (its own Hub cache or conversion cache)."""
+
+    source: str  # what the user gave --model
+    checkpoint_dir: str
+    dtype: str  # "float32" | "bfloat16"
+    trust_remote_code: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def open(self) -> tuple[Checkpoint, object]:
+        """(checkpoint, transformers config) on this node."""
+        from transformers import AutoConfig
+
+        path = Path(self.checkpoint_dir)
+        if not path.is_dir():
+            if Path(self.checkpoint_dir).is_absolute() and not _looks_like_hub_id(self.source) \
+                    and not Path(self.source).expanduser().exists():
+                raise UsageError(
+                    f"--model {self.source}: the path does not exist on node {socket.gethostname()}, where a worker "
+                    "runs; put the model on a filesystem every node shares, or use a Hugging Face Hub id"
+                )
+            path = resolve_checkpoint(resolve_source(self.source), announce=lambda _: None)
+        return Checkpoint(path), AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+
+
+def resolve_source(model: str) -> ModelSource:
+    return _resolve_source(model)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """'org/name' or 'name', not a path ('./x', '/x', '~/x', 'x.gguf')."""
+    return not (model.startswith(("/", ".", "~")) or model.lower().endswith(".gguf")) and model.count("/") <= 1
+
+
+def resolve_checkpoint(source: ModelSource, *, announce: Callable[[str], None]) -> Path:
+    """A local safetensors directory holding the model, converting or downloading it first if needed."""
+    if source.kind == "gguf":
+        gguf = Path(source.location) / source.gguf_file
+        return convert.converted("gguf", gguf, [gguf], announce=announce)
+    if source.kind == "local":
+        path = Path(source.location)
+        if any(path.glob("*.safetensors")):
+            return path  # preferred over any pickle files beside them, which are never read
+        pickles = sorted(path.glob("pytorch_model*.bin"))
+        if not pickles:
+            raise UsageError(f"{path} holds no model weights (*.safetensors or pytorch_model*.bin)")
+        return convert.converted("pickle", path, pickles + [path / "config.json"], announce=announce)
+    return _hub_snapshot(source.location)
+
+
+def _hub_snapshot(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        net = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
-    except UsageError:
-        raise
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for bad sources
-        raise UsageError(_explain_load_failure(model, source, kwargs, e)) from e
-    net.eval()
-    return net, tokenizer, source
+        path = Path(snapshot_download(repo_id=repo, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, LocalEntryNotFoundError, HTTP errors...
+        raise UsageError(_explain_load_failure(repo, ModelSource("hub", repo), {"local_files_only": offline}, e)) from e
+    if not any(path.glob("*.safetensors")):
+        raise UsageError(
+            f"{repo!r} has no safetensors weights on the Hub; cwa_dist does not download pickle checkpoints "
+            "(unpickling can run code). Save it with save_pretrained and pass the directory to --model"
+        )
+    return path
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UsageError(f"cannot load the tokenizer saved with the model in {path}: {_one_line(e)}") from e
+
+
+def load_config(path: Path, *, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UsageError(f"cannot read the model configuration in {path}: {_one_line(e)}") from e
+
+
+def empty_model(config, *, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+    """The model with every parameter on the meta device (no memory, no initialisation) and its
+    buffers real, as the model's own __init__ computes them (rotary tables and the like)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    net.tie_weights()  # tied matrices are one parameter, named once (the checkpoint stores them once)
+    return net.eval()
+
+
+def _renamed_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Model name → checkpoint key for the keys transformers renames when it loads a checkpoint
+    (GPT-NeoX's 'embed_out.' is the model's 'lm_head.'), from its own registry of renamings.
+    Conversions that merge or split tensors are not followed (those parameters are then
+    reported missing)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renames = [(src, dst) for w in get_model_conversion_mapping(net) if type(w) is WeightRenaming
+                   for src, dst in zip(w.source_patterns, w.target_patterns)]
+    except Exception:  # a transformers without this registry: names are used as they are
+        return {}
+    out = {}
+    for key in ckpt.tensors:
+        name = key
+        for src, dst in renames:
+            name = re.sub(src, dst, name)
+        if name != key:
+            out[name] = key
+    return out
+
+
+def checkpoint_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Parameter name → checkpoint key for every (untied) parameter; refuses a checkpoint that
+    lacks one or holds it in another size."""
+    prefix = getattr(net, "base_model_prefix", "")
+    renamed = _renamed_keys(net, ckpt)
+    keys, missing = {}, []
+    for name, p in net.named_parameters():
+        key = ckpt.key_for(name, prefix) or renamed.get(name)
+        if key is None:
+            missing.append(name)
+        elif ckpt.tensors[key].numel != p.numel():
+            raise UsageError(f"{ckpt.path}: {key} has shape {ckpt.tensors[key].shape}, but the model's {name} is "
+                             f"{tuple(p.shape)}; the weights do not belong to this configuration")
+        else:
+            keys[name] = key
+    if missing:
+        raise UsageError(f"{ckpt.path} holds no tensor for {len(missing)} parameter(s) of {type(net).__name__} "
+                         f"(first: {missing[0]}); re-save the model with save_pretrained")
+    return keys
+
+
+def buffer_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Buffers the checkpoint holds (persistent ones); the rest keep the values __init__ computed."""
+    prefix = getattr(net, "base_model_prefix", "")
+    renamed = _renamed_keys(net, ckpt)
+    return {n: k for n, _ in net.named_buffers() if (k := ckpt.key_for(n, prefix) or renamed.get(n)) is not None}
+
+
+def load_replica(ckpt: Checkpoint, config, *, dtype: torch.dtype, trust_remote_code: bool, device: str = "cpu",
+                 gpus: int = 0) -> torch.nn.Module:
+    """The whole model, built empty and filled one tensor at a time from the checkpoint (no random
+    initialisation, no second copy). On several GPUs, split by whole blocks with accelerate's
+    device_map; a model that does not fit them is refused instead of spilling to the CPU."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    net = empty_model(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    device_map = _gpu_map(net, gpus) if device == "cuda" and gpus > 1 else None
+
+    def target(name: str):
+        if device != "cuda":
+            return "cpu"
+        if device_map is None:
+            return 0
+        return next(d for prefix, d in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
+                    if prefix == "" or name == prefix or name.startswith(prefix + "."))
+
+    for name, key in checkpoint_keys(net, ckpt).items():
+        set_module_tensor_to_device(net, name, target(name), value=ckpt.read(key, dtype))
+    stored = buffer_keys(net, ckpt)
+    for name, buf in list(net.named_buffers()):
+        value = ckpt.read(stored[name], buf.dtype) if name in stored else buf
+        set_module_tensor_to_device(net, name, target(name), value=value)
+    net.tie_weights()
+    empty = [n for n, p in net.named_parameters(remove_duplicate=False) if p.is_meta]
+    if empty:
+        raise RuntimeError(f"{len(empty)} parameter(s) were not loaded (first: {empty[0]})")
+    if device_map is not None:
+        from accelerate import dispatch_model
+
+        net = dispatch_model(net, device_map=device_map)
+    return net.eval()
+
+
+def _gpu_map(net: torch.nn.Module, gpus: int) -> dict:
+    from accelerate import infer_auto_device_map
+
+    free = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(gpus)}
+    device_map = infer_auto_device_map(net, max_memory=free,
+                                       no_split_module_classes=getattr(net, "_no_split_modules", None) or [])
+    off = sorted({str(d) for d in device_map.values() if not isinstance(d, int)})
+    if off:
+        need = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**30
+        raise UsageError(
+            f"the model ({need:.1f} GiB of weights) does not fit the {gpus} GPU(s) of an evaluation actor "
+            f"({sum(free.values()) / 2**30:.1f} GiB free); raise --gpus-per-eval-actor"
+        )
+    return device_map
 
 
 def _explain_load_failure(model: str, source: ModelSource, kwargs: dict, e: Exception) -> str:
@@ -121,86 +310,3 @@ def _explain_load_failure(model: str, source: ModelSource, kwargs: dict, e: Exce
     return f"cannot load {model!r} from the Hugging Face Hub: {reason}"
 
 
-@dataclass
-class ModelBlob:
-    """A loaded model as plain arrays, for Ray's object store: actors rebuild the model from the
-    config and these arrays, without reading or dequantising the model file again.
-
-    Arrays are numpy so that Ray maps them zero-copy; bfloat16 (which numpy lacks) travels as
-    its raw 16-bit pattern. Tied parameters travel once, under their first name.
-    """
-
-    config: object  # transformers PretrainedConfig
-    arrays: dict[str, np.ndarray]
-    dtypes: dict[str, str]
-    aliases: dict[str, str]  # state-dict key → key in `arrays` holding the same tensor
-    trust_remote_code: bool
-
-    @staticmethod
-    def pack(net: torch.nn.Module, *, trust_remote_code: bool) -> "ModelBlob":
-        arrays, dtypes, aliases, seen = {}, {}, {}, {}
-        # Non-persistent buffers (e.g. rotary tables) too: a sharded build may create them wrongly.
-        tensors = {**dict(net.named_buffers()), **net.state_dict()}
-        for key, t in tensors.items():
-            ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            if ptr in seen:
-                aliases[key] = seen[ptr]
-                continue
-            seen[ptr] = key
-            t = t.detach().cpu().contiguous()
-            dtypes[key] = str(t.dtype).removeprefix("torch.")
-            arrays[key] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-        return ModelBlob(net.config, arrays, dtypes, aliases, trust_remote_code)
-
-    def tensor(self, key: str) -> torch.Tensor:
-        """A writable copy (the object store's arrays are read-only; perturbations write)."""
-        t = torch.from_numpy(np.array(self.arrays[key], copy=True))
-        return t.view(torch.bfloat16) if self.dtypes[key] == "bfloat16" else t
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {key: self.tensor(key) for key in self.arrays}
-        for key, target in self.aliases.items():
-            out[key] = out[target]
-        return out
-
-    def float_dtype(self) -> torch.dtype:
-        """The dtype of the model's weights: the floating dtype holding the most elements (buffers
-        such as rotary tables may be float32 in a bfloat16 model)."""
-        size: dict[str, int] = {}
-        for key, d in self.dtypes.items():
-            if d in ("float32", "bfloat16", "float16", "float64"):
-                size[d] = size.get(d, 0) + self.arrays[key].size
-        return getattr(torch, max(size, key=size.get) if size else "float32")
-
-    def flat_slice(self, key: str, start: int, length: int) -> torch.Tensor:
-        """Elements [start, start+length) of one flattened tensor, without copying the rest."""
-        key = self.aliases.get(key, key)
-        t = torch.from_numpy(self.arrays[key].reshape(-1)[start : start + length].copy())
-        return t.view(torch.bfloat16) if self.dtypes[key] == "bfloat16" else t
-
-    def build(self, device: str = "cpu") -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        dtype = self.float_dtype()
-        net = AutoModelForCausalLM.from_config(self.config, dtype=dtype, trust_remote_code=self.trust_remote_code)
-        wanted = net.state_dict().keys()  # without the non-persistent buffers __init__ made
-        net.load_state_dict({k: v for k, v in self.state_dict().items() if k in wanted}, strict=True)
-        if hasattr(net, "tie_weights"):
-            net.tie_weights()
-        return net.to(device).eval()
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
-
-
-def place(net: torch.nn.Module, device: str, gpus: int) -> torch.nn.Module:
-    """Move a model onto its device; over several GPUs, split it by whole blocks with
-    accelerate's device_map so a model larger than one GPU still fits."""
-    if device != "cuda":
-        return net
-    if gpus <= 1:
-        return net.to("cuda")
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    device_map = infer_auto_device_map(net, no_split_module_classes=getattr(net, "_no_split_modules", None) or [])
-    return dispatch_model(net, device_map=device_map)

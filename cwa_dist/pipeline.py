@@ -23,8 +23,19 @@ from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 from cwa_dist.distributed.runtime import available_cpus, cluster_gpus, start_ray
 from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import Perplexity, predicted_tokens
+from cwa_dist.checkpoint import Checkpoint
+from cwa_dist.memory import peak_rss_bytes
 from cwa_dist.metrics import MAGNITUDE
-from cwa_dist.models import ModelBlob, load_model, resolve_dtype
+from cwa_dist.models import (
+    ModelRef,
+    checkpoint_keys,
+    empty_model,
+    load_config,
+    load_tokenizer,
+    resolve_checkpoint,
+    resolve_dtype,
+    resolve_source,
+)
 from cwa_dist.outputs import (
     PERTURBATION_COLUMNS,
     RunDirectory,
@@ -47,7 +58,8 @@ class RunState:
     cfg: RunConfig
     rep: Reporter
     device: str = "cpu"
-    blob_bytes: int = 0
+    model_bytes: int = 0  # the parameters' bytes in the run's dtype
+    model_class: str = ""
     joined_cluster: bool = False  # an existing cluster may autoscale; a local Ray cannot grow
     run_dir: RunDirectory | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -81,7 +93,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
     try:
         state.device = _resolve_device(cfg.device)
         _header(state, experiment_id, len(texts))
-        net, tokenizer, scored, shapes = _load(state)
+        model, tokenizer, scored, shapes = _load(state)
         chunks = tokenize_chunks(tokenizer, texts, cfg.seq_len)
         split = split_chunks(chunks, cfg.calibration_fraction, cfg.seed)
         _report_data(state, texts, chunks, split)
@@ -95,23 +107,19 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
             rep.line(f"🔁 Resuming {state.run_dir.path}; stages already done: {', '.join(done) or 'none'}")
         else:
             state.run_dir = RunDirectory.create(cfg.output, experiment_id)
-            _start_manifest(state, net, scored, shapes)
+            _start_manifest(state, scored, shapes)
             state.run_dir.write_json("config.json", _config_record(cfg, experiment_id, state.device))
         try:
-            blob = ModelBlob.pack(net, trust_remote_code=cfg.trust_remote_code)
-            state.blob_bytes = blob.nbytes()
-            blob_ref = ray.put(blob)
-            del net, blob  # the object store holds the weights now; workers rebuild from it
             if state.done("ranking"):
                 rankings = pd.read_parquet(state.run_dir.path / "rankings.parquet")
                 merged = ShardScores(candidates=candidates_from_rankings(rankings))
                 rep.line("✅ Sensitivity and ranking: done earlier, read from rankings.parquet")
             else:
-                merged = _sensitivity(state, blob_ref, split, scored, shapes)
+                merged = _sensitivity(state, model, split, scored, shapes)
                 rankings = _export_rankings(state, merged, shapes)
             results = None
             if not cfg.no_perturbation:
-                results = _perturbation(state, blob_ref, split, merged, scored, shapes)
+                results = _perturbation(state, model, split, merged, scored, shapes)
             _finish(state, rankings, results)
         except BaseException as e:
             state.manifest["status"] = "failed"
@@ -181,19 +189,31 @@ def _header(state: RunState, experiment_id: str, n_texts: int) -> None:
 
 
 def _load(state: RunState):
+    """Resolve the checkpoint and read what the driver needs of it: config, tokenizer, and the
+    parameters' names and shapes (from an empty model on the meta device). No weight is read here:
+    workers and actors read them from the files."""
     cfg, rep = state.cfg, state.rep
     with rep.stage("🤖 Loading Model", state.timings, "model"):
         dtype = resolve_dtype(cfg.dtype, state.device)
         rep.line(f"🔄 Loading {cfg.model} ...")
-        net, tokenizer, source = load_model(
-            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, progress=cfg.verbose
-        )
-        params = dict(net.named_parameters())
-        scored = select_parameters(net, include_bias=cfg.include_bias, include_norm=cfg.include_norm)
+        source = resolve_source(cfg.model)
+        path = resolve_checkpoint(source, announce=rep.line)
+        ckpt = Checkpoint(path)
+        config = load_config(path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        skeleton = empty_model(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        checkpoint_keys(skeleton, ckpt)  # every parameter is in the files, in its size: refuse now, not in a worker
+        params = dict(skeleton.named_parameters())
+        scored = select_parameters(skeleton, include_bias=cfg.include_bias, include_norm=cfg.include_norm)
         shapes = {n: tuple(params[n].shape) for n in scored}
         n_params = sum(p.numel() for p in params.values())
         n_scored = sum(numel(s) for s in shapes.values())
-        rep.line(f"✅ Model: {type(net).__name__} ({source.kind}), dtype {str(dtype).removeprefix('torch.')}")
+        state.model_bytes = n_params * dtype.itemsize
+        state.model_class = type(skeleton).__name__
+        files = len({t.file for t in ckpt.tensors.values()})
+        rep.line(f"✅ Model: {state.model_class} ({source.kind}), dtype {str(dtype).removeprefix('torch.')}")
+        rep.line(f"✅ Checkpoint: {path} ({ckpt.nbytes() / 2**30:.2f} GiB in {files} safetensors file(s); "
+                 "each worker reads its own part)")
         rep.line(f"✅ Parameters: {n_params:,}")
         rep.line(f"✅ Scored: {len(scored)} tensors, {n_scored:,} weights")
         if cfg.max_k > n_scored:
@@ -202,7 +222,9 @@ def _load(state: RunState):
                 "lower K or score more parameters (--include-bias, --include-norm)"
             )
         state.summary.update(model_name=cfg.model, num_parameters=n_params, num_scored_weights=n_scored)
-    return net, tokenizer, scored, shapes
+        model = ModelRef(source=cfg.model, checkpoint_dir=str(path), dtype=str(dtype).removeprefix("torch."),
+                         trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer, scored, shapes
 
 
 def _report_data(state: RunState, texts, chunks, split) -> None:
@@ -223,7 +245,7 @@ def _report_data(state: RunState, texts, chunks, split) -> None:
     }
 
 
-def _start_manifest(state: RunState, net, scored, shapes) -> None:
+def _start_manifest(state: RunState, scored, shapes) -> None:
     state.manifest = {
         "status": "running",
         "started": dt.datetime.now().isoformat(timespec="seconds"),
@@ -232,14 +254,14 @@ def _start_manifest(state: RunState, net, scored, shapes) -> None:
         "host": host(),
         "device": state.device,
         "ray": {"resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
-        "model_class": type(net).__name__,
+        "model_class": state.model_class,
         "scored_parameters": {n: list(s) for n, s in shapes.items()},
         "stages": {"model": {"status": "done", "seconds": state.timings.get("model")}},
     }
     state.run_dir.write_json("manifest.json", state.manifest)
 
 
-def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScores:
+def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> ShardScores:
     cfg, rep = state.cfg, state.rep
     with rep.stage("🧮 Computing Sensitivity Metrics", state.timings, "sensitivity"):
         settings = cfg.zero_settings()
@@ -250,7 +272,7 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
         cpus = cfg.cpus_per_worker or max(1, available_cpus() // cfg.num_workers)
         rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
-        group = GradientGroup(blob_ref, num_workers=cfg.num_workers, backend=backend, device=state.device,
+        group = GradientGroup(model, num_workers=cfg.num_workers, backend=backend, device=state.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
                               autoscaling=state.joined_cluster)
         try:
@@ -276,7 +298,12 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
         rep.line(f"✅ Calibration loss (mean NLL): {loss:.4f}")
         for r in reports:
             rep.detail(f"  rank {r.rank} ({r.node}): backward {r.backward_s:.1f}s, scoring {r.scoring_s:.1f}s, "
-                       f"{r.local_param_numel:,} parameter elements held, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB")
+                       f"{r.local_param_numel:,} parameter elements held, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB"
+                       + (f", peak GPU {r.peak_device_bytes / 2**30:.2f} GiB" if r.peak_device_bytes else ""))
+        state.manifest.setdefault("memory", {})["gradient_ranks"] = [
+            {"rank": r.rank, "node": r.node, "peak_rss_bytes": r.peak_rss_bytes,
+             "peak_device_bytes": r.peak_device_bytes, "live_tensor_bytes": r.live_tensor_bytes} for r in reports
+        ]
         for metric in cfg.metrics:
             overall = merged.statistics[metric].overall().finalize(with_histogram=False)
             rep.line(f"🔄 {metric}:")
@@ -291,7 +318,7 @@ def _sensitivity(state: RunState, blob_ref, split, scored, shapes) -> ShardScore
             "workers": [
                 {"rank": r.rank, "node": r.node, "backward_s": r.backward_s, "scoring_s": r.scoring_s,
                  "local_param_numel": r.local_param_numel, "local_grad_numel": r.local_grad_numel,
-                 "peak_rss_bytes": r.peak_rss_bytes}
+                 "peak_rss_bytes": r.peak_rss_bytes, "peak_device_bytes": r.peak_device_bytes}
                 for r in reports
             ],
         }
@@ -323,17 +350,17 @@ def _export_rankings(state: RunState, merged: ShardScores, shapes) -> pd.DataFra
     return rankings
 
 
-def _num_actors(cfg: RunConfig, device: str, n_specs: int, blob_bytes: int) -> int:
+def _num_actors(cfg: RunConfig, device: str, n_specs: int, model_bytes: int) -> int:
     if cfg.num_eval_actors:
         return cfg.num_eval_actors
     free = ray.available_resources()
     slots = int(free.get("GPU", 0)) // cfg.gpus_per_eval_actor if device == "cuda" else int(free.get("CPU", 0))
     # Each actor holds a replica plus activations; leave room for them in Ray's memory budget.
-    by_memory = int(free.get("memory", 0) // (3 * blob_bytes)) if blob_bytes else slots
+    by_memory = int(free.get("memory", 0) // (3 * model_bytes)) if model_bytes else slots
     return max(1, min(n_specs, slots, by_memory))
 
 
-def _perturbation(state: RunState, blob_ref, split, merged: ShardScores, scored, shapes) -> pd.DataFrame:
+def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, scored, shapes) -> pd.DataFrame:
     cfg, rep = state.cfg, state.rep
     with rep.stage("🎯 Perturbation Analysis", state.timings, "perturbation"):
         specs = plan_experiments(
@@ -357,10 +384,10 @@ def _perturbation(state: RunState, blob_ref, split, merged: ShardScores, scored,
         chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
         intact = True
         if todo:
-            n_actors = _num_actors(cfg, state.device, len(todo), state.blob_bytes)
+            n_actors = _num_actors(cfg, state.device, len(todo), state.model_bytes)
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
-            pool = EvalPool(blob_ref, ray.put(chunks), num_actors=n_actors, device=state.device,
+            pool = EvalPool(model, ray.put(chunks), num_actors=n_actors, device=state.device,
                             gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
             try:
                 baselines = {round(b.value, 6) for _, b in pool.describe()}
@@ -380,6 +407,12 @@ def _perturbation(state: RunState, blob_ref, split, merged: ShardScores, scored,
                         max_retries=cfg.max_retries,
                     )
                 intact = pool.all_weights_intact()
+                actors = pool.memory()
+                for a in actors:
+                    rep.detail(f"  actor {a['actor']}: loaded in {a['load_s']:.1f}s, peak RSS "
+                               f"{a['peak_rss_bytes'] / 2**30:.2f} GiB"
+                               + (f", peak GPU {a['peak_device_bytes'] / 2**30:.2f} GiB" if a["peak_device_bytes"] else ""))
+                state.manifest.setdefault("memory", {})["eval_actors"] = actors
             finally:
                 pool.shutdown()
         results = pd.DataFrame([rows[s.key] for s in specs], columns=list(PERTURBATION_COLUMNS))
@@ -459,6 +492,9 @@ def _finish(state: RunState, rankings: pd.DataFrame, results: pd.DataFrame | Non
             rep.detail(f"  ✅ {f}")
     state.manifest["status"] = "complete"
     state.manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    driver_peak = peak_rss_bytes()
+    state.manifest.setdefault("memory", {})["driver"] = {"peak_rss_bytes": driver_peak}
+    rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")
     state.mark("export", "done")
     _final_report(state, summary)
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="Hugging Face Hub id, local save_pretrained directory, or .gguf file")
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where workers run; auto = cuda if the Ray cluster has GPUs (default: %(default)s)")
-    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="model dtype; auto = float32 on CPU, bfloat16 on GPU (default: %(default)s)")
+    g.add_argument("--dtype", default=d.dtype, help="model dtype: float32, bfloat16, or auto = float32 on CPU, bfloat16 on GPU (float16 is refused: its gradients underflow) (default: %(default)s)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository to run its own Python code (off unless given)")
 
     g = p.add_argument_group("analysis")

@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from cwa_dist.evaluate import batch_nll_sum, batches
 from cwa_dist.metrics import MAGNITUDE, Metric, get_metric
 from cwa_dist.statistics import ScoreStatistics
-from cwa_dist.topk import Candidates, RunningTopK
+from cwa_dist.topk import Candidates, RunningTopK, merge
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -50,12 +50,15 @@ def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_nor
     return [n for n, p in model.named_parameters() if parameter_kind(n, p) in wanted]
 
 
-def full_shards(model: torch.nn.Module, names: Iterable[str]) -> Iterator[ParamShard]:
-    """Whole parameters as shards: the single-process case of the sharded interface."""
+def full_shards(model: torch.nn.Module, names: Iterable[str],
+                grads: dict[str, torch.Tensor] | None = None) -> Iterator[ParamShard]:
+    """Whole parameters as shards: the single-process case of the sharded interface. `grads`
+    overrides `.grad` (e.g. the float32 sums of `Float32Gradients`)."""
     params = dict(model.named_parameters())
     for name in names:
         p = params[name]
-        grad = p.grad.detach().reshape(-1) if p.grad is not None else None
+        g = grads.get(name) if grads is not None else p.grad
+        grad = g.detach().reshape(-1) if g is not None else None
         yield ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad)
 
 
@@ -97,22 +100,59 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def gradient_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, total_tokens: int,
+                  world_size: int = 1, backward=torch.Tensor.backward) -> float:
+    """One micro-batch: add the gradient of (its summed NLL) / `total_tokens` to the gradients.
+
+    Dividing every micro-batch by the same `total_tokens` (all calibration tokens, on every rank)
+    makes the accumulated gradient that of the token-weighted mean NLL, whatever the batch size,
+    the chunk order, or the split of chunks across calls and ranks. Sharded backends average
+    gradients over ranks, so the loss handed to `backward` is also multiplied by `world_size`.
+    Returns this micro-batch's share of the mean NLL.
+    """
+    loss = batch_nll_sum(model, ids, mask) / total_tokens
+    check_loss_finite(loss)
+    backward(loss * world_size)
+    return float(loss.detach())
+
+
 def accumulate_gradients(
     model: torch.nn.Module, chunks: Sequence[torch.Tensor], *, batch_size: int, total_tokens: int
 ) -> float:
-    """Add the gradient of (summed NLL of `chunks`) / `total_tokens` to the parameters' .grad.
+    """`gradient_step` over `chunks` in batches of `batch_size`; returns their share of the mean NLL."""
+    return sum(
+        gradient_step(model, ids, mask, total_tokens=total_tokens) for ids, mask in batches(chunks, batch_size)
+    )
 
-    Dividing every batch by the same `total_tokens` (all calibration tokens, on every rank) makes
-    the accumulated gradient that of the token-weighted mean NLL, whatever the batch size, the
-    chunk order, or the split of chunks across calls and ranks. Returns this share of the mean NLL.
+
+class Float32Gradients:
+    """Accumulates the gradients of a low-precision (bfloat16/float16) model in float32.
+
+    Summing many micro-batch gradients in bfloat16 rounds the running sum at every step (8 bits
+    of mantissa); here each parameter's micro-batch gradient is added into a float32 buffer the
+    moment autograd has accumulated it, and the low-precision `.grad` is freed at once.
     """
-    loss_total = 0.0
-    for ids, mask in batches(chunks, batch_size):
-        loss = batch_nll_sum(model, ids, mask) / total_tokens
-        check_loss_finite(loss)
-        loss.backward()
-        loss_total += float(loss.detach())
-    return loss_total
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        params = dict(model.named_parameters())
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles = [params[n].register_post_accumulate_grad_hook(self._adder(n)) for n in names]
+
+    def _adder(self, name: str):
+        def add(p: torch.Tensor) -> None:
+            total = self.sums.get(name)
+            if total is None:
+                self.sums[name] = p.grad.float()  # a new float32 tensor, not a view of .grad
+            else:
+                total.add_(p.grad)
+            p.grad = None
+
+        return add
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 _DTYPE_ADVICE = "the model overflows in this dtype (use --dtype bfloat16 or float32)"
@@ -156,6 +196,19 @@ def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: i
         candidates={name: t.best for name, t in tops.items()},
         statistics=stats,
     )
+
+
+def merge_scores(parts: Sequence[ShardScores], k: int) -> ShardScores:
+    """The exact global top-k and merged statistics of disjoint shards' results."""
+    merged = ShardScores()
+    for m in parts[0].candidates:
+        merged.candidates[m] = merge([p.candidates[m] for p in parts], k)
+    for m in parts[0].statistics:
+        stats = ScoreStatistics()
+        for p in parts:
+            stats.merge(p.statistics[m])
+        merged.statistics[m] = stats
+    return merged
 
 
 def unravel(flat_index: int, shape: Sequence[int]) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ save_pretrained; a local Ray with fixed resources; the real SmolLM2 model."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -41,6 +42,48 @@ def _tiny_config(family: str):
 
 
 FAMILIES = ["llama", "llama_tied", "gpt2", "gpt_neox", "opt"]
+
+
+def wide_llama_config(tied: bool = False):
+    """A model DeepSpeed really partitions: its embeddings (3.3M elements) and MLP matrices
+    (160k) are far above ZeRO-3's default persistence threshold of 1e5 elements, and no size
+    divides evenly by 3 (so the last partition is padded)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32003, hidden_size=104, intermediate_size=1537, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=tied)
+
+
+def build_wide_llama(seed: int = 0, dtype=torch.float32, tied: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    net = AutoModelForCausalLM.from_config(wide_llama_config(tied))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.to(dtype).eval()
+
+
+def token_chunks(n: int, length: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
+    """n chunks of random token ids, lengths length, length-1, length-2, ... (unequal, so padding
+    and unequal shares across ranks are exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length - i % 3,), generator=g) for i in range(n)]
+
+
+def force_accelerator_without_fp16() -> None:
+    """Make DeepSpeed's CPU accelerator answer "no fp16, bf16 yes" on every machine.
+
+    Whether the real one says fp16 depends on the CPU (mkldnn fp16 support). Under these answers
+    DeepSpeed 0.19.8's zero.Init(dtype=float32) silently builds bfloat16 parameters, so a test
+    run with them fails on every machine if that path comes back, not only on some CPUs.
+    """
+    import deepspeed.accelerator.cpu_accelerator as cpu
+
+    cpu.CPU_Accelerator.is_fp16_supported = lambda self: False
+    cpu.CPU_Accelerator.is_bf16_supported = lambda self: True
 
 
 def build_tiny_model(family: str, seed: int = 0):
@@ -89,7 +132,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Workers cannot import this file: ship the setup hook by value.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": force_accelerator_without_fp16})
     yield ray
     ray.shutdown()
 
@@ -105,3 +151,38 @@ def calibration_chunks(n: int, length: int, seed: int = 0, ragged: bool = False)
     g = torch.Generator().manual_seed(seed)
     lengths = [length - (i % 3 if ragged else 0) for i in range(n)]
     return [torch.randint(0, VOCAB, (L,), generator=g) for L in lengths]
+
+
+def saved_model(net, path=None, max_shard_size="2MB"):
+    """Save `net` with save_pretrained (safetensors, split into several files by a small
+    max_shard_size) and return the ModelRef that workers and actors load it by."""
+    import tempfile
+
+    from cwa_dist.models import ModelRef
+
+    path = path or tempfile.mkdtemp(prefix="cwa_model_")
+    net.save_pretrained(path, max_shard_size=max_shard_size)
+    dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+    return ModelRef(source=str(path), checkpoint_dir=str(path), dtype=dtype)
+
+
+def run_gradient_group(ray, net, chunks, names, *, world_size, backend, metrics, k, batch_size=2, settings=None):
+    """The gradient stage as the CLI runs it: a real Ray worker group over gloo, loading the
+    model from its checkpoint files. Returns the merged candidates and each rank's report."""
+    from cwa_dist.data import lockstep_batches
+    from cwa_dist.distributed.backends import ZeroSettings
+    from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
+    from cwa_dist.evaluate import predicted_tokens
+
+    model = net if not isinstance(net, torch.nn.Module) else saved_model(net)
+    group = GradientGroup(model, num_workers=world_size, backend=backend, device="cpu", cpus_per_worker=1,
+                          gpus_per_worker=0, settings=settings or ZeroSettings())
+    try:
+        group.call("begin", names, False)
+        total = predicted_tokens(chunks)
+        for step in lockstep_batches(chunks, world_size, batch_size):
+            group.each("backward", step, total_tokens=total)
+        reports = group.call("score", scored=names, metrics=metrics, k=k)
+    finally:
+        group.shutdown()
+    return merge_reports(reports, k), reports

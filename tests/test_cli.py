@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
-from cwa_dist.models import load_model
 from cwa_dist.outputs import PERTURBATION_COLUMNS, RANKING_COLUMNS, TOPK_CSV_COLUMNS
 from cwa_dist.run import main
 from cwa_dist.sensitivity import select_parameters
@@ -64,7 +63,10 @@ def test_cli_ranking_equals_plain_pytorch_reference(full_run, tiny_model_dir):
     """Recompute the whole analysis in one process with plain PyTorch and compare."""
     run_dir, _ = full_run
     cfg = json.loads((run_dir / "config.json").read_text())
-    net, tok, _ = load_model(str(tiny_model_dir["llama"]), dtype=torch.float32, trust_remote_code=False)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
     chunks = tokenize_chunks(tok, load_texts(None, cfg["eval_limit"]), cfg["seq_len"])
     split = split_chunks(chunks, cfg["calibration_fraction"], cfg["seed"])
     tokens = sum(len(c) - 1 for c in split.calibration)

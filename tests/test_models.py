@@ -1,32 +1,70 @@
+"""Model sources, the checkpoint reader, replicas built tensor by tensor, the conversion cache."""
+
+import json
+import shutil
+
 import pytest
 import torch
 
-from conftest import FAMILIES
+from conftest import FAMILIES, build_tiny_model, saved_model
+from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.errors import UsageError
-from cwa_dist.models import ModelBlob, load_model, resolve_source
+from cwa_dist.models import load_config, load_replica, resolve_checkpoint, resolve_source
+
+
+def _replica(path, dtype=torch.float32):
+    return load_replica(Checkpoint(path), load_config(path, trust_remote_code=False), dtype=dtype,
+                        trust_remote_code=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_local_directory_loads_and_blob_rebuilds_identically(tiny_model_dir, family):
-    net, tok, source = load_model(str(tiny_model_dir[family]), dtype=torch.float32, trust_remote_code=False)
-    assert source.kind == "local" and tok.eos_token_id is not None
-    rebuilt = ModelBlob.pack(net, trust_remote_code=False).build()
+def test_replica_from_the_files_equals_the_saved_model(tiny_model_dir, family):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir[family]
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rebuilt = _replica(path)
     ids = torch.randint(0, 90, (2, 12))
     with torch.no_grad():
-        assert torch.equal(net(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
-    tied = net.get_output_embeddings().weight is net.get_input_embeddings().weight
+        assert torch.equal(reference(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
+    tied = reference.get_output_embeddings().weight is reference.get_input_embeddings().weight
     assert (rebuilt.get_output_embeddings().weight is rebuilt.get_input_embeddings().weight) == tied
+    assert not any(p.is_meta for p in rebuilt.parameters())
 
 
-def test_blob_keeps_bfloat16_bits_and_shares_tied_weights_once(tiny_model_dir):
-    net, _, _ = load_model(str(tiny_model_dir["llama_tied"]), dtype=torch.bfloat16, trust_remote_code=False)
-    blob = ModelBlob.pack(net, trust_remote_code=False)
-    assert blob.aliases == {"lm_head.weight": "model.embed_tokens.weight"}
-    rebuilt = blob.build()
+def test_bfloat16_replica_holds_the_checkpoint_bits_and_ties_once(tmp_path):
+    net = build_tiny_model("llama_tied").to(torch.bfloat16)
+    model = saved_model(net, tmp_path / "bf16", max_shard_size="4KB")
+    assert len(list((tmp_path / "bf16").glob("*.safetensors"))) > 1  # really several files
+    rebuilt = _replica(model.checkpoint_dir, torch.bfloat16)
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
     for (n, a), (_, b) in zip(net.state_dict().items(), rebuilt.state_dict().items()):
-        assert a.dtype == b.dtype == torch.bfloat16 or a.dtype == b.dtype
-        assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
-                           b.view(torch.int16) if b.dtype == torch.bfloat16 else b), n
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), b.view(torch.int16)), n
+
+
+def test_checkpoint_reads_exactly_the_elements_asked_for(tmp_path):
+    net = build_tiny_model("llama_odd")
+    saved_model(net, tmp_path, max_shard_size="10KB")
+    ckpt = Checkpoint(tmp_path)
+    state = net.state_dict()
+    assert ckpt.nbytes() == sum(t.numel() * 4 for k, t in state.items() if k in ckpt.tensors)
+    g = torch.Generator().manual_seed(0)
+    for key, info in ckpt.tensors.items():
+        flat = state[key].reshape(-1)
+        assert torch.equal(ckpt.read(key), state[key])
+        for _ in range(5):
+            start = int(torch.randint(0, info.numel, (1,), generator=g))
+            length = int(torch.randint(0, info.numel + 5, (1,), generator=g))
+            assert torch.equal(ckpt.read_flat(key, start, length), flat[start : start + length])
+        assert ckpt.read_flat(key, 0, 3, torch.float64).dtype == torch.float64
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    saved_model(build_tiny_model("llama"), tmp_path, max_shard_size="1GB")
+    (f,) = tmp_path.glob("*.safetensors")
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(UsageError, match="truncated or corrupt"):
+        Checkpoint(tmp_path)
 
 
 def test_source_errors_are_one_clear_line(tmp_path):
@@ -38,13 +76,23 @@ def test_source_errors_are_one_clear_line(tmp_path):
     with pytest.raises(UsageError, match="not a .gguf"):
         resolve_source(str(tmp_path / "weights.bin"))
     assert resolve_source("meta-llama/Llama-2-70b-hf").kind == "hub"
+    # A worker on a node where the driver's path does not exist says so, naming its node.
+    import socket
+
+    from cwa_dist.models import ModelRef
+
+    gone = ModelRef(str(tmp_path / "gone.gguf"), str(tmp_path / "cache-elsewhere"), "float32")
+    with pytest.raises(UsageError, match=rf"does not exist on node {socket.gethostname()}.*shares.*Hub id"):
+        gone.open()
 
 
-def test_corrupt_gguf_is_reported(tmp_path):
+def test_corrupt_gguf_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("CWA_DIST_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(UsageError, match="cannot read GGUF file"):
-        load_model(str(bad), dtype=torch.float32, trust_remote_code=False)
+        resolve_checkpoint(resolve_source(str(bad)), announce=print)
+    assert not list((tmp_path / "cache" / "checkpoints").glob("broken*/"))  # nothing half-written kept
 
 
 def test_hub_model_offline_gives_clear_error(monkeypatch):
@@ -52,4 +100,34 @@ def test_hub_model_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-cwa-dist-hf-home")
     with pytest.raises(UsageError, match="Hub is unreachable"):
-        load_model("gpt2", dtype=torch.float32, trust_remote_code=False)
+        resolve_checkpoint(resolve_source("gpt2"), announce=print)
+
+
+def test_pickle_checkpoint_is_converted_once_reused_and_rebuilt_when_corrupt(tiny_model_dir, tmp_path, monkeypatch):
+    """A directory with only pytorch_model.bin: converted into the cache once (in a child
+    process), reused by the next run without converting, and rebuilt when an entry is damaged."""
+    monkeypatch.setenv("CWA_DIST_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "pickled"
+    net = build_tiny_model("gpt2")
+    net.config.save_pretrained(src)
+    torch.save(net.state_dict(), src / "pytorch_model.bin")
+    shutil.copy(tiny_model_dir["gpt2"] / "tokenizer.json", src)
+    shutil.copy(tiny_model_dir["gpt2"] / "tokenizer_config.json", src)
+    said = []
+    first = resolve_checkpoint(resolve_source(str(src)), announce=said.append)
+    assert first.parent == tmp_path / "cache" / "checkpoints" and "Converting" in said[-1]
+    rebuilt = _replica(first)
+    ids = torch.randint(0, 90, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, net(input_ids=ids).logits)
+    assert resolve_checkpoint(resolve_source(str(src)), announce=said.append) == first
+    assert "Reusing" in said[-1] and "Converting" not in said[-1]
+    (weights,) = first.glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the cached weights
+    weights.write_bytes(bytes(data))
+    assert resolve_checkpoint(resolve_source(str(src)), announce=said.append) == first
+    assert "corrupt" in said[-2] and "Converting" in said[-1]
+    assert json.loads((first / "cwa_dist_conversion.json").read_text())["converter_version"] == 1
+    with torch.no_grad():
+        assert torch.equal(_replica(first)(input_ids=ids).logits, net(input_ids=ids).logits)

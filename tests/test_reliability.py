@@ -12,12 +12,12 @@ import psutil
 import pytest
 import torch
 
-from conftest import build_tiny_model, calibration_chunks
+from conftest import build_tiny_model, calibration_chunks, saved_model
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.eval_actors import EvalPool
 from cwa_dist.distributed.grad_workers import GradientGroup, GradientWorkerError
 from cwa_dist.evaluate import Perplexity
-from cwa_dist.models import ModelBlob, load_model
+from cwa_dist.models import ModelRef, resolve_checkpoint, resolve_source
 from cwa_dist.perturb import PerturbationSpec, random_targets
 from cwa_dist.run import main
 from cwa_dist.sensitivity import (
@@ -44,8 +44,7 @@ def _pid(actor_name: str) -> int:
 
 def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(ray_local.put(ModelBlob.pack(net, trust_remote_code=False)),
-                    ray_local.put(calibration_chunks(6, 24)), num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(saved_model(net), ray_local.put(calibration_chunks(6, 24)), num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
     specs = _specs(net, 10)
     results, failures, killed = [], [], []
     try:
@@ -73,8 +72,7 @@ def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local)
 
 def test_experiment_is_recorded_as_failed_after_its_retries(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(ray_local.put(ModelBlob.pack(net, trust_remote_code=False)),
-                    ray_local.put(calibration_chunks(4, 16)), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(saved_model(net), ray_local.put(calibration_chunks(4, 16)), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=2)
     results, failures = [], []
     try:
         (name, _), = pool.describe()
@@ -95,7 +93,7 @@ def test_experiment_is_recorded_as_failed_after_its_retries(ray_local):
 def test_dead_gradient_worker_fails_fast_naming_its_rank_and_leaves_no_process(ray_local):
     net = build_tiny_model("llama")
     names = select_parameters(net, include_bias=False, include_norm=False)
-    group = GradientGroup(ray_local.put(ModelBlob.pack(net, trust_remote_code=False)), num_workers=2, backend="zero3",
+    group = GradientGroup(saved_model(net), num_workers=2, backend="zero3",
                           device="cpu", cpus_per_worker=1, gpus_per_worker=0, settings=ZeroSettings())
     pids = [_pid(n) for n in group.nodes]
     group.call("begin", names, False)
@@ -228,14 +226,22 @@ def test_token_never_reaches_outputs_and_runs_are_deterministic(ray_local, tiny_
     pd.testing.assert_frame_equal(ra.drop(columns=["wall_s", "actor"]), rb.drop(columns=["wall_s", "actor"]))
 
 
-def test_safetensors_wins_over_a_pickle_checkpoint(tiny_model_dir, tmp_path):
-    """A directory with both formats loads the safetensors weights (no pickle is unpickled)."""
+def test_safetensors_wins_over_a_pickle_checkpoint(ray_local, tiny_model_dir, tmp_path):
+    """A directory with both formats is read from its safetensors files; the pickle is never
+    unpickled (a tampered one changes nothing) and nothing is converted."""
     import shutil
 
     d = tmp_path / "both"
     shutil.copytree(tiny_model_dir["llama"], d)
-    net, _, _ = load_model(str(d), dtype=torch.float32, trust_remote_code=False)
-    tampered = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
-    torch.save(tampered, d / "pytorch_model.bin")
-    again, _, _ = load_model(str(d), dtype=torch.float32, trust_remote_code=False)
-    assert torch.equal(again.model.embed_tokens.weight, net.model.embed_tokens.weight)
+    net = build_tiny_model("llama")
+    torch.save({k: torch.zeros_like(v) for k, v in net.state_dict().items()}, d / "pytorch_model.bin")
+    assert resolve_checkpoint(resolve_source(str(d)), announce=print) == d
+    pool = EvalPool(ModelRef(str(d), str(d), "float32"), ray_local.put(calibration_chunks(2, 16)), num_actors=1,
+                    device="cpu", gpus_per_actor=0, batch_size=2)
+    try:
+        (_, baseline), = pool.describe()
+    finally:
+        pool.shutdown()
+    from cwa_dist.evaluate import perplexity
+
+    assert baseline == perplexity(net, calibration_chunks(2, 16), 2)  # the real weights, not the zeros

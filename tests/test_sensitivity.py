@@ -104,7 +104,11 @@ def test_gradient_independent_of_batch_size_and_chunk_order():
     for batch_size, order in [(1, chunks), (4, chunks[::-1]), (2, chunks[2:] + chunks[:2])]:
         got = _gradients(net, order, batch_size=batch_size)
         for n in reference:
-            torch.testing.assert_close(got[n], reference[n], rtol=1e-5, atol=1e-7)
+            # Summing in another order changes float32 results by a few ulps of the largest terms
+            # (CPUs differ in how their vector kernels order sums), so the absolute tolerance is
+            # relative to the tensor's scale rather than a fixed 1e-7.
+            scale = float(reference[n].abs().max())
+            torch.testing.assert_close(got[n], reference[n], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_gradient_is_that_of_the_token_weighted_mean_nll():

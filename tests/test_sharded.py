@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model, calibration_chunks
-from cwa_dist.data import lockstep_batches
+from conftest import build_tiny_model, calibration_chunks, run_gradient_group
 from cwa_dist.distributed.backends import ZeroSettings
-from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 from cwa_dist.evaluate import predicted_tokens
-from cwa_dist.models import ModelBlob
 from cwa_dist.sensitivity import accumulate_gradients, full_shards, prepare_gradients, score_shards, select_parameters
 
 K = 150
@@ -25,18 +22,8 @@ def single_process(net, chunks, names):
 
 
 def sharded(ray, net, chunks, names, world_size, backend="zero3", settings=ZeroSettings()):
-    blob_ref = ray.put(ModelBlob.pack(net, trust_remote_code=False))
-    group = GradientGroup(blob_ref, num_workers=world_size, backend=backend, device="cpu", cpus_per_worker=1,
-                          gpus_per_worker=0, settings=settings)
-    try:
-        group.call("begin", names, False)
-        total = predicted_tokens(chunks)
-        for step in lockstep_batches(chunks, world_size, 2):
-            group.each("backward", step, total_tokens=total)
-        reports = group.call("score", scored=names, metrics=METRICS, k=K)
-    finally:
-        group.shutdown()
-    return merge_reports(reports, K), reports
+    return run_gradient_group(ray, net, chunks, names, world_size=world_size, backend=backend, metrics=METRICS, k=K,
+                              settings=settings)
 
 
 def assert_same_ranking(got, ref, rtol):

@@ -25,13 +25,15 @@ from typing import Iterator
 
 import torch
 
+from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.evaluate import batch_nll_sum
-from cwa_dist.models import ModelBlob
+from cwa_dist.models import ModelRef, buffer_keys, checkpoint_keys, empty_model, load_replica
 from cwa_dist.sensitivity import (
+    Float32Gradients,
     ParamShard,
-    check_loss_finite,
     checkpoint_blocks,
     full_shards,
+    gradient_step,
     prepare_gradients,
     transformer_blocks,
 )
@@ -64,12 +66,19 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
     if settings.offload_optimizer:
         # Moves DeepSpeed's fp32 master partitions and fp32 gradient partitions to CPU memory.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if dtype == torch.float16:
+        raise ValueError("float16 gradients underflow without loss scaling; compute them in bfloat16 or float32")
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
+        # The dtype of the parameters zero.Init builds comes from these sections, not from a dtype
+        # argument: DeepSpeed 0.19.8 drops that argument on an accelerator without fp16 support.
         "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 1.0},
+        "fp16": {"enabled": False},
+        # Micro-batch gradients are reduced and summed in float32, whatever the weights' dtype.
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_allow_untested_optimizer": True,
         # Our optimizer never steps, so DeepSpeed's warning that a client optimizer is slow under
         # offload does not apply.
@@ -93,12 +102,9 @@ class Backend:
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def forward_backward(self, ids, mask, scale: float) -> float:
-        loss = batch_nll_sum(self.runner, ids, mask) * scale
-        check_loss_finite(loss)
-        # Sharded backends average gradients over ranks; multiplying by the world size undoes that.
-        self._backward(loss * self.world_size)
-        return float(loss.detach())
+    def forward_backward(self, ids, mask, total_tokens: int) -> float:
+        return gradient_step(self.runner, ids, mask, total_tokens=total_tokens, world_size=self.world_size,
+                             backward=self._backward)
 
     def nll_sum(self, ids, mask) -> float:
         with torch.no_grad():
@@ -123,60 +129,79 @@ class ReplicaBackend(Backend):
 
     name = "none"
 
-    def load(self, blob: ModelBlob, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
         if world_size != 1:
             raise ValueError("--shard-backend none runs one worker; use zero3 or fsdp2 for more")
-        self.model = blob.build(device)
+        ckpt, config = model.open()
+        self.model = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
+                                  device=device, gpus=1 if device == "cuda" else 0)
+        ckpt.close()
+        self.fp32_grads: Float32Gradients | None = None
 
     def prepare(self, scored: list[str], checkpointing: bool) -> None:
         if checkpointing:
             checkpoint_blocks(self.model)
         prepare_gradients(self.model, scored)
+        if self.fp32_grads is not None:
+            self.fp32_grads.remove()
+            self.fp32_grads = None
+        if next(self.model.parameters()).dtype != torch.float32:
+            self.fp32_grads = Float32Gradients(self.model, scored)
+
+    def _grads(self) -> dict[str, torch.Tensor] | None:
+        return None if self.fp32_grads is None else self.fp32_grads.sums
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        return full_shards(self.model, scored)
+        return full_shards(self.model, scored, self._grads())
 
     def local_numel(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.model.parameters())
+        grads = self._grads()
+        if grads is not None:
+            return n, sum(g.numel() for g in grads.values())
         return n, sum(p.grad.numel() for p in self.model.parameters() if p.grad is not None)
 
 
 class Zero3Backend(Backend):
     name = "zero3"
 
-    def load(self, blob: ModelBlob, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
         self.rank, self.world_size = rank, world_size
-        dtype = blob.float_dtype()
+        dtype = model.torch_dtype
+        ckpt, config = model.open()
         self.config = deepspeed_config(settings, dtype)
         build = lambda: AutoModelForCausalLM.from_config(  # noqa: E731
-            blob.config, dtype=dtype, trust_remote_code=blob.trust_remote_code
+            config, dtype=dtype, trust_remote_code=model.trust_remote_code
         )
-        # A first build on the meta device imports the model's modules (and torch's lazy ones)
-        # outside zero.Init, whose patched tensor constructors break imports made inside it.
-        with torch.device("meta"):
-            build()
+        # A first, empty build imports the model's modules (and torch's lazy ones) outside
+        # zero.Init, whose patched tensor constructors break imports made inside it; it also
+        # computes the buffers (rotary tables) as the model's own __init__ does, in their dtype.
+        skeleton = empty_model(config, dtype=dtype, trust_remote_code=model.trust_remote_code)
+        keys = checkpoint_keys(skeleton, ckpt)
         # No weight init (every value is overwritten below, and init code indexes partitioned,
-        # empty tensors).
-        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.config, dtype=dtype):
+        # empty tensors). The dtype comes from the config's bf16 section: see deepspeed_config.
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self.config):
             net = build()
             # Building without init also skips tying: tie before ZeRO lays out the gradient
             # partitions, so a tied matrix stays one parameter with both uses in its gradient.
             net.tie_weights()
-        # Each rank copies only its own partition out of the object store: no rank, and no
-        # collective, ever holds a whole parameter, let alone the model.
+        check_parameter_dtype(net, dtype, lambda p: p.ds_tensor.dtype)
+        # Each rank reads only its own partition of each parameter from the checkpoint files: no
+        # rank, and no collective, ever holds a whole parameter, let alone the model.
         params = dict(net.named_parameters())
         with torch.no_grad():
             for name, p in params.items():
                 start, length = self._span(p)
-                p.ds_tensor.view(-1)[:length].copy_(blob.flat_slice(name, start, length))
+                p.ds_tensor.view(-1)[:length].copy_(ckpt.read_flat(keys[name], start, length, dtype))
             # Buffers are not partitioned; zero.Init may have created them in the wrong dtype
-            # (rotary tables), so put the loaded model's own tensors in their place.
-            _put_buffers(net, blob, device, strict=False)
+            # (rotary tables), so the skeleton's (and the checkpoint's persistent ones) go in.
+            _put_buffers(net, skeleton, ckpt, device)
+        ckpt.close()
         # ZeRO keeps partitioned gradients only under an optimizer; this one never steps.
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
         self.engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.config)
@@ -194,6 +219,8 @@ class Zero3Backend(Backend):
         if checkpointing:
             checkpoint_blocks(self.model)
         self.model.eval()
+        # A fresh start: the next backward overwrites the gradient partitions instead of adding.
+        self.engine.optimizer.zero_grad(set_to_none=True)
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -203,14 +230,14 @@ class Zero3Backend(Backend):
         self.engine.backward(loss)
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+        from deepspeed.utils import safe_get_local_grad
 
         params = dict(self.model.named_parameters())
         for name in scored:
             p = params[name]
             start, length = self._span(p)
-            grad = safe_get_local_grad(p)
-            weight = safe_get_local_fp32_param(p)
+            grad = safe_get_local_grad(p)  # the float32 accumulation buffer
+            weight = p.ds_tensor  # the loaded values themselves, in the model's dtype
             yield ParamShard(
                 name=name,
                 offset=start,
@@ -231,28 +258,37 @@ class Zero3Backend(Backend):
 class Fsdp2Backend(Backend):
     name = "fsdp2"
 
-    def load(self, blob: ModelBlob, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from transformers import AutoModelForCausalLM
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.rank, self.world_size = rank, world_size
         mesh = init_device_mesh(device, (world_size,))
-        dtype = blob.float_dtype()
-        with torch.device("meta"):  # no rank ever allocates the whole model
-            net = AutoModelForCausalLM.from_config(blob.config, dtype=dtype, trust_remote_code=blob.trust_remote_code)
+        dtype = model.torch_dtype
+        ckpt, config = model.open()
+        if dtype == torch.float16:
+            raise ValueError("float16 gradients underflow without loss scaling; compute them in bfloat16 or float32")
+        # The shards are kept in float32, so gradients are reduced and accumulated in float32; a
+        # bfloat16 model computes in bfloat16 on the gathered values, which are its own values
+        # exactly (bfloat16 -> float32 -> bfloat16 is lossless).
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # Parameters on the meta device (no rank ever allocates the whole model); buffers real.
+        net = empty_model(config, dtype=torch.float32, trust_remote_code=model.trust_remote_code)
+        skeleton = empty_model(config, dtype=dtype, trust_remote_code=model.trust_remote_code)
+        keys = checkpoint_keys(net, ckpt)
         for block in transformer_blocks(net):
-            fully_shard(block, mesh=mesh)
-        fully_shard(net, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(net, mesh=mesh, mp_policy=policy)
         net.to_empty(device=_device(device))
         with torch.no_grad():
             for name, p in net.named_parameters():
                 local = p.to_local()
                 start, _ = self._rows(p)
                 per_row = p.numel() // p.shape[0]
-                local.copy_(blob.flat_slice(name, start * per_row, local.numel()).view(local.shape))
-            # to_empty left the buffers uninitialised; the loaded model's own tensors go in.
-            _put_buffers(net, blob, device, strict=True)
+                local.copy_(ckpt.read_flat(keys[name], start * per_row, local.numel(), torch.float32).view(local.shape))
+            # to_empty left the buffers uninitialised; the skeleton's (in the model's dtype) go in.
+            _put_buffers(net, skeleton, ckpt, device)
+        ckpt.close()
         self.model = net.eval()
 
     def _rows(self, p) -> tuple[int, int]:
@@ -281,13 +317,26 @@ class Fsdp2Backend(Backend):
                 sum(p.grad.to_local().numel() for p in params if p.grad is not None))
 
 
-def _put_buffers(net: torch.nn.Module, blob: ModelBlob, device: str, *, strict: bool) -> None:
-    """Replace the model's buffers by the loaded model's own tensors. `strict`: every buffer must
-    be in the blob (one left out would stay uninitialised memory)."""
+def check_parameter_dtype(net: torch.nn.Module, dtype: torch.dtype, dtype_of=lambda p: p.dtype) -> None:
+    """Refuse a model whose floating parameters were not built in `dtype`: loading the checkpoint
+    into them would round (or widen) every value without a word."""
+    wrong = {n: dtype_of(p) for n, p in net.named_parameters() if dtype_of(p).is_floating_point and dtype_of(p) != dtype}
+    if wrong:
+        name, got = next(iter(wrong.items()))
+        raise RuntimeError(f"{len(wrong)} parameter(s) were built in {got} instead of {dtype} (first: {name}); "
+                           "loading the weights into them would change their values")
+
+
+def _put_buffers(net: torch.nn.Module, skeleton: torch.nn.Module, ckpt: Checkpoint, device: str) -> None:
+    """Give `net` the buffers of `skeleton` (an `empty_model`, whose buffers are real), or the
+    checkpoint's where it stores them. Every buffer is replaced: one left alone could be
+    uninitialised memory or in the wrong dtype."""
+    source = dict(skeleton.named_buffers())
+    stored = buffer_keys(skeleton, ckpt)
     for name, _ in list(net.named_buffers()):
-        if strict or name in blob.arrays:
-            owner, _, leaf = name.rpartition(".")
-            net.get_submodule(owner)._buffers[leaf] = blob.tensor(name).to(_device(device))
+        value = ckpt.read(stored[name], source[name].dtype) if name in stored else source[name]
+        owner, _, leaf = name.rpartition(".")
+        net.get_submodule(owner)._buffers[leaf] = value.to(_device(device))
 
 
 def _device(device: str) -> torch.device:

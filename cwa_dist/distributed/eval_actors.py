@@ -1,7 +1,7 @@
 """Perturbation experiments on a pool of Ray actors.
 
-Each actor builds one model replica from the shared blob (the model file is read once, by the
-driver), measures the baseline once, then runs specs one at a time: save the touched values,
+Each actor builds one model replica from the checkpoint files on its node (empty, then filled one
+tensor at a time; no weights travel through Ray), measures the baseline once, then runs specs one at a time: save the touched values,
 apply, measure perplexity, restore, and check the restore bit for bit. Idle actors take the
 next spec from the driver's queue.
 """
@@ -20,7 +20,8 @@ import torch
 
 from cwa_dist.errors import last_line
 from cwa_dist.evaluate import Perplexity, perplexity
-from cwa_dist.models import ModelBlob, place
+from cwa_dist.memory import peak_device_bytes, peak_rss_bytes
+from cwa_dist.models import ModelRef, load_replica
 from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 
 
@@ -36,11 +37,16 @@ class ExperimentResult:
 
 
 class EvalActor:
-    def __init__(self, blob: ModelBlob, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
+    def __init__(self, model: ModelRef, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
                  threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        self.model = place(blob.build("cpu"), device, gpus)
+        start = time.perf_counter()
+        ckpt, config = model.open()
+        self.model = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
+                                  device=device, gpus=gpus)
+        ckpt.close()
+        self.load_s = time.perf_counter() - start
         self.params = dict(self.model.named_parameters())
         self.chunks, self.batch_size = chunks, batch_size
         self.fingerprints = {n: fingerprint(p) for n, p in self.params.items()}
@@ -49,6 +55,11 @@ class EvalActor:
 
     def describe(self) -> tuple[str, Perplexity]:
         return self.name, self.baseline
+
+    def memory(self) -> dict:
+        """This actor's measured peaks and load time, for the manifest."""
+        return {"actor": self.name, "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
+                "load_s": round(self.load_s, 3)}
 
     def run(self, spec: PerturbationSpec) -> ExperimentResult:
         start = time.perf_counter()
@@ -76,12 +87,12 @@ class EvalActor:
 
 
 class EvalPool:
-    def __init__(self, blob_ref, chunks_ref, *, num_actors: int, device: str, gpus_per_actor: int, batch_size: int):
+    def __init__(self, model: ModelRef, chunks_ref, *, num_actors: int, device: str, gpus_per_actor: int, batch_size: int):
         gpus = gpus_per_actor if device == "cuda" else 0
         remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
-        self._new_actor = lambda: remote.remote(blob_ref, device, gpus, chunks_ref, batch_size, threads)
+        self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads)
         self.actors = [self._new_actor() for _ in range(num_actors)]
 
     def describe(self) -> list[tuple[str, Perplexity]]:
@@ -129,6 +140,9 @@ class EvalPool:
 
     def all_weights_intact(self) -> bool:
         return all(ray.get([a.all_weights_intact.remote() for a in self.actors]))
+
+    def memory(self) -> list[dict]:
+        return ray.get([a.memory.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

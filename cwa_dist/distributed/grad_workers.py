@@ -9,7 +9,6 @@ for any number of workers; one worker is the same code path.
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
 from cwa_dist.errors import UsageError, last_line
 from cwa_dist.evaluate import batches, predicted_tokens
-from cwa_dist.sensitivity import ShardScores, score_shards
-from cwa_dist.statistics import ScoreStatistics
-from cwa_dist.topk import merge
+from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_rss_bytes
+from cwa_dist.models import ModelRef
+from cwa_dist.sensitivity import ShardScores, merge_scores, score_shards
 
 
 class GradientWorkerError(RuntimeError):
@@ -46,6 +45,7 @@ class WorkerReport:
     local_param_numel: int  # parameter elements this rank holds at rest
     local_grad_numel: int  # gradient elements this rank holds
     peak_device_bytes: int  # peak GPU memory allocated by torch (0 on CPU)
+    live_tensor_bytes: int  # bytes of the tensors this rank holds after scoring, measured
 
 
 class GradientWorker:
@@ -63,18 +63,16 @@ class GradientWorker:
         """host:pid of this rank, for error messages and for tests that kill it."""
         return self.node
 
-    def setup(self, blob_box: list, *, rank: int, world_size: int, address: str, port: int, backend: str,
+    def setup(self, model: ModelRef, *, rank: int, world_size: int, address: str, port: int, backend: str,
               device: str, settings: ZeroSettings) -> None:
         self.rank, self.world_size = rank, world_size
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each worker only the GPU(s) it was given
         init_group(rank=rank, world_size=world_size, address=address, port=port,
                    backend="nccl" if device == "cuda" else "gloo")
-        # The blob arrives wrapped in a list so Ray does not fetch it before we ask: every rank
-        # maps the same object-store copy and reads only its own slices.
-        (blob_ref,) = blob_box
+        # Each rank reads its own partition from the checkpoint files on its node.
         self.backend = BACKENDS[backend]()
-        self.backend.load(ray.get(blob_ref), device=device, rank=rank, world_size=world_size, settings=settings)
+        self.backend.load(model, device=device, rank=rank, world_size=world_size, settings=settings)
         self.loss = self.backward_s = 0.0
 
     def nll(self, chunks: list[torch.Tensor], batch_size: int) -> tuple[float, int]:
@@ -90,11 +88,11 @@ class GradientWorker:
         self.loss = self.backward_s = 0.0
 
     def backward(self, chunks: list[torch.Tensor], *, total_tokens: int) -> None:
-        """One forward/backward over these chunks as one batch, scaled by 1/total_tokens."""
+        """One forward/backward over these chunks as one batch, its NLL divided by total_tokens."""
         start = time.perf_counter()
         if chunks:
             ((ids, mask),) = batches(chunks, len(chunks))
-            self.loss += self.backend.forward_backward(ids, mask, 1.0 / total_tokens)
+            self.loss += self.backend.forward_backward(ids, mask, total_tokens)
         else:
             self.backend.dummy(backward=True)
         self.backward_s += time.perf_counter() - start
@@ -110,10 +108,11 @@ class GradientWorker:
             loss=self.loss,
             backward_s=self.backward_s,
             scoring_s=time.perf_counter() - start,
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            peak_rss_bytes=peak_rss_bytes(),
             local_param_numel=params,
             local_grad_numel=grads,
-            peak_device_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+            peak_device_bytes=peak_device_bytes(),
+            live_tensor_bytes=live_tensor_bytes("cuda" if torch.cuda.is_available() else "cpu"),
         )
 
     def teardown(self) -> None:
@@ -123,15 +122,7 @@ class GradientWorker:
 
 def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
     """Exact global top-K and merged statistics from every rank's local results."""
-    merged = ShardScores()
-    for m in reports[0].scores.candidates:
-        merged.candidates[m] = merge([r.scores.candidates[m] for r in reports], k)
-    for m in reports[0].scores.statistics:
-        stats = ScoreStatistics()
-        for r in reports:
-            stats.merge(r.scores.statistics[m])
-        merged.statistics[m] = stats
-    return merged
+    return merge_scores([r.scores for r in reports], k)
 
 
 def _check_capacity(bundle: dict, num_workers: int, autoscaling: bool) -> None:
@@ -151,7 +142,7 @@ def _check_capacity(bundle: dict, num_workers: int, autoscaling: bool) -> None:
 class GradientGroup:
     """N gradient workers as Ray actors in one placement group, with one process group."""
 
-    def __init__(self, blob_ref, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
+    def __init__(self, model: ModelRef, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
                  gpus_per_worker: int, settings: ZeroSettings, autoscaling: bool = False,
                  placement_timeout_s: float = 600.0):
         if backend == "none" and num_workers != 1:
@@ -180,7 +171,7 @@ class GradientGroup:
         self.nodes = self._gather([w.where.remote() for w in self.workers])
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
         self._gather([
-            w.setup.remote([blob_ref], rank=i, world_size=num_workers, address=address, port=port,
+            w.setup.remote(model, rank=i, world_size=num_workers, address=address, port=port,
                            backend=backend, device=device, settings=settings)
             for i, w in enumerate(self.workers)
         ])
@@ -214,6 +205,8 @@ class GradientGroup:
                 ) from None
             except ray.exceptions.RayTaskError as e:
                 self.shutdown(graceful=False)
+                if isinstance(e.cause, UsageError):  # bad input seen by a worker: one line, as on the driver
+                    raise UsageError(str(e.cause)) from None
                 raise e.as_instanceof_cause() from None
         return ray.get(refs)
 

@@ -1,0 +1,138 @@
+"""A safetensors checkpoint directory, read one tensor, or one slice of one, at a time.
+
+This is how every process gets its weights: the driver reads only headers (names, shapes,
+dtypes); a gradient rank reads only its own partition of each parameter; an evaluation actor
+reads one tensor at a time into its replica. Reads are plain positioned reads of exactly the
+bytes asked for, straight into a new tensor: no memory map, whose touched pages would count in
+the process's resident memory until unmapped. The format is safetensors: 8 bytes of header
+length, a JSON header (dtype, shape, byte offsets of each tensor), then the data, little-endian.
+Pure torch: no Ray, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cwa_dist.errors import UsageError
+
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+    offset: int  # of the tensor's first byte in its file
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise UsageError(f"{path} is not a safetensors file (header length {size})")
+        try:
+            return json.loads(f.read(size)), 8 + size
+        except ValueError as e:
+            raise UsageError(f"{path} has a corrupt safetensors header ({e})") from None
+
+
+class Checkpoint:
+    """The tensors of a directory of safetensors files (one file, or shards with an index)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        files = self._files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            path = self.path / file
+            if not path.is_file():
+                raise UsageError(f"{path} is missing (the checkpoint's index names it)")
+            header, data_start = _read_header(path)
+            size = path.stat().st_size
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise UsageError(f"{path}: tensor {name} has dtype {meta['dtype']}, which cwa_dist cannot read")
+                begin, end = meta["data_offsets"]
+                info = TensorInfo(tuple(meta["shape"]), dtype, file, data_start + begin)
+                if end - begin != info.nbytes or data_start + end > size:
+                    raise UsageError(f"{path} is truncated or corrupt: tensor {name} does not fit its byte range")
+                self.tensors[name] = info
+        self._open: dict[str, object] = {}
+
+    def _files(self) -> list[str]:
+        index = self.path / INDEX
+        if index.is_file():
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise UsageError(f"{self.path} holds no .safetensors file")
+        return files
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def key_for(self, name: str, prefix: str = "") -> str | None:
+        """The checkpoint key holding parameter `name`: the name itself, or the name without (or
+        with) the model's base prefix, as older checkpoints store it (GPT-2's 'h.0...' for
+        'transformer.h.0...'). None if the checkpoint does not hold it."""
+        if name in self.tensors:
+            return name
+        if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in self.tensors:
+            return name[len(prefix) + 1 :]
+        if prefix and f"{prefix}.{name}" in self.tensors:
+            return f"{prefix}.{name}"
+        return None
+
+    def _file(self, file: str):
+        if file not in self._open:
+            self._open[file] = open(self.path / file, "rb", buffering=0)
+        return self._open[file]
+
+    def read_flat(self, key: str, start: int, length: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements [start, start + length) of the flattened tensor (clipped to its end), reading
+        only their bytes, as a new 1-D tensor in `dtype` (default: as stored)."""
+        info = self.tensors[key]
+        length = max(0, min(length, info.numel - start))
+        raw = torch.empty(length * info.dtype.itemsize, dtype=torch.uint8)
+        if length:
+            f = self._file(info.file)
+            f.seek(info.offset + start * info.dtype.itemsize)
+            if f.readinto(raw.numpy()) != raw.numel():
+                raise UsageError(f"{self.path / info.file} ended early while reading {key}")
+        out = raw.view(info.dtype)
+        return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor, in `dtype` (default: as stored)."""
+        info = self.tensors[key]
+        return self.read_flat(key, 0, info.numel, dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
