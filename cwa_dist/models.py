@@ -275,6 +275,20 @@ def load_replica(ckpt: Checkpoint, config, *, dtype: torch.dtype, trust_remote_c
     return net.eval()
 
 
+def load_pretrained(model: str, *, dtype: torch.dtype, trust_remote_code: bool = False, build: bool = True):
+    """(whole model or None, tokenizer, checkpoint directory) in this process: for benchmarks and
+    one-process references. The pipeline never does this on the driver."""
+    path = resolve_checkpoint(resolve_source(model), announce=lambda _: None)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    net = None
+    if build:
+        ckpt = Checkpoint(path)
+        net = load_replica(ckpt, load_config(path, trust_remote_code=trust_remote_code), dtype=dtype,
+                           trust_remote_code=trust_remote_code)
+        ckpt.close()
+    return net, tokenizer, path
+
+
 def _gpu_map(net: torch.nn.Module, gpus: int) -> dict:
     from accelerate import infer_auto_device_map
 
