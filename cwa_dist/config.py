@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass
 
@@ -80,7 +81,13 @@ class RunConfig:
     num_eval_actors: int | None = None
     """Evaluation actors in the pool; None picks one per free CPU (or GPU), at most the number of experiments."""
     max_retries: int = 2
-    """Times an experiment is retried after its actor died, before it is recorded as failed."""
+    """Times an experiment is retried after its actor died or timed out, before it is recorded as failed."""
+    stage_timeout_s: float = 3600.0
+    """Deadline of each call to the gradient workers (load, one lockstep step, scoring): a rank
+    that has not answered by then fails the stage, naming it."""
+    experiment_timeout_s: float = 1800.0
+    """Deadline of one perturbation experiment: a stuck evaluation actor is killed and the
+    experiment retried, as for an actor that died."""
     resume: bool = False
     """Continue the run in --output/--experiment-id (default: the newest unfinished one)."""
     seed: int = 0
@@ -124,6 +131,9 @@ class RunConfig:
         _positive("--fast-eval-chunks", self.fast_eval_chunks)
         if self.eval_limit is not None:
             _positive("--eval-limit", self.eval_limit)
+        for flag, v in (("--stage-timeout-s", self.stage_timeout_s), ("--experiment-timeout-s", self.experiment_timeout_s)):
+            if not v > 0:
+                raise UsageError(f"{flag} {v} must be a positive number of seconds")
         if self.max_retries < 0:
             raise UsageError(f"--max-retries {self.max_retries} is negative")
         if self.random_seeds < 0:
@@ -145,6 +155,8 @@ class RunConfig:
         _positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
         if self.num_eval_actors is not None:
             _positive("--num-eval-actors", self.num_eval_actors)
+        if self.experiment_id is not None:
+            check_run_id(self.experiment_id, "--experiment-id")
         if not (0 < self.calibration_fraction < 1):
             raise UsageError(f"--calibration-fraction {self.calibration_fraction} is outside (0, 1)")
         # Duplicates would only repeat work and rows.
@@ -214,6 +226,16 @@ def _coerce(hint, value, where: str):
     if not ok:
         raise UsageError(f"{where} should be {hint.__name__}, not {value!r}")
     return float(value) if hint is float else value
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_id(value: str, what: str) -> None:
+    """A run (or sweep) id names one directory under --output: one path component of letters,
+    digits, '.', '_' and '-', and not '.' or '..', so it can never point outside --output."""
+    if not _RUN_ID.fullmatch(value) or value in (".", ".."):
+        raise UsageError(f"{what} {value!r} must be one path component of letters, digits, '.', '_' and '-'")
 
 
 def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -47,7 +47,7 @@ from cwa_dist.perturb import PerturbationSpec
 from cwa_dist.plan import plan_experiments
 from cwa_dist.provenance import git_revision, host, versions
 from cwa_dist.report import Reporter
-from cwa_dist.resume import ResultLog, differing_settings, latest_unfinished
+from cwa_dist.resume import ResultLog, differing_identity, differing_settings, latest_unfinished, run_identity
 from cwa_dist.sensitivity import ShardScores, numel, select_parameters
 
 
@@ -92,6 +92,13 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
     state.joined_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
         state.device = _resolve_device(cfg.device)
+        identity = run_identity(texts, resolve_dtype(cfg.dtype, state.device))
+        if previous:
+            stored = json.loads((Path(cfg.output).expanduser() / experiment_id / "config.json").read_text())
+            diffs = differing_identity(stored, identity)
+            if diffs:
+                raise UsageError(f"cannot resume {Path(cfg.output) / experiment_id}: {'; '.join(diffs)}; the stored "
+                                 "results were computed otherwise. Use the stored data and dtype, or a new --experiment-id")
         _header(state, experiment_id, len(texts))
         model, tokenizer, scored, shapes = _load(state)
         chunks = tokenize_chunks(tokenizer, texts, cfg.seq_len)
@@ -108,7 +115,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
         else:
             state.run_dir = RunDirectory.create(cfg.output, experiment_id)
             _start_manifest(state, scored, shapes)
-            state.run_dir.write_json("config.json", _config_record(cfg, experiment_id, state.device))
+            state.run_dir.write_json("config.json", {**_config_record(cfg, experiment_id, state.device), **identity})
         try:
             if state.done("ranking"):
                 rankings = pd.read_parquet(state.run_dir.path / "rankings.parquet")
@@ -274,7 +281,7 @@ def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> Sha
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
         group = GradientGroup(model, num_workers=cfg.num_workers, backend=backend, device=state.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
-                              autoscaling=state.joined_cluster)
+                              autoscaling=state.joined_cluster, call_timeout_s=cfg.stage_timeout_s)
         try:
             nll, tokens = 0.0, 0
             for step in lockstep_batches(split.evaluation, group.world_size, cfg.batch_size):
@@ -405,6 +412,7 @@ def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, 
                         on_result=lambda r: record(_result_row(by_key[r.key], r)),
                         on_failure=lambda spec, error: record(_failed_row(spec, error, min(baselines))),
                         max_retries=cfg.max_retries,
+                        timeout_s=cfg.experiment_timeout_s,
                     )
                 intact = pool.all_weights_intact()
                 actors = pool.memory()
@@ -419,10 +427,10 @@ def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, 
         state.run_dir.write_csv("perturbation_results.csv", results)
         state.run_dir.write_parquet("perturbation_results.parquet", results)
         ok = results[results["status"] == "ok"]
-        n_exact = int(ok["restored_exact"].astype(bool).sum())
+        inexact = int((results["restored_exact"] == False).sum())  # noqa: E712 (None: never ran)
         rep.line(f"✅ Completed {len(ok)}/{len(specs)} experiments; {len(results) - len(ok)} failed; "
-                 f"{n_exact}/{len(ok)} restored bit-exactly; all weights intact at the end: {intact}")
-        if n_exact != len(ok) or not intact:
+                 f"{inexact} not restored bit-exactly; all weights intact at the end: {intact}")
+        if inexact or not intact:
             raise RuntimeError("a perturbation was not restored exactly; the results after it are not trustworthy")
         state.summary["weights_intact_after_perturbation"] = intact
         state.summary["experiments_failed"] = len(results) - len(ok)
@@ -460,8 +468,10 @@ def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
         "restored_exact": r.restored_exact,
         "actor": r.actor,
         "key": r.key,
-        "status": "ok",
-        "error": "",
+        # A restore that was not bit-exact leaves the actor's model changed: the run fails, and a
+        # resume must run this experiment again rather than keep it.
+        "status": "ok" if r.restored_exact else "failed",
+        "error": "" if r.restored_exact else "the weights were not restored bit for bit after this experiment",
     }
 
 

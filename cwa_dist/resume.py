@@ -3,6 +3,7 @@ experiments, and the newest unfinished run. No Ray here."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,15 +13,38 @@ OPERATIONAL = frozenset({
     "output", "experiment_id", "verbose", "ray_address", "resume", "num_eval_actors", "max_retries",
     "cpus_per_worker", "gpus_per_worker", "gpus_per_eval_actor", "offload_params", "offload_optimizer",
     "zero_reduce_bucket_size", "zero_prefetch_bucket_size", "zero_max_live_parameters",
-    "zero_param_persistence_threshold", "device",
+    "zero_param_persistence_threshold", "device", "stage_timeout_s", "experiment_timeout_s",
 })
+
+
+# What a run was computed on, beyond its settings: recorded in config.json once the device is known,
+# and checked before a resume (a run begun on CPU in float32 must not continue on GPUs in bfloat16).
+IDENTITY = ("resolved_dtype", "data_sha256")
+
+
+def run_identity(texts: list[str], dtype) -> dict:
+    """The resolved dtype and a hash of the texts the run reads."""
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode())
+        digest.update(b"\0")
+    return {"resolved_dtype": str(dtype).removeprefix("torch."), "data_sha256": digest.hexdigest()}
+
+
+def differing_identity(stored: dict, identity: dict) -> list[str]:
+    out = []
+    for key in IDENTITY:
+        if stored.get(key) != identity[key]:
+            what = "the texts" if key == "data_sha256" else key
+            out.append(f"{what} differ (stored {str(stored.get(key))[:16]!r}, now {identity[key][:16]!r})")
+    return out
 
 
 def differing_settings(stored: dict, current: dict) -> list[str]:
     """Names of result-affecting settings whose values differ, with both values."""
     out = []
     for key in sorted(set(stored) | set(current)):
-        if key in OPERATIONAL:
+        if key in OPERATIONAL or key in IDENTITY:
             continue
         a, b = _normal(stored.get(key)), _normal(current.get(key))
         if a != b:

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experiment-id", default=None, help="run directory name (default: critical_analysis_<timestamp>)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run: the one named by --experiment-id, else the newest unfinished run under --output; finished stages and experiments are kept")
     g.add_argument("--max-retries", type=int, default=d.max_retries, help="retries of an experiment whose actor died, before it is recorded as failed (default: %(default)s)")
+    g.add_argument("--stage-timeout-s", type=float, default=d.stage_timeout_s, help="deadline of each call to the gradient workers; a rank that has not answered fails the stage, naming it (default: %(default)s)")
+    g.add_argument("--experiment-timeout-s", type=float, default=d.experiment_timeout_s, help="deadline of one perturbation experiment; a stuck actor is killed and the experiment retried (default: %(default)s)")
     g.add_argument("--verbose", action="store_true", help="more detail, Ray's worker logs, and tracebacks on errors")
     return p
 
@@ -115,6 +117,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         verbose=ns.verbose,
         resume=ns.resume,
         max_retries=ns.max_retries,
+        stage_timeout_s=ns.stage_timeout_s,
+        experiment_timeout_s=ns.experiment_timeout_s,
     )
 
 

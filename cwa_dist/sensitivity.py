@@ -14,14 +14,16 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.utils.checkpoint
 
+from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import batch_nll_sum, batches
 from cwa_dist.metrics import MAGNITUDE, Metric, get_metric
 from cwa_dist.statistics import ScoreStatistics
 from cwa_dist.topk import Candidates, RunningTopK, merge
 
 
-class NonFiniteGradientError(RuntimeError):
-    """The loss or a gradient is NaN/Inf: the ranking would be garbage."""
+class NonFiniteGradientError(UsageError):
+    """The loss or a gradient is NaN/Inf although every weight is finite: the model overflows in
+    its dtype, and the ranking would be garbage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,19 @@ class Float32Gradients:
         self._handles = []
 
 
-_DTYPE_ADVICE = "the model overflows in this dtype (use --dtype bfloat16 or float32)"
+_DTYPE_ADVICE = ("every weight is finite, so the model overflows in this dtype: run it in float32 (--dtype float32), "
+                 "or with shorter or fewer --seq-len tokens")
+
+
+def non_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating tensors that hold a NaN or an Inf."""
+    return [n for n, t in named if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
+def corrupt_weights_message(bad: Sequence[str]) -> str:
+    shown = ", ".join(sorted(bad)[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (f"the checkpoint holds NaN or Inf values in {shown}: the file is corrupt or was saved from a diverged "
+            "model (not an overflow: these are the stored values); no weight can be ranked against them")
 
 
 def check_loss_finite(loss: torch.Tensor) -> None:

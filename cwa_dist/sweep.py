@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from cwa_dist.config import RunConfig, config_from_mapping
+from cwa_dist.config import RunConfig, check_run_id, config_from_mapping
 from cwa_dist.errors import UsageError
 from cwa_dist.run import quiet_libraries, report_errors
 
@@ -49,8 +49,9 @@ def load_sweep(path: str) -> tuple[str, Path, list[RunConfig]]:
         raise UsageError(f"sweep file {path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
                          f"allowed: {', '.join(sorted(SWEEP_KEYS))}")
     name = spec.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise UsageError(f"sweep file {path}: 'name' must be letters, digits, '_', '.', '-'")
+    if not isinstance(name, str):
+        raise UsageError(f"sweep file {path}: 'name' must be a string")
+    check_run_id(name, f"sweep file {path}: 'name'")
     runs, defaults = spec.get("runs"), spec.get("defaults") or {}
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
         raise UsageError(f"sweep file {path}: 'runs' must be a non-empty list of mappings, each with a 'model'")

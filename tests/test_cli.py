@@ -157,6 +157,9 @@ def _bad_inputs(model_dir, tmp_path):
         (["--model", model_dir, "--output", str(not_a_dir / "sub")], "cannot write to"),
         (["--model", model_dir, "--num-workers", "3", "--shard-backend", "none"], "runs one worker"),
         (["--model", model_dir, "--resume"], "no unfinished run"),
+        (["--model", model_dir, "--device", "cuda"], "has no GPUs"),
+        (["--model", model_dir, "--dtype", "float16"], "float16 is not supported"),
+        (["--model", model_dir, "--stage-timeout-s", "0"], "positive number of seconds"),
     ]
 
 

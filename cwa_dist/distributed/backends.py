@@ -123,6 +123,11 @@ class Backend:
     def teardown(self) -> None:
         pass
 
+    def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter (the part this rank holds) and buffer, for the check of the loaded values."""
+        yield from self.model.named_parameters()
+        yield from self.model.named_buffers()
+
 
 class ReplicaBackend(Backend):
     """The whole model in one process: world size 1, no sharding."""
@@ -245,6 +250,11 @@ class Zero3Backend(Backend):
                 grad=None if grad is None else grad.detach().reshape(-1)[:length],
             )
 
+    def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.model.named_parameters():
+            yield name, p.ds_tensor.reshape(-1)[: self._span(p)[1]]
+        yield from self.model.named_buffers()
+
     def local_numel(self) -> tuple[int, int]:
         """Elements of parameters and of gradients this rank holds (partitions, padding included)."""
         params = [p for p in self.model.parameters()]
@@ -310,6 +320,11 @@ class Fsdp2Backend(Backend):
             grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
             yield ParamShard(name=name, offset=start * (p.numel() // p.shape[0]),
                              weight=p.to_local().detach().reshape(-1), grad=grad)
+
+    def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.model.named_parameters():
+            yield name, p.to_local()
+        yield from self.model.named_buffers()
 
     def local_numel(self) -> tuple[int, int]:
         params = list(self.model.parameters())

@@ -99,31 +99,48 @@ class EvalPool:
         return ray.get([a.describe.remote() for a in self.actors])
 
     def run(self, specs: list[PerturbationSpec], *, on_result: Callable[[ExperimentResult], None],
-            on_failure: Callable[[PerturbationSpec, str], None], max_retries: int) -> None:
+            on_failure: Callable[[PerturbationSpec, str], None], max_retries: int,
+            timeout_s: float | None = None) -> None:
         """Run every spec once, handing each result to `on_result` as it arrives.
 
-        When an actor dies (its process killed, its node lost), a new actor takes its place and the
-        spec goes back in the queue, up to `max_retries` times; then, or when the experiment itself
-        raises, `on_failure` records it. Every spec ends in exactly one of the two callbacks.
+        When an actor dies (its process killed, its node lost), or has not answered within
+        `timeout_s` (alive but stuck: it is killed), a new actor takes its place and the spec goes
+        back in the queue, up to `max_retries` times; then, or when the experiment itself raises,
+        `on_failure` records it. Every spec ends in exactly one of the two callbacks.
         """
         queue = deque((spec, 0) for spec in specs)
         idle = list(self.actors)
-        in_flight: dict = {}
+        in_flight: dict = {}  # ref -> (actor, spec, tries, deadline)
+
+        def retry(actor, spec, tries, what: str, detail: str) -> None:
+            idle.append(self._replace(actor))
+            if tries < max_retries:
+                queue.append((spec, tries + 1))
+            else:
+                on_failure(spec, f"evaluation actor {what} {tries + 1} time(s): {detail}")
+
         while queue or in_flight:
             while idle and queue:
                 actor = idle.pop()
                 spec, tries = queue.popleft()
-                in_flight[actor.run.remote(spec)] = (actor, spec, tries)
-            (done,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, spec, tries = in_flight.pop(done)
+                deadline = None if timeout_s is None else time.monotonic() + timeout_s
+                in_flight[actor.run.remote(spec)] = (actor, spec, tries, deadline)
+            deadlines = [d for *_, d in in_flight.values() if d is not None]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+            if not ready:
+                now = time.monotonic()
+                for ref, (actor, spec, tries, deadline) in list(in_flight.items()):
+                    if deadline is not None and deadline <= now:
+                        del in_flight[ref]
+                        retry(actor, spec, tries, "timed out", f"no answer within {timeout_s:g}s (--experiment-timeout-s)")
+                continue
+            done = ready[0]
+            actor, spec, tries, _ = in_flight.pop(done)
             try:
                 result = ray.get(done)
             except ray.exceptions.RayActorError as e:
-                idle.append(self._replace(actor))
-                if tries < max_retries:
-                    queue.append((spec, tries + 1))
-                else:
-                    on_failure(spec, f"evaluation actor died {tries + 1} time(s): {last_line(e)}")
+                retry(actor, spec, tries, "died", last_line(e))
                 continue
             except ray.exceptions.RayTaskError as e:
                 idle.append(actor)

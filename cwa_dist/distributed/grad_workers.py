@@ -24,7 +24,13 @@ from cwa_dist.errors import UsageError, last_line
 from cwa_dist.evaluate import batches, predicted_tokens
 from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_rss_bytes
 from cwa_dist.models import ModelRef
-from cwa_dist.sensitivity import ShardScores, merge_scores, score_shards
+from cwa_dist.sensitivity import (
+    ShardScores,
+    corrupt_weights_message,
+    merge_scores,
+    non_finite_tensors,
+    score_shards,
+)
 
 
 class GradientWorkerError(RuntimeError):
@@ -64,7 +70,9 @@ class GradientWorker:
         return self.node
 
     def setup(self, model: ModelRef, *, rank: int, world_size: int, address: str, port: int, backend: str,
-              device: str, settings: ZeroSettings) -> None:
+              device: str, settings: ZeroSettings) -> list[str]:
+        """Join the process group and load this rank's part of the model; returns the names of
+        the tensors this rank holds that are not finite (a corrupt checkpoint)."""
         self.rank, self.world_size = rank, world_size
         if device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each worker only the GPU(s) it was given
@@ -74,6 +82,7 @@ class GradientWorker:
         self.backend = BACKENDS[backend]()
         self.backend.load(model, device=device, rank=rank, world_size=world_size, settings=settings)
         self.loss = self.backward_s = 0.0
+        return non_finite_tensors(self.backend.local_tensors())
 
     def nll(self, chunks: list[torch.Tensor], batch_size: int) -> tuple[float, int]:
         """Summed NLL and predicted tokens of these chunks (none: join the collectives only)."""
@@ -144,7 +153,8 @@ class GradientGroup:
 
     def __init__(self, model: ModelRef, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
                  gpus_per_worker: int, settings: ZeroSettings, autoscaling: bool = False,
-                 placement_timeout_s: float = 600.0):
+                 placement_timeout_s: float = 600.0, call_timeout_s: float | None = None):
+        self.call_timeout_s = call_timeout_s
         if backend == "none" and num_workers != 1:
             raise UsageError("--shard-backend none runs a single worker; use --shard-backend zero3 for more")
         bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
@@ -170,11 +180,15 @@ class GradientGroup:
         self.nodes = ["?"] * num_workers  # host:pid of each rank, once they answer
         self.nodes = self._gather([w.where.remote() for w in self.workers])
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
-        self._gather([
+        bad = self._gather([
             w.setup.remote(model, rank=i, world_size=num_workers, address=address, port=port,
                            backend=backend, device=device, settings=settings)
             for i, w in enumerate(self.workers)
         ])
+        bad = sorted({name for names in bad for name in names})
+        if bad:
+            self.shutdown(graceful=False)
+            raise UsageError(corrupt_weights_message(bad))
 
     @property
     def world_size(self) -> int:
@@ -192,8 +206,20 @@ class GradientGroup:
         dies the others would hang until the process group times out: fail fast instead, kill the
         whole group, and name the rank that died."""
         pending = list(refs)
+        deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
         while pending:
-            (done,), pending = ray.wait(pending, num_returns=1)
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if not ready:  # alive but stuck: a rank that never answers would hold the others forever
+                stuck = [refs.index(r) for r in pending]
+                self.shutdown(graceful=False)
+                raise GradientWorkerError(
+                    f"gradient worker rank(s) {', '.join(map(str, stuck))} on "
+                    f"{', '.join(self.nodes[r] for r in stuck)} did not answer within {self.call_timeout_s:g}s "
+                    "(--stage-timeout-s; one stuck rank holds the others in their collectives); the group was shut "
+                    "down. Rerun with --resume to restart the sensitivity stage"
+                )
+            (done,) = ready
             try:
                 ray.get(done)
             except ray.exceptions.RayActorError as e:
