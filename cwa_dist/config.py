@@ -14,103 +14,133 @@ from cwa_dist.metrics import METRICS
 from cwa_dist.perturb import MODES
 
 
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "float32", "bfloat16"),
+    "shard_backend": ("auto", "zero3", "fsdp2", "none"),
+}
+"""The closed sets of values, checked in RunConfig and listed in --help."""
+
+
+def setting(default=dataclasses.MISSING, *, section: str, flag: str | None = None, operational: bool = False):
+    """A RunConfig field. `section` groups it in --help; `flag` overrides --field-name; an
+    `operational` setting changes how a run is carried out, not what it computes, so a resume
+    may change it."""
+    return dataclasses.field(default=default, metadata={"section": section, "flag": flag, "operational": operational})
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
-    model: str
+    """Every setting of a run, in one place: the command line (`run.build_parser`), sweep files
+    and resume checks are generated from these fields, their types and the docstrings below them."""
+
+    # -- model
+    model: str = setting(section="model")
     """Hugging Face Hub id, local save_pretrained directory, or .gguf file."""
-    device: str = "auto"
-    """cuda, cpu, or auto (cuda when the Ray cluster has GPUs)."""
-    dtype: str = "auto"
+    device: str = setting("auto", section="model", operational=True)
+    """Where workers run: cuda, cpu, or auto (cuda when the Ray cluster has GPUs). The dtype it
+    resolves is recorded and checked on resume."""
+    dtype: str = setting("auto", section="model")
     """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU). float16 is refused: its
-    gradients underflow without loss scaling; a float16 checkpoint is held exactly in float32."""
-    metrics: tuple[str, ...] = ("grad_x_weight",)
+    gradients underflow without loss scaling; float32 holds a float16 checkpoint exactly."""
+    trust_remote_code: bool = setting(False, section="model")
+    """Allow the model repository to run its own Python code."""
+    # -- analysis
+    metrics: tuple[str, ...] = setting(("grad_x_weight",), section="analysis", flag="--metric")
     """Sensitivity metrics to rank by."""
-    topk: tuple[int, ...] = (100,)
+    topk: tuple[int, ...] = setting((100,), section="analysis")
     """Ranking sizes; the largest is computed once and the others are its prefixes."""
-    perturbation_ratios: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
-    """Fractions of each top-K to perturb, each in (0, 1]."""
-    perturbation_mode: str = "zero"
-    """How a selected weight is perturbed."""
-    random_seeds: int = 3
-    """How many random-K controls per (K, ratio)."""
-    eval_limit: int | None = 100
-    """Use at most this many texts (lines) of the data."""
-    data_file: str | None = None
-    """One text per line; the bundled default text when None."""
-    seq_len: int = 128
-    """Tokens per chunk."""
-    batch_size: int = 4
-    """Chunks per forward/backward pass (does not change the gradient, only speed and memory)."""
-    gradient_checkpointing: bool = False
-    """Recompute block activations in backward: less memory, about a third more time."""
-    calibration_fraction: float = 0.5
-    """Share of chunks used for gradients; the rest measure perplexity."""
-    fast_perturbation: bool = False
-    """Measure perturbation perplexity on a subset of the evaluation chunks."""
-    fast_eval_chunks: int = 4
-    """Size of that subset."""
-    no_perturbation: bool = False
-    """Stop after the ranking."""
-    include_bias: bool = False
+    include_bias: bool = setting(False, section="analysis")
     """Also score 1-D bias vectors."""
-    include_norm: bool = False
+    include_norm: bool = setting(False, section="analysis")
     """Also score normalisation weights (and other 1-D non-bias parameters)."""
-    num_workers: int = 1
-    """Gradient workers (ranks of one process group); parameters are sharded across them."""
-    shard_backend: str = "auto"
-    """How the gradient workers shard the model: zero3 (DeepSpeed ZeRO-3), fsdp2 (PyTorch FSDP2), none
-    (one whole replica), or auto: none for a single CPU worker without offload, else zero3."""
-    cpus_per_worker: int | None = None
-    """CPUs per gradient worker; None divides the free CPUs evenly."""
-    gpus_per_worker: int | None = None
-    """GPUs per gradient worker; None gives 1 on a GPU cluster, else 0."""
-    offload_params: bool = False
-    """ZeRO-3: keep parameter partitions in CPU memory between uses (models larger than the GPUs)."""
-    offload_optimizer: bool = False
-    """ZeRO-3: keep DeepSpeed's fp32 master and gradient partitions in CPU memory."""
-    zero_reduce_bucket_size: int = 50_000_000
-    """ZeRO-3: elements per gradient reduce-scatter bucket."""
-    zero_prefetch_bucket_size: int = 50_000_000
-    """ZeRO-3: elements of parameters gathered ahead of use."""
-    zero_max_live_parameters: int = 1_000_000_000
-    """ZeRO-3: most gathered parameter elements alive at once per rank."""
-    zero_param_persistence_threshold: int = 100_000
-    """ZeRO-3: parameters smaller than this stay gathered (saves collectives on tiny tensors)."""
-    gpus_per_eval_actor: int = 1
+    # -- data
+    data_file: str | None = setting(None, section="data")
+    """Text file, one text per line (blank lines ignored); the bundled English prose when not given."""
+    eval_limit: int | None = setting(100, section="data")
+    """Use at most this many texts."""
+    seq_len: int = setting(128, section="data")
+    """Tokens per chunk."""
+    batch_size: int = setting(4, section="data")
+    """Chunks per forward/backward pass (changes speed and memory, not results)."""
+    gradient_checkpointing: bool = setting(False, section="data")
+    """Recompute block activations during backward: less memory, about a third more time."""
+    calibration_fraction: float = setting(0.5, section="data")
+    """Share of chunks used for gradients; the rest, disjoint, measure perplexity."""
+    seed: int = setting(0, section="data")
+    """Seeds the chunk split and the random controls."""
+    # -- perturbation
+    perturbation_ratios: tuple[float, ...] = setting((0.1, 0.25, 0.5, 1.0), section="perturbation")
+    """Fractions of each top-K to perturb, each in (0, 1]."""
+    perturbation_mode: str = setting("zero", section="perturbation")
+    """How a selected weight is perturbed."""
+    random_seeds: int = setting(3, section="perturbation")
+    """Random-K controls per (K, ratio)."""
+    fast_perturbation: bool = setting(False, section="perturbation")
+    """Measure perturbation perplexity on the first --fast-eval-chunks evaluation chunks."""
+    fast_eval_chunks: int = setting(4, section="perturbation")
+    """Size of that subset."""
+    no_perturbation: bool = setting(False, section="perturbation")
+    """Stop after the ranking."""
+    gpus_per_eval_actor: int = setting(1, section="perturbation", operational=True)
     """GPUs per evaluation actor on a GPU cluster; the model is split over them by blocks."""
-    num_eval_actors: int | None = None
-    """Evaluation actors in the pool; None picks one per free CPU (or GPU), at most the number of experiments."""
-    max_retries: int = 2
+    num_eval_actors: int | None = setting(None, section="perturbation", operational=True)
+    """Evaluation actors in the pool; default one per free CPU (or GPU), at most one per experiment."""
+    # -- sharded gradients
+    num_workers: int = setting(1, section="sharded gradients")
+    """Gradient workers (ranks of one process group); parameters are sharded across them."""
+    shard_backend: str = setting("auto", section="sharded gradients")
+    """zero3 (DeepSpeed ZeRO-3), fsdp2 (PyTorch FSDP2), none (one worker holding the whole model),
+    or auto: none for a single CPU worker without offload, else zero3."""
+    cpus_per_worker: int | None = setting(None, section="sharded gradients", operational=True)
+    """CPUs per gradient worker; default the free CPUs divided evenly."""
+    gpus_per_worker: int | None = setting(None, section="sharded gradients", operational=True)
+    """GPUs per gradient worker; default 1 on a GPU cluster, else 0."""
+    offload_params: bool = setting(False, section="sharded gradients", operational=True)
+    """ZeRO-3: keep parameter partitions in CPU memory between uses (models larger than the GPUs)."""
+    offload_optimizer: bool = setting(False, section="sharded gradients", operational=True)
+    """ZeRO-3: keep DeepSpeed's fp32 master and gradient partitions in CPU memory."""
+    zero_reduce_bucket_size: int = setting(50_000_000, section="sharded gradients", operational=True)
+    """ZeRO-3: elements per gradient reduce-scatter bucket."""
+    zero_prefetch_bucket_size: int = setting(50_000_000, section="sharded gradients", operational=True)
+    """ZeRO-3: elements of parameters gathered ahead of use."""
+    zero_max_live_parameters: int = setting(1_000_000_000, section="sharded gradients", operational=True)
+    """ZeRO-3: most gathered parameter elements alive at once per rank."""
+    zero_max_reuse_distance: int = setting(50_000_000, section="sharded gradients", operational=True)
+    """ZeRO-3: a gathered parameter is kept (not re-gathered) only if it is used again within this
+    many elements. DeepSpeed's default of 1e9 keeps every parameter of a smaller model gathered from
+    its forward to its backward, that is the whole model on every rank."""
+    zero_param_persistence_threshold: int = setting(100_000, section="sharded gradients", operational=True)
+    """ZeRO-3: parameters smaller than this stay gathered (saves collectives on tiny tensors)."""
+    # -- run
+    ray_address: str | None = setting(None, section="run", operational=True)
+    """Ray cluster to join; default RAY_ADDRESS, else a local Ray started and stopped for the run."""
+    output: str = setting("outputs", section="run", operational=True)
+    """Parent directory of the run directory."""
+    experiment_id: str | None = setting(None, section="run", operational=True)
+    """Run directory name; default critical_analysis_<timestamp>."""
+    resume: bool = setting(False, section="run", operational=True)
+    """Continue an interrupted run: the one named by --experiment-id, else the newest unfinished run
+    under --output; finished stages and experiments are kept."""
+    max_retries: int = setting(2, section="run", operational=True)
     """Times an experiment is retried after its actor died or timed out, before it is recorded as failed."""
-    stage_timeout_s: float = 3600.0
-    """Deadline of each call to the gradient workers (load, one lockstep step, scoring): a rank
-    that has not answered by then fails the stage, naming it."""
-    experiment_timeout_s: float = 1800.0
+    stage_timeout_s: float = setting(3600.0, section="run", operational=True)
+    """Deadline of each call to the gradient workers (load, one lockstep step, scoring): ranks that
+    have not answered by then fail the stage, named."""
+    experiment_timeout_s: float = setting(1800.0, section="run", operational=True)
     """Deadline of one perturbation experiment: a stuck evaluation actor is killed and the
     experiment retried, as for an actor that died."""
-    resume: bool = False
-    """Continue the run in --output/--experiment-id (default: the newest unfinished one)."""
-    seed: int = 0
-    """Seeds the chunk split and the random controls."""
-    trust_remote_code: bool = False
-    """Allow model repositories to run their own Python code."""
-    ray_address: str | None = None
-    """Ray cluster to join; None uses RAY_ADDRESS or starts a local Ray."""
-    output: str = "outputs"
-    """Parent directory of the run directory."""
-    experiment_id: str | None = None
-    """Run directory name; None gives critical_analysis_<timestamp>."""
-    verbose: bool = False
-    """More console output, and tracebacks on errors."""
+    verbose: bool = setting(False, section="run", operational=True)
+    """More console output (per-process memory and timings), Ray's worker logs, tracebacks on errors."""
 
     def __post_init__(self) -> None:
         if not self.model:
             raise UsageError("--model is empty; give a Hub id, a local model directory or a .gguf file")
-        _one_of("--device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("--device", self.device, CHOICES["device"])
         if self.dtype == "float16":
             raise UsageError("--dtype float16 is not supported: small gradients underflow in float16 without loss "
                              "scaling; use --dtype bfloat16, or float32 (which holds a float16 checkpoint exactly)")
-        _one_of("--dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _one_of("--dtype", self.dtype, CHOICES["dtype"])
         if not self.metrics:
             raise UsageError("--metric needs at least one metric")
         for m in self.metrics:
@@ -139,7 +169,7 @@ class RunConfig:
         if self.random_seeds < 0:
             raise UsageError(f"--random-seeds {self.random_seeds} is negative")
         _positive("--num-workers", self.num_workers)
-        _one_of("--shard-backend", self.shard_backend, ("auto", "zero3", "fsdp2", "none"))
+        _one_of("--shard-backend", self.shard_backend, CHOICES["shard_backend"])
         if self.shard_backend == "fsdp2" and self.gradient_checkpointing:
             raise UsageError("--gradient-checkpointing works with --shard-backend zero3 or none, not fsdp2")
         if self.shard_backend == "none" and self.num_workers > 1:
@@ -148,6 +178,8 @@ class RunConfig:
             _positive("--cpus-per-worker", self.cpus_per_worker)
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise UsageError(f"--gpus-per-worker {self.gpus_per_worker} is negative")
+        if self.zero_max_reuse_distance < 0:
+            raise UsageError(f"--zero-max-reuse-distance {self.zero_max_reuse_distance} is negative")
         for flag, v in (("--zero-reduce-bucket-size", self.zero_reduce_bucket_size),
                         ("--zero-prefetch-bucket-size", self.zero_prefetch_bucket_size),
                         ("--zero-max-live-parameters", self.zero_max_live_parameters)):
@@ -186,11 +218,30 @@ class RunConfig:
             reduce_bucket_size=self.zero_reduce_bucket_size,
             prefetch_bucket_size=self.zero_prefetch_bucket_size,
             max_live_parameters=self.zero_max_live_parameters,
+            max_reuse_distance=self.zero_max_reuse_distance,
             param_persistence_threshold=self.zero_param_persistence_threshold,
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def operational_settings() -> frozenset[str]:
+    """Settings a resume may change (they change how a run is carried out, not what it computes)."""
+    return frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["operational"])
+
+
+def setting_docs() -> dict[str, str]:
+    """Each field's docstring, read from this file's source (one place for the documentation)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(RunConfig)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
 
 
 def config_from_mapping(values: dict, where: str) -> RunConfig:

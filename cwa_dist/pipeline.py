@@ -16,13 +16,13 @@ import ray
 
 from cwa_dist import plots
 from cwa_dist.config import RunConfig
-from cwa_dist.data import load_texts, lockstep_batches, split_chunks, tokenize_chunks
+from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
 from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
-from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
+from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.runtime import available_cpus, cluster_gpus, start_ray
 from cwa_dist.errors import UsageError
-from cwa_dist.evaluate import Perplexity, predicted_tokens
+from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.memory import peak_rss_bytes
 from cwa_dist.metrics import MAGNITUDE
@@ -283,25 +283,19 @@ def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> Sha
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
                               autoscaling=state.joined_cluster, call_timeout_s=cfg.stage_timeout_s)
         try:
-            nll, tokens = 0.0, 0
-            for step in lockstep_batches(split.evaluation, group.world_size, cfg.batch_size):
-                for n, t in group.each("nll", step, batch_size=cfg.batch_size):
-                    nll, tokens = nll + n, tokens + t
-            baseline = Perplexity(nll, tokens)
-            rep.line(f"📏 Baseline perplexity (evaluation chunks): {baseline.value:.4f}")
-            state.summary["baseline_perplexity"] = baseline.value
-            total_tokens = predicted_tokens(split.calibration)
-            group.call("begin", scored, cfg.gradient_checkpointing)
-            steps = lockstep_batches(split.calibration, group.world_size, cfg.batch_size)
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
-                for step in steps:
-                    group.each("backward", step, total_tokens=total_tokens)
-                    bar.update(sum(len(s) for s in step))
-            reports = group.call("score", scored=scored, metrics=list(cfg.metrics), k=cfg.max_k)
+                result = group.sensitivity(
+                    evaluation=split.evaluation, calibration=split.calibration, scored=scored,
+                    metrics=list(cfg.metrics), k=cfg.max_k, batch_size=cfg.batch_size,
+                    checkpointing=cfg.gradient_checkpointing,
+                    on_baseline=lambda b: rep.line(f"📏 Baseline perplexity (evaluation chunks): {b.value:.4f}"),
+                    on_step=bar.update,
+                )
         finally:
             group.shutdown()
-        merged = merge_reports(reports, cfg.max_k)
-        loss = sum(r.loss for r in reports)
+        state.summary["baseline_perplexity"] = result.baseline.value
+        merged, reports = result.merged, result.reports
+        loss = result.calibration_loss
         rep.line(f"✅ Calibration loss (mean NLL): {loss:.4f}")
         for r in reports:
             rep.detail(f"  rank {r.rank} ({r.node}): backward {r.backward_s:.1f}s, scoring {r.scoring_s:.1f}s, "

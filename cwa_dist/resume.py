@@ -8,13 +8,10 @@ import json
 import os
 from pathlib import Path
 
+from cwa_dist.config import operational_settings
+
 # Settings that change how a run is carried out, not what it computes: a resume may change them.
-OPERATIONAL = frozenset({
-    "output", "experiment_id", "verbose", "ray_address", "resume", "num_eval_actors", "max_retries",
-    "cpus_per_worker", "gpus_per_worker", "gpus_per_eval_actor", "offload_params", "offload_optimizer",
-    "zero_reduce_bucket_size", "zero_prefetch_bucket_size", "zero_max_live_parameters",
-    "zero_param_persistence_threshold", "device", "stage_timeout_s", "experiment_timeout_s",
-})
+OPERATIONAL = operational_settings()
 
 
 # What a run was computed on, beyond its settings: recorded in config.json once the device is known,

@@ -169,20 +169,15 @@ def saved_model(net, path=None, max_shard_size="2MB"):
 def run_gradient_group(ray, net, chunks, names, *, world_size, backend, metrics, k, batch_size=2, settings=None):
     """The gradient stage as the CLI runs it: a real Ray worker group over gloo, loading the
     model from its checkpoint files. Returns the merged candidates and each rank's report."""
-    from cwa_dist.data import lockstep_batches
     from cwa_dist.distributed.backends import ZeroSettings
-    from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
-    from cwa_dist.evaluate import predicted_tokens
+    from cwa_dist.distributed.grad_workers import GradientGroup
 
     model = net if not isinstance(net, torch.nn.Module) else saved_model(net)
     group = GradientGroup(model, num_workers=world_size, backend=backend, device="cpu", cpus_per_worker=1,
                           gpus_per_worker=0, settings=settings or ZeroSettings())
     try:
-        group.call("begin", names, False)
-        total = predicted_tokens(chunks)
-        for step in lockstep_batches(chunks, world_size, batch_size):
-            group.each("backward", step, total_tokens=total)
-        reports = group.call("score", scored=names, metrics=metrics, k=k)
+        result = group.sensitivity(evaluation=chunks[:1], calibration=chunks, scored=names, metrics=metrics, k=k,
+                                   batch_size=batch_size, checkpointing=False)
     finally:
         group.shutdown()
-    return merge_reports(reports, k), reports
+    return result.merged, result.reports

@@ -34,7 +34,7 @@ MALFORMED = [
     ("- just\n- a list\n", "must be a mapping"),
     ("name: s\nruns: []\n", "non-empty list"),
     ("name: s\nrun:\n  - model: m\n", "unknown key"),
-    ("name: 's p a c e'\nruns:\n  - model: m\n", "'name' must be"),
+    ("name: 's p a c e'\nruns:\n  - model: m\n", "'name' 's p a c e' must be one path component"),
     ("name: s\nruns:\n  - model: m\n    topkk: [3]\n", "run 1: unknown setting 'topkk'. Did you mean 'topk'"),
     ("name: s\nruns:\n  - model: m\n  - model: m\n    topk: three\n", "run 2: topk should be int"),
     ("name: s\nruns:\n  - seq_len: 8\n", "no 'model' given"),

@@ -48,6 +48,7 @@ class ZeroSettings:
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 50_000_000
     param_persistence_threshold: int = 100_000
 
 
@@ -57,6 +58,7 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
         "reduce_bucket_size": settings.reduce_bucket_size,
         "stage3_prefetch_bucket_size": settings.prefetch_bucket_size,
         "stage3_max_live_parameters": settings.max_live_parameters,
+        "stage3_max_reuse_distance": settings.max_reuse_distance,
         "stage3_param_persistence_threshold": settings.param_persistence_threshold,
         "contiguous_gradients": True,
         "overlap_comm": False,  # nothing to overlap with: no optimizer step ever runs

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import ray
 import torch
@@ -21,7 +22,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
 from cwa_dist.errors import UsageError, last_line
-from cwa_dist.evaluate import batches, predicted_tokens
+from cwa_dist.data import lockstep_batches
+from cwa_dist.evaluate import Perplexity, batches, predicted_tokens
 from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_rss_bytes
 from cwa_dist.models import ModelRef
 from cwa_dist.sensitivity import (
@@ -129,6 +131,20 @@ class GradientWorker:
         destroy_group()
 
 
+@dataclass
+class SensitivityResult:
+    """What the gradient stage returns to the driver."""
+
+    baseline: Perplexity  # of the evaluation chunks, before any perturbation
+    merged: ShardScores  # the exact global top-K of each metric, and merged statistics
+    reports: list[WorkerReport]  # one per rank, in rank order
+
+    @property
+    def calibration_loss(self) -> float:
+        """The token-weighted mean NLL over the calibration chunks (each rank returns its share)."""
+        return sum(r.loss for r in self.reports)
+
+
 def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
     """Exact global top-K and merged statistics from every rank's local results."""
     return merge_scores([r.scores for r in reports], k)
@@ -193,6 +209,27 @@ class GradientGroup:
     @property
     def world_size(self) -> int:
         return len(self.workers)
+
+    def sensitivity(self, *, evaluation: list[torch.Tensor], calibration: list[torch.Tensor], scored: list[str],
+                    metrics: list[str], k: int, batch_size: int, checkpointing: bool,
+                    on_baseline: Callable[[Perplexity], None] = lambda _: None,
+                    on_step: Callable[[int], None] = lambda _: None) -> SensitivityResult:
+        """The whole stage: baseline perplexity of `evaluation`, the gradient of the mean NLL over
+        `calibration` (every rank a share, in lockstep), each rank's scoring of what it owns, and
+        the exact merge. `on_step` gets the number of chunks each lockstep step processed."""
+        nll, tokens = 0.0, 0
+        for step in lockstep_batches(evaluation, self.world_size, batch_size):
+            for n, t in self.each("nll", step, batch_size=batch_size):
+                nll, tokens = nll + n, tokens + t
+        baseline = Perplexity(nll, tokens)
+        on_baseline(baseline)
+        total_tokens = predicted_tokens(calibration)
+        self.call("begin", scored, checkpointing)
+        for step in lockstep_batches(calibration, self.world_size, batch_size):
+            self.each("backward", step, total_tokens=total_tokens)
+            on_step(sum(len(s) for s in step))
+        reports = self.call("score", scored=scored, metrics=metrics, k=k)
+        return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
 
     def each(self, method: str, per_rank_args: list, **kwargs) -> list:
         """Call `method` on every rank with its own first argument, together."""
