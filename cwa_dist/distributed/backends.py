@@ -212,6 +212,8 @@ class Zero3Backend(Backend):
         # ZeRO keeps partitioned gradients only under an optimizer; this one never steps.
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
         self.engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=self.config)
+        if not settings.offload_optimizer:
+            _drop_master_copy(self.engine.optimizer)
         self.engine.eval()
         self.model = self.engine.module
 
@@ -288,8 +290,14 @@ class Fsdp2Backend(Backend):
         net = empty_model(config, dtype=torch.float32, trust_remote_code=model.trust_remote_code)
         skeleton = empty_model(config, dtype=dtype, trust_remote_code=model.trust_remote_code)
         keys = checkpoint_keys(net, ckpt)
-        for block in transformer_blocks(net):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
+        # Units: each block, the input embedding and the LM head on their own (gathered only while
+        # used; in the root unit they would stay gathered through the whole step), then the root.
+        units = list(transformer_blocks(net))
+        inputs, outputs = net.get_input_embeddings(), net.get_output_embeddings()
+        if outputs is None or outputs.weight is not inputs.weight:  # a tied matrix stays in the root
+            units += [m for m in (inputs, outputs) if m is not None]
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(net, mesh=mesh, mp_policy=policy)
         net.to_empty(device=_device(device))
         with torch.no_grad():
@@ -332,6 +340,15 @@ class Fsdp2Backend(Backend):
         params = list(self.model.parameters())
         return (sum(p.to_local().numel() for p in params),
                 sum(p.grad.to_local().numel() for p in params if p.grad is not None))
+
+
+def _drop_master_copy(zero_optimizer) -> None:
+    """Free DeepSpeed's float32 master partitions: a copy of the parameter partitions kept for
+    optimizer steps, which never happen here. Without optimizer offload nothing else reads them
+    (gradients live in their own float32 partition buffer, read by safe_get_local_grad), so this
+    takes a third off what a rank holds at rest."""
+    for flat in getattr(zero_optimizer, "fp32_partitioned_groups_flat", []):
+        flat.data = torch.empty(0, dtype=flat.dtype, device=flat.device)
 
 
 def check_parameter_dtype(net: torch.nn.Module, dtype: torch.dtype, dtype_of=lambda p: p.dtype) -> None:
