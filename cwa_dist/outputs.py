@@ -176,3 +176,115 @@ class RunDirectory:
 
     def write_figure(self, name: str, fig) -> Path:
         return self._atomic(name, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+MANIFEST_FIELDS = {
+    "status": "running, failed or complete",
+    "started": "when the run was first started (ISO time)",
+    "finished": "when it completed",
+    "resumed": "how many times it was resumed",
+    "error": "why it failed (type: message), while failed",
+    "versions": "python, torch, transformers, ray, deepspeed, ... versions",
+    "git": "the cwa_dist commit (and whether the tree was dirty)",
+    "host": "host name, platform, CPU count",
+    "device": "the resolved device: cpu or cuda",
+    "ray": "the Ray cluster's resources when the run started",
+    "model_class": "the transformers class of the model",
+    "scored_parameters": "name → shape of every scored parameter",
+    "stages": "per stage: status (done) and seconds",
+    "stage_timings_s": "seconds of each stage, this try and earlier ones",
+    "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s)",
+    "summary": "the summary facts of finished stages, which a resumed run needs",
+}
+SUMMARY_FIELDS = {
+    "model_name": "--model as given",
+    "num_parameters": "parameters of the model (tied ones once)",
+    "num_scored_weights": "weights scored and ranked",
+    "data": "texts, chunks, seq_len, the chunk ids and predicted tokens of each set",
+    "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
+    "calibration_loss": "mean NLL over the calibration chunks",
+    "sensitivity": "backend, and per rank: node, backward and scoring seconds, elements held, peak memory",
+    "weights_intact_after_perturbation": "every parameter had its loaded bytes at the end",
+    "experiments_failed": "experiments recorded as failed",
+    "experiments_completed": "experiments that ran to a result",
+    "max_ppl_increase": "largest perplexity increase over the metric (not control) experiments",
+    "most_impactful_perturbation": "that experiment's metric, K, ratio, weights and perplexities",
+    "comparison": "per (K, ratio): each metric's perplexity beside the random mean/max and magnitude controls",
+    "run_directory": "where the files are",
+    "stage_timings_s": "seconds of each stage",
+}
+
+
+class RunRecord:
+    """manifest.json and experiment_summary.json, declared above and written only here.
+
+    Stages report what they found (`fact`, `set`); `stage` runs a stage unless an earlier try
+    finished it, so resuming is this one wrapper rather than checks spread over the pipeline.
+    """
+
+    def __init__(self, run_dir: RunDirectory, manifest: dict):
+        self.run_dir = run_dir
+        self.manifest = manifest
+        self.timings: dict[str, float] = {}
+
+    @property
+    def summary(self) -> dict:
+        return self.manifest.setdefault("summary", {})
+
+    def set(self, **fields) -> None:
+        _check_declared(fields, MANIFEST_FIELDS, "manifest")
+        self.manifest.update(fields)
+
+    def fact(self, **facts) -> None:
+        _check_declared(facts, SUMMARY_FIELDS, "summary")
+        self.summary.update(facts)
+
+    def memory(self, **kinds) -> None:
+        self.manifest.setdefault("memory", {}).update(kinds)
+
+    def done(self, stage: str) -> bool:
+        return self.manifest.get("stages", {}).get(stage, {}).get("status") == "done"
+
+    def mark(self, stage: str) -> None:
+        entry = self.manifest.setdefault("stages", {}).setdefault(stage, {})
+        entry["status"] = "done"
+        if stage in self.timings:
+            entry["seconds"] = self.timings[stage]
+        self.manifest["stage_timings_s"] = {**self.manifest.get("stage_timings_s", {}), **self.timings}
+        self.write()
+
+    def stage(self, name: str, compute, restore):
+        """`restore()` if an earlier try finished stage `name`, else `compute()`, then mark it done."""
+        if self.done(name):
+            return restore()
+        out = compute()
+        self.mark(name)
+        return out
+
+    def write(self) -> None:
+        self.run_dir.write_json("manifest.json", self.manifest)
+
+    def fail(self, error: BaseException) -> None:
+        self.manifest.update(status="failed", error=f"{type(error).__name__}: {error}")
+        self.write()
+
+    def complete(self, **final) -> dict:
+        """Write experiment_summary.json (the summary facts plus `final`) and mark the run complete."""
+        self.fact(**final)
+        self.run_dir.write_json("experiment_summary.json", self.summary)
+        self.manifest.pop("error", None)
+        self.manifest.update(status="complete", finished=_now())
+        self.mark("export")
+        return self.summary
+
+
+def _check_declared(values: dict, declared: dict, what: str) -> None:
+    unknown = set(values) - set(declared)
+    if unknown:  # a key written here must be documented above (and in the README)
+        raise KeyError(f"undeclared {what} field(s): {', '.join(sorted(unknown))}")
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now().isoformat(timespec="seconds")

@@ -9,14 +9,14 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import ray
 
 from cwa_dist import plots
 from cwa_dist.config import RunConfig
-from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.data import Split, load_texts, split_chunks, tokenize_chunks
 from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
@@ -39,6 +39,7 @@ from cwa_dist.models import (
 from cwa_dist.outputs import (
     PERTURBATION_COLUMNS,
     RunDirectory,
+    RunRecord,
     candidates_from_rankings,
     ranking_frame,
     topk_csv_frame,
@@ -51,37 +52,34 @@ from cwa_dist.resume import ResultLog, differing_identity, differing_settings, l
 from cwa_dist.sensitivity import ShardScores, numel, select_parameters
 
 
-@dataclass
-class RunState:
-    """What the stages hand each other on the driver."""
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every stage reads: the settings, the console, and where the run executes."""
 
     cfg: RunConfig
     rep: Reporter
-    device: str = "cpu"
-    model_bytes: int = 0  # the parameters' bytes in the run's dtype
-    model_class: str = ""
-    joined_cluster: bool = False  # an existing cluster may autoscale; a local Ray cannot grow
-    run_dir: RunDirectory | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    device: str
+    joined_cluster: bool  # an existing cluster may autoscale; a local Ray cannot grow
 
-    def done(self, stage: str) -> bool:
-        return self.manifest.get("stages", {}).get(stage, {}).get("status") == "done"
 
-    def mark(self, stage: str, status: str) -> None:
-        entry = self.manifest["stages"].setdefault(stage, {})
-        entry["status"] = status
-        if stage in self.timings:
-            entry["seconds"] = self.timings[stage]
-        self.manifest["stage_timings_s"] = {**self.manifest.get("stage_timings_s", {}), **self.timings}
-        self.manifest["summary"] = self.summary  # what a resumed run needs from finished stages
-        self.run_dir.write_json("manifest.json", self.manifest)
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """What the driver knows of the model: where its weights are, never the weights."""
+
+    model: ModelRef
+    tokenizer: object
+    scored: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    model_class: str
+    num_parameters: int
+    model_bytes: int  # the parameters' bytes in the run's dtype
 
 
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
+    """The stages, in order. Each takes what it needs and returns a typed result; the RunRecord
+    is the only writer of manifest.json and experiment_summary.json, and skips the stages an
+    earlier try of the same run finished."""
     rep = rep or Reporter(cfg.verbose)
-    state = RunState(cfg=cfg, rep=rep)
     experiment_id = _experiment_id(cfg)
     texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
     previous = _previous_run(cfg, experiment_id)
@@ -89,51 +87,39 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
         rep.line(f"✅ {Path(cfg.output) / experiment_id} is already complete; nothing to resume")
         return RunDirectory(Path(cfg.output).expanduser() / experiment_id)
     started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
-    state.joined_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
-        state.device = _resolve_device(cfg.device)
-        identity = run_identity(texts, resolve_dtype(cfg.dtype, state.device))
+        ctx = Context(cfg=cfg, rep=rep, device=_resolve_device(cfg.device),
+                      joined_cluster=bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")))
+        identity = run_identity(texts, resolve_dtype(cfg.dtype, ctx.device))
         if previous:
-            stored = json.loads((Path(cfg.output).expanduser() / experiment_id / "config.json").read_text())
-            diffs = differing_identity(stored, identity)
-            if diffs:
-                raise UsageError(f"cannot resume {Path(cfg.output) / experiment_id}: {'; '.join(diffs)}; the stored "
-                                 "results were computed otherwise. Use the stored data and dtype, or a new --experiment-id")
-        _header(state, experiment_id, len(texts))
-        model, tokenizer, scored, shapes = _load(state)
-        chunks = tokenize_chunks(tokenizer, texts, cfg.seq_len)
-        split = split_chunks(chunks, cfg.calibration_fraction, cfg.seed)
-        _report_data(state, texts, chunks, split)
-
-        if previous:
-            state.run_dir = RunDirectory(Path(cfg.output).expanduser() / experiment_id)
-            state.manifest = previous
-            state.manifest.update(status="running", resumed=state.manifest.get("resumed", 0) + 1)
-            state.summary = {**previous.get("summary", {}), **state.summary}  # this try's model/data facts win
-            done = [s for s, v in previous.get("stages", {}).items() if v.get("status") == "done"]
-            rep.line(f"🔁 Resuming {state.run_dir.path}; stages already done: {', '.join(done) or 'none'}")
-        else:
-            state.run_dir = RunDirectory.create(cfg.output, experiment_id)
-            _start_manifest(state, scored, shapes)
-            state.run_dir.write_json("config.json", {**_config_record(cfg, experiment_id, state.device), **identity})
+            _check_identity(cfg, experiment_id, identity)
+        _header(ctx, experiment_id, len(texts))
+        timings: dict[str, float] = {}
+        loaded = _load(ctx, timings)
+        split, data_facts = _prepare_data(ctx, texts, loaded.tokenizer)
+        record = _open_record(ctx, experiment_id, previous, loaded, identity)
+        record.timings.update(timings)
+        record.fact(model_name=cfg.model, num_parameters=loaded.num_parameters,
+                    num_scored_weights=sum(numel(s) for s in loaded.shapes.values()), data=data_facts)
+        record.mark("model")
         try:
-            if state.done("ranking"):
-                rankings = pd.read_parquet(state.run_dir.path / "rankings.parquet")
-                merged = ShardScores(candidates=candidates_from_rankings(rankings))
-                rep.line("✅ Sensitivity and ranking: done earlier, read from rankings.parquet")
-            else:
-                merged = _sensitivity(state, model, split, scored, shapes)
-                rankings = _export_rankings(state, merged, shapes)
+            rankings = record.stage(
+                "ranking",
+                compute=lambda: _export_rankings(ctx, record, _sensitivity(ctx, record, loaded, split), loaded.shapes),
+                restore=lambda: _read_rankings(ctx, record),
+            )
             results = None
             if not cfg.no_perturbation:
-                results = _perturbation(state, model, split, merged, scored, shapes)
-            _finish(state, rankings, results)
+                results = record.stage(
+                    "perturbation",
+                    compute=lambda: _perturbation(ctx, record, loaded, split, rankings),
+                    restore=lambda: pd.read_parquet(record.run_dir.path / "perturbation_results.parquet"),
+                )
+            _finish(ctx, record, rankings, results)
         except BaseException as e:
-            state.manifest["status"] = "failed"
-            state.manifest["error"] = f"{type(e).__name__}: {e}"
-            state.run_dir.write_json("manifest.json", state.manifest)
+            record.fail(e)
             raise
-        return state.run_dir
+        return record.run_dir
     finally:
         if started_ray:
             ray.shutdown()
@@ -172,6 +158,40 @@ def _previous_run(cfg: RunConfig, experiment_id: str) -> dict | None:
     return json.loads(manifest.read_text())
 
 
+def _check_identity(cfg: RunConfig, experiment_id: str, identity: dict) -> None:
+    path = Path(cfg.output).expanduser() / experiment_id
+    diffs = differing_identity(json.loads((path / "config.json").read_text()), identity)
+    if diffs:
+        raise UsageError(f"cannot resume {Path(cfg.output) / experiment_id}: {'; '.join(diffs)}; the stored "
+                         "results were computed otherwise. Use the stored data and dtype, or a new --experiment-id")
+
+
+def _open_record(ctx: Context, experiment_id: str, previous: dict | None, loaded: LoadedModel,
+                 identity: dict) -> RunRecord:
+    """The record of an earlier try to continue, or of a new run directory."""
+    cfg, rep = ctx.cfg, ctx.rep
+    if previous:
+        record = RunRecord(RunDirectory(Path(cfg.output).expanduser() / experiment_id), previous)
+        record.set(status="running", resumed=previous.get("resumed", 0) + 1)
+        done = [s for s, v in previous.get("stages", {}).items() if v.get("status") == "done"]
+        rep.line(f"🔁 Resuming {record.run_dir.path}; stages already done: {', '.join(done) or 'none'}")
+        return record
+    record = RunRecord(RunDirectory.create(cfg.output, experiment_id), {})
+    record.set(
+        status="running",
+        started=dt.datetime.now().isoformat(timespec="seconds"),
+        versions=versions(),
+        git=git_revision(),
+        host=host(),
+        device=ctx.device,
+        ray={"resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
+        model_class=loaded.model_class,
+        scored_parameters={n: list(s) for n, s in loaded.shapes.items()},
+    )
+    record.run_dir.write_json("config.json", {**_config_record(cfg, experiment_id, ctx.device), **identity})
+    return record
+
+
 def _resolve_device(device: str) -> str:
     gpus = cluster_gpus()
     if device == "cuda" and gpus == 0:
@@ -181,13 +201,13 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _header(state: RunState, experiment_id: str, n_texts: int) -> None:
-    cfg, rep = state.cfg, state.rep
+def _header(ctx: Context, experiment_id: str, n_texts: int) -> None:
+    cfg, rep = ctx.cfg, ctx.rep
     rep.line("🔬 Critical Weight Analysis (cwa_dist)")
     rep.rule()
     rep.line(f"📅 Started: {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
     rep.line(f"🤖 Model: {cfg.model}")
-    rep.line(f"🔧 Device: {state.device}")
+    rep.line(f"🔧 Device: {ctx.device}")
     rep.line(f"📊 Metrics: {', '.join(cfg.metrics)}")
     rep.line(f"🏆 Top-K values: {list(cfg.topk)}")
     rep.line(f"📚 Evaluation texts: {n_texts}")
@@ -195,13 +215,13 @@ def _header(state: RunState, experiment_id: str, n_texts: int) -> None:
     rep.rule()
 
 
-def _load(state: RunState):
+def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
     """Resolve the checkpoint and read what the driver needs of it: config, tokenizer, and the
     parameters' names and shapes (from an empty model on the meta device). No weight is read here:
     workers and actors read them from the files."""
-    cfg, rep = state.cfg, state.rep
-    with rep.stage("🤖 Loading Model", state.timings, "model"):
-        dtype = resolve_dtype(cfg.dtype, state.device)
+    cfg, rep = ctx.cfg, ctx.rep
+    with rep.stage("🤖 Loading Model", timings, "model"):
+        dtype = resolve_dtype(cfg.dtype, ctx.device)
         rep.line(f"🔄 Loading {cfg.model} ...")
         source = resolve_source(cfg.model)
         path = resolve_checkpoint(source, announce=rep.line)
@@ -215,10 +235,8 @@ def _load(state: RunState):
         shapes = {n: tuple(params[n].shape) for n in scored}
         n_params = sum(p.numel() for p in params.values())
         n_scored = sum(numel(s) for s in shapes.values())
-        state.model_bytes = n_params * dtype.itemsize
-        state.model_class = type(skeleton).__name__
         files = len({t.file for t in ckpt.tensors.values()})
-        rep.line(f"✅ Model: {state.model_class} ({source.kind}), dtype {str(dtype).removeprefix('torch.')}")
+        rep.line(f"✅ Model: {type(skeleton).__name__} ({source.kind}), dtype {str(dtype).removeprefix('torch.')}")
         rep.line(f"✅ Checkpoint: {path} ({ckpt.nbytes() / 2**30:.2f} GiB in {files} safetensors file(s); "
                  "each worker reads its own part)")
         rep.line(f"✅ Parameters: {n_params:,}")
@@ -228,23 +246,27 @@ def _load(state: RunState):
                 f"--topk {cfg.max_k} is larger than the {n_scored:,} weights being scored; "
                 "lower K or score more parameters (--include-bias, --include-norm)"
             )
-        state.summary.update(model_name=cfg.model, num_parameters=n_params, num_scored_weights=n_scored)
         model = ModelRef(source=cfg.model, checkpoint_dir=str(path), dtype=str(dtype).removeprefix("torch."),
                          trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer, scored, shapes
+    return LoadedModel(model=model, tokenizer=tokenizer, scored=scored, shapes=shapes,
+                       model_class=type(skeleton).__name__, num_parameters=n_params,
+                       model_bytes=n_params * dtype.itemsize)
 
 
-def _report_data(state: RunState, texts, chunks, split) -> None:
-    rep = state.rep
+def _prepare_data(ctx: Context, texts: list[str], tokenizer) -> tuple[Split, dict]:
+    """Texts → chunks → the calibration/evaluation split, and the facts the summary records."""
+    rep = ctx.rep
+    chunks = tokenize_chunks(tokenizer, texts, ctx.cfg.seq_len)
+    split = split_chunks(chunks, ctx.cfg.calibration_fraction, ctx.cfg.seed)
     cal_tokens, eval_tokens = predicted_tokens(split.calibration), predicted_tokens(split.evaluation)
     rep.heading("📚 Evaluation Data")
-    rep.line(f"✅ {len(texts)} texts → {len(chunks)} chunks of ≤{state.cfg.seq_len} tokens")
+    rep.line(f"✅ {len(texts)} texts → {len(chunks)} chunks of ≤{ctx.cfg.seq_len} tokens")
     rep.line(f"✅ Calibration: {len(split.calibration)} chunks ({cal_tokens:,} predicted tokens)")
     rep.line(f"✅ Evaluation: {len(split.evaluation)} chunks ({eval_tokens:,} predicted tokens)")
-    state.summary["data"] = {
+    return split, {
         "texts": len(texts),
         "chunks": len(chunks),
-        "seq_len": state.cfg.seq_len,
+        "seq_len": ctx.cfg.seq_len,
         "calibration_chunks": split.calibration_ids,
         "evaluation_chunks": split.evaluation_ids,
         "calibration_tokens": cal_tokens,
@@ -252,36 +274,21 @@ def _report_data(state: RunState, texts, chunks, split) -> None:
     }
 
 
-def _start_manifest(state: RunState, scored, shapes) -> None:
-    state.manifest = {
-        "status": "running",
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "versions": versions(),
-        "git": git_revision(),
-        "host": host(),
-        "device": state.device,
-        "ray": {"resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
-        "model_class": state.model_class,
-        "scored_parameters": {n: list(s) for n, s in shapes.items()},
-        "stages": {"model": {"status": "done", "seconds": state.timings.get("model")}},
-    }
-    state.run_dir.write_json("manifest.json", state.manifest)
-
-
-def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> ShardScores:
-    cfg, rep = state.cfg, state.rep
-    with rep.stage("🧮 Computing Sensitivity Metrics", state.timings, "sensitivity"):
+def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> ShardScores:
+    cfg, rep, scored = ctx.cfg, ctx.rep, loaded.scored
+    with rep.stage("🧮 Computing Sensitivity Metrics", record.timings, "sensitivity"):
         settings = cfg.zero_settings()
-        backend = cfg.backend_for(state.device)
+        backend = cfg.backend_for(ctx.device)
         if backend == "zero3":
-            state.run_dir.write_json("deepspeed_config.json", deepspeed_config(settings, resolve_dtype(cfg.dtype, state.device)))
-        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if state.device == "cuda" else 0)
+            record.run_dir.write_json("deepspeed_config.json",
+                                      deepspeed_config(settings, resolve_dtype(cfg.dtype, ctx.device)))
+        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if ctx.device == "cuda" else 0)
         cpus = cfg.cpus_per_worker or max(1, available_cpus() // cfg.num_workers)
         rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
-        group = GradientGroup(model, num_workers=cfg.num_workers, backend=backend, device=state.device,
+        group = GradientGroup(loaded.model, num_workers=cfg.num_workers, backend=backend, device=ctx.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
-                              autoscaling=state.joined_cluster, call_timeout_s=cfg.stage_timeout_s)
+                              autoscaling=ctx.joined_cluster, call_timeout_s=cfg.stage_timeout_s)
         try:
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
                 result = group.sensitivity(
@@ -293,7 +300,7 @@ def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> Sha
                 )
         finally:
             group.shutdown()
-        state.summary["baseline_perplexity"] = result.baseline.value
+        record.fact(baseline_perplexity=result.baseline.value)
         merged, reports = result.merged, result.reports
         loss = result.calibration_loss
         rep.line(f"✅ Calibration loss (mean NLL): {loss:.4f}")
@@ -301,10 +308,10 @@ def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> Sha
             rep.detail(f"  rank {r.rank} ({r.node}): backward {r.backward_s:.1f}s, scoring {r.scoring_s:.1f}s, "
                        f"{r.local_param_numel:,} parameter elements held, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB"
                        + (f", peak GPU {r.peak_device_bytes / 2**30:.2f} GiB" if r.peak_device_bytes else ""))
-        state.manifest.setdefault("memory", {})["gradient_ranks"] = [
+        record.memory(gradient_ranks=[
             {"rank": r.rank, "node": r.node, "peak_rss_bytes": r.peak_rss_bytes,
              "peak_device_bytes": r.peak_device_bytes, "live_tensor_bytes": r.live_tensor_bytes} for r in reports
-        ]
+        ])
         for metric in cfg.metrics:
             overall = merged.statistics[metric].overall().finalize(with_histogram=False)
             rep.line(f"🔄 {metric}:")
@@ -313,8 +320,7 @@ def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> Sha
             rep.line(f"  📈 Mean: {overall['mean']:.2e}")
             rep.line(f"  📉 Std: {overall['std']:.2e}")
             rep.line(f"  🔝 Max: {overall['max']:.2e}")
-        state.summary["calibration_loss"] = loss
-        state.summary["sensitivity"] = {
+        record.fact(calibration_loss=loss, sensitivity={
             "backend": backend,
             "workers": [
                 {"rank": r.rank, "node": r.node, "backward_s": r.backward_s, "scoring_s": r.scoring_s,
@@ -322,14 +328,14 @@ def _sensitivity(state: RunState, model: ModelRef, split, scored, shapes) -> Sha
                  "peak_rss_bytes": r.peak_rss_bytes, "peak_device_bytes": r.peak_device_bytes}
                 for r in reports
             ],
-        }
-    state.mark("sensitivity", "done")
+        })
+    record.mark("sensitivity")
     return merged
 
 
-def _export_rankings(state: RunState, merged: ShardScores, shapes) -> pd.DataFrame:
-    cfg, rep, out = state.cfg, state.rep, state.run_dir
-    with rep.stage("🏆 Ranking Critical Weights", state.timings, "ranking"):
+def _export_rankings(ctx: Context, record: RunRecord, merged: ShardScores, shapes) -> pd.DataFrame:
+    cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
+    with rep.stage("🏆 Ranking Critical Weights", record.timings, "ranking"):
         frames = []
         for metric in [*cfg.metrics, MAGNITUDE.name]:
             frame = ranking_frame(metric, merged.candidates[metric], shapes)
@@ -347,8 +353,12 @@ def _export_rankings(state: RunState, merged: ShardScores, shapes) -> pd.DataFra
             "sensitivity_statistics.json",
             {m: s.finalize() for m, s in merged.statistics.items()},
         )
-    state.mark("ranking", "done")
     return rankings
+
+
+def _read_rankings(ctx: Context, record: RunRecord) -> pd.DataFrame:
+    ctx.rep.line("✅ Sensitivity and ranking: done earlier, read from rankings.parquet")
+    return pd.read_parquet(record.run_dir.path / "rankings.parquet")
 
 
 def _num_actors(cfg: RunConfig, device: str, n_specs: int, model_bytes: int) -> int:
@@ -361,14 +371,16 @@ def _num_actors(cfg: RunConfig, device: str, n_specs: int, model_bytes: int) -> 
     return max(1, min(n_specs, slots, by_memory))
 
 
-def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, scored, shapes) -> pd.DataFrame:
-    cfg, rep = state.cfg, state.rep
-    with rep.stage("🎯 Perturbation Analysis", state.timings, "perturbation"):
+def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split,
+                  rankings: pd.DataFrame) -> pd.DataFrame:
+    cfg, rep = ctx.cfg, ctx.rep
+    with rep.stage("🎯 Perturbation Analysis", record.timings, "perturbation"):
+        candidates = candidates_from_rankings(rankings)
         specs = plan_experiments(
-            rankings={m: merged.candidates[m] for m in cfg.metrics},
-            magnitude=merged.candidates[MAGNITUDE.name],
-            param_names=scored,
-            numels=[numel(shapes[n]) for n in scored],
+            rankings={m: candidates[m] for m in cfg.metrics},
+            magnitude=candidates[MAGNITUDE.name],
+            param_names=loaded.scored,
+            numels=[numel(loaded.shapes[n]) for n in loaded.scored],
             topk=cfg.topk,
             ratios=cfg.perturbation_ratios,
             random_seeds=cfg.random_seeds,
@@ -376,7 +388,7 @@ def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, 
             mode=cfg.perturbation_mode,
         )
         by_key = {s.key: s for s in specs}
-        log = ResultLog(state.run_dir.path / "perturbation_results.jsonl")
+        log = ResultLog(record.run_dir.path / "perturbation_results.jsonl")
         # Experiments a killed or failed earlier try finished stay; failed ones run again.
         rows = {r["key"]: r for r in log.repair() if r["key"] in by_key and r["status"] == "ok"}
         todo = [s for s in specs if s.key not in rows]
@@ -385,17 +397,17 @@ def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, 
         chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
         intact = True
         if todo:
-            n_actors = _num_actors(cfg, state.device, len(todo), state.model_bytes)
+            n_actors = _num_actors(cfg, ctx.device, len(todo), loaded.model_bytes)
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
-            pool = EvalPool(model, ray.put(chunks), num_actors=n_actors, device=state.device,
+            pool = EvalPool(loaded.model, ray.put(chunks), num_actors=n_actors, device=ctx.device,
                             gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
             try:
                 baselines = {round(b.value, 6) for _, b in pool.describe()}
                 if len(baselines) > 1:
                     rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
                 with rep.progress(len(todo), "experiments", "exp") as bar:
-                    def record(row: dict) -> None:
+                    def keep(row: dict) -> None:
                         log.append(row)
                         rows[row["key"]] = row
                         bar.update(1)
@@ -403,8 +415,8 @@ def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, 
 
                     pool.run(
                         todo,
-                        on_result=lambda r: record(_result_row(by_key[r.key], r)),
-                        on_failure=lambda spec, error: record(_failed_row(spec, error, min(baselines))),
+                        on_result=lambda r: keep(_result_row(by_key[r.key], r)),
+                        on_failure=lambda spec, error: keep(_failed_row(spec, error, min(baselines))),
                         max_retries=cfg.max_retries,
                         timeout_s=cfg.experiment_timeout_s,
                     )
@@ -414,21 +426,19 @@ def _perturbation(state: RunState, model: ModelRef, split, merged: ShardScores, 
                     rep.detail(f"  actor {a['actor']}: loaded in {a['load_s']:.1f}s, peak RSS "
                                f"{a['peak_rss_bytes'] / 2**30:.2f} GiB"
                                + (f", peak GPU {a['peak_device_bytes'] / 2**30:.2f} GiB" if a["peak_device_bytes"] else ""))
-                state.manifest.setdefault("memory", {})["eval_actors"] = actors
+                record.memory(eval_actors=actors)
             finally:
                 pool.shutdown()
         results = pd.DataFrame([rows[s.key] for s in specs], columns=list(PERTURBATION_COLUMNS))
-        state.run_dir.write_csv("perturbation_results.csv", results)
-        state.run_dir.write_parquet("perturbation_results.parquet", results)
+        record.run_dir.write_csv("perturbation_results.csv", results)
+        record.run_dir.write_parquet("perturbation_results.parquet", results)
         ok = results[results["status"] == "ok"]
         inexact = int((results["restored_exact"] == False).sum())  # noqa: E712 (None: never ran)
         rep.line(f"✅ Completed {len(ok)}/{len(specs)} experiments; {len(results) - len(ok)} failed; "
                  f"{inexact} not restored bit-exactly; all weights intact at the end: {intact}")
         if inexact or not intact:
             raise RuntimeError("a perturbation was not restored exactly; the results after it are not trustworthy")
-        state.summary["weights_intact_after_perturbation"] = intact
-        state.summary["experiments_failed"] = len(results) - len(ok)
-    state.mark("perturbation", "done")
+        record.fact(weights_intact_after_perturbation=intact, experiments_failed=len(results) - len(ok))
     return results
 
 
@@ -477,30 +487,25 @@ def _describe(row: dict) -> str:
             f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} ({row['ppl_increase']:+.2f})")
 
 
-def _finish(state: RunState, rankings: pd.DataFrame, results: pd.DataFrame | None) -> None:
-    cfg, rep, out = state.cfg, state.rep, state.run_dir
-    with rep.stage("💾 Exporting Results", state.timings, "export"):
+def _finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.DataFrame | None) -> None:
+    cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
+    with rep.stage("💾 Exporting Results", record.timings, "export"):
         out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(rankings[rankings["metric"].isin(cfg.metrics)]))
-        summary = dict(state.summary)
+        final: dict = {}
         ok = None if results is None else results[results["status"] == "ok"]
-        summary["experiments_completed"] = 0 if ok is None else len(ok)
+        final["experiments_completed"] = 0 if ok is None else len(ok)
         if ok is not None and len(ok):
-            summary.update(_perturbation_summary(ok))
+            final.update(_perturbation_summary(ok))
             out.write_figure("plots/ppl_vs_masked.png", plots.perplexity_vs_masked(ok, ok["baseline_ppl"].iloc[0]))
         else:
-            summary["max_ppl_increase"] = None
-        summary["run_directory"] = str(out.path)
-        summary["stage_timings_s"] = dict(state.timings)
-        out.write_json("experiment_summary.json", summary)
+            final["max_ppl_increase"] = None
+        driver_peak = peak_rss_bytes()
+        record.memory(driver={"peak_rss_bytes": driver_peak})
+        rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")
+        summary = record.complete(**final, run_directory=str(out.path), stage_timings_s=dict(record.timings))
         for f in sorted(p.relative_to(out.path) for p in out.path.rglob("*") if p.is_file()):
             rep.detail(f"  ✅ {f}")
-    state.manifest["status"] = "complete"
-    state.manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
-    driver_peak = peak_rss_bytes()
-    state.manifest.setdefault("memory", {})["driver"] = {"peak_rss_bytes": driver_peak}
-    rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")
-    state.mark("export", "done")
-    _final_report(state, summary)
+    _final_report(ctx, summary)
 
 
 def _perturbation_summary(results: pd.DataFrame) -> dict:
@@ -536,8 +541,8 @@ def _perturbation_summary(results: pd.DataFrame) -> dict:
     return out
 
 
-def _final_report(state: RunState, summary: dict) -> None:
-    rep = state.rep
+def _final_report(ctx: Context, summary: dict) -> None:
+    rep = ctx.rep
     rep.line()
     rep.line("🔬 Analysis Complete - Summary")
     rep.rule()

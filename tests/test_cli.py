@@ -109,6 +109,14 @@ def test_summary_manifest_and_config(full_run):
     assert manifest["status"] == "complete"
     assert {s for s, v in manifest["stages"].items() if v["status"] == "done"} >= {"sensitivity", "perturbation", "export"}
     assert manifest["versions"]["torch"] and manifest["versions"]["ray"]
+    # Every key written is declared (and documented) beside the column schemas; nothing else is.
+    from cwa_dist.outputs import MANIFEST_FIELDS, SUMMARY_FIELDS, RunDirectory, RunRecord
+
+    assert set(manifest) <= set(MANIFEST_FIELDS) and set(summary) <= set(SUMMARY_FIELDS)
+    assert {"memory", "stages", "summary"} <= set(manifest)
+    assert {"driver", "gradient_ranks", "eval_actors"} <= set(manifest["memory"])
+    with pytest.raises(KeyError, match="undeclared manifest field"):
+        RunRecord(RunDirectory(run_dir), {}).set(bogus=1)
     stats = json.loads((run_dir / "sensitivity_statistics.json").read_text())
     assert stats["grad_x_weight"]["overall"]["count"] == summary["num_scored_weights"]
     assert "Analysis complete" in proc.stdout and "Baseline perplexity" in proc.stdout

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from conftest import build_tiny_model, calibration_chunks, saved_model
 from cwa_dist.distributed.backends import ZeroSettings
