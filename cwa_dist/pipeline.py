@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -361,10 +362,27 @@ def _read_rankings(ctx: Context, record: RunRecord) -> pd.DataFrame:
     return pd.read_parquet(record.run_dir.path / "rankings.parquet")
 
 
+def _settled_free_resources(timeout_s: float = 10.0, stable_s: float = 1.0) -> dict:
+    """Ray's free resources once they stop growing. A removed placement group (the gradient
+    workers') hands its CPUs and GPUs back a moment later; sizing the pool at once would leave
+    them idle for the whole stage."""
+    deadline = time.monotonic() + timeout_s
+    free, since = ray.available_resources(), time.monotonic()
+    total = ray.cluster_resources()
+    while time.monotonic() < deadline and time.monotonic() - since < stable_s:
+        if all(free.get(k, 0) >= total.get(k, 0) for k in ("CPU", "GPU")):
+            break  # everything is back
+        time.sleep(0.1)
+        now = ray.available_resources()
+        if now.get("CPU", 0) != free.get("CPU", 0) or now.get("GPU", 0) != free.get("GPU", 0):
+            free, since = now, time.monotonic()
+    return free
+
+
 def _num_actors(cfg: RunConfig, device: str, n_specs: int, model_bytes: int) -> int:
     if cfg.num_eval_actors:
         return cfg.num_eval_actors
-    free = ray.available_resources()
+    free = _settled_free_resources()
     slots = int(free.get("GPU", 0)) // cfg.gpus_per_eval_actor if device == "cuda" else int(free.get("CPU", 0))
     # Each actor holds a replica plus activations; leave room for them in Ray's memory budget.
     by_memory = int(free.get("memory", 0) // (3 * model_bytes)) if model_bytes else slots

@@ -122,6 +122,7 @@ def test_summary_manifest_and_config(full_run):
     assert "Analysis complete" in proc.stdout and "Baseline perplexity" in proc.stdout
 
 
+
 def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
     code = main(["--model", str(tiny_model_dir["gpt2"]), *SMALL, "--topk", "7", "--no-perturbation",
                  "--output", str(tmp_path), "--experiment-id", "np"])

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from conftest import build_tiny_model, calibration_chunks, saved_model
 from cwa_dist.distributed.backends import ZeroSettings
@@ -207,3 +208,32 @@ def test_hf_token_in_the_hub_cache_path_never_reaches_outputs(ray_local, tiny_mo
     for f in files:
         assert token.encode() not in f.read_bytes(), f
     assert json.loads((out / "hub" / "config.json").read_text())["model"] == "cwa-test/tiny-llama"
+
+
+def test_a_replica_that_does_not_fit_its_gpus_is_refused(monkeypatch):
+    """accelerate's device_map would silently put what does not fit on the CPU or disk; the
+    evaluation actor refuses instead (the GPUs' free memory is stubbed: this machine has none)."""
+    from cwa_dist.errors import UsageError
+    from cwa_dist.models import _gpu_map, empty_model
+
+    net = empty_model(build_tiny_model("llama").config, dtype=torch.float32, trust_remote_code=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (4096, 8192))  # 4 KiB free per GPU
+    with pytest.raises(UsageError, match=r"does not fit the 2 GPU\(s\).*--gpus-per-eval-actor"):
+        _gpu_map(net, 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (2**30, 2**30))
+    device_map = _gpu_map(net, 2)
+    assert set(device_map.values()) <= {0, 1}
+
+
+def test_the_eval_pool_is_sized_after_the_gradient_workers_resources_are_back(ray_local):
+    """Ray hands a removed placement group's CPUs back a moment later; read at once, the free
+    CPUs undercount and the default run would evaluate on fewer actors than the machine has."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cwa_dist.pipeline import _settled_free_resources
+
+    total = ray_local.cluster_resources()["CPU"]
+    pg = placement_group([{"CPU": 1}] * int(total), strategy="PACK")
+    ray_local.get(pg.ready())
+    remove_placement_group(pg)
+    assert _settled_free_resources()["CPU"] == total
