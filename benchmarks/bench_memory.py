@@ -77,14 +77,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama600m"])
     ap.add_argument("--backends", nargs="+", default=["zero3", "fsdp2"])
-    ap.add_argument("--skip-driver", action="store_true")
+    ap.add_argument("--parts", nargs="+", default=["driver", "ranks", "actor"], choices=["driver", "ranks", "actor"])
+    ap.add_argument("--skip-driver", action="store_true", help="same as leaving 'driver' out of --parts")
     args = ap.parse_args()
+    if args.skip_driver and "driver" in args.parts:
+        args.parts.remove("driver")
 
     smol = resolve_checkpoint(resolve_source(str(ensure_smollm2())), announce=print)
     tok = load_tokenizer(smol, trust_remote_code=False)
     texts = load_texts(None, 8)
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
-    idle = 0 if args.skip_driver else peak_of([sys.executable, "-c", IDLE_DRIVER])
+    idle = 0 if "driver" not in args.parts else peak_of([sys.executable, "-c", IDLE_DRIVER])
     if idle:
         print(f"idle Ray driver (imports + ray.init): peak RSS {idle / GiB:.2f} GiB")
     for name in args.models:
@@ -102,7 +105,7 @@ def main() -> None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             if not (path / f).exists() and (smol / f).exists():
                 (path / f).write_bytes((smol / f).read_bytes())
-        if not args.skip_driver:
+        if "driver" in args.parts:
             out = tmp / f"runs_{name}"
             peak = peak_of([sys.executable, "-m", "cwa_dist.run", "--model", str(path), "--seq-len", "64",
                             "--eval-limit", "4", "--batch-size", "1", "--topk", "10", "--perturbation-ratios", "1.0",
@@ -114,9 +117,11 @@ def main() -> None:
         vocab = skeleton.config.vocab_size
         chunks = [c % vocab for c in tokenize_chunks(tok, texts, 128)[:2]]
         model = ModelRef(source=str(path), checkpoint_dir=str(path), dtype="float32")
+        if not {"ranks", "actor"} & set(args.parts):
+            continue
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            for backend in args.backends:
+            for backend in args.backends if "ranks" in args.parts else []:
                 peaks = {}
                 for world in (1, 2):
                     start = time.perf_counter()
@@ -136,6 +141,8 @@ def main() -> None:
                           f"({peaks[world] / model_bytes:.2f} x model), tensors held after scoring "
                           f"{max(r.live_tensor_bytes for r in reports) / GiB:.2f} GiB, group start + load {load_s:.1f}s")
                 print(f"{backend}: rank peak world 2 / world 1 = {peaks[2] / peaks[1]:.3f} (target <= 0.6)")
+            if "actor" not in args.parts:
+                continue
             pool = EvalPool(model, ray.put(chunks), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=1)
             try:
                 pool.describe()
