@@ -143,7 +143,7 @@ def main() -> None:
                 print(f"{backend}: rank peak world 2 / world 1 = {peaks[2] / peaks[1]:.3f} (target <= 0.6)")
             if "actor" not in args.parts:
                 continue
-            pool = EvalPool(model, ray.put(chunks), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=1)
+            pool = EvalPool(model, chunks, num_actors=1, device="cpu", gpus_per_actor=0, batch_size=1)
             try:
                 pool.describe()
                 (m,) = pool.memory()

@@ -8,12 +8,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 from pathlib import Path
 from dataclasses import dataclass
 
 import pandas as pd
-import ray
 
 from cwa_dist import plots
 from cwa_dist.config import RunConfig
@@ -21,7 +19,14 @@ from cwa_dist.data import Split, load_texts, split_chunks, tokenize_chunks
 from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
-from cwa_dist.distributed.runtime import available_cpus, cluster_gpus, start_ray
+from cwa_dist.distributed.runtime import (
+    available_cpus,
+    cluster_gpus,
+    cluster_resources,
+    settled_free_resources,
+    start_ray,
+    stop_ray,
+)
 from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.checkpoint import Checkpoint
@@ -123,7 +128,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
         return record.run_dir
     finally:
         if started_ray:
-            ray.shutdown()
+            stop_ray()
 
 
 def _experiment_id(cfg: RunConfig) -> str:
@@ -185,7 +190,7 @@ def _open_record(ctx: Context, experiment_id: str, previous: dict | None, loaded
         git=git_revision(),
         host=host(),
         device=ctx.device,
-        ray={"resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}},
+        ray={"resources": cluster_resources()},
         model_class=loaded.model_class,
         scored_parameters={n: list(s) for n, s in loaded.shapes.items()},
     )
@@ -362,27 +367,10 @@ def _read_rankings(ctx: Context, record: RunRecord) -> pd.DataFrame:
     return pd.read_parquet(record.run_dir.path / "rankings.parquet")
 
 
-def _settled_free_resources(timeout_s: float = 10.0, stable_s: float = 1.0) -> dict:
-    """Ray's free resources once they stop growing. A removed placement group (the gradient
-    workers') hands its CPUs and GPUs back a moment later; sizing the pool at once would leave
-    them idle for the whole stage."""
-    deadline = time.monotonic() + timeout_s
-    free, since = ray.available_resources(), time.monotonic()
-    total = ray.cluster_resources()
-    while time.monotonic() < deadline and time.monotonic() - since < stable_s:
-        if all(free.get(k, 0) >= total.get(k, 0) for k in ("CPU", "GPU")):
-            break  # everything is back
-        time.sleep(0.1)
-        now = ray.available_resources()
-        if now.get("CPU", 0) != free.get("CPU", 0) or now.get("GPU", 0) != free.get("GPU", 0):
-            free, since = now, time.monotonic()
-    return free
-
-
 def _num_actors(cfg: RunConfig, device: str, n_specs: int, model_bytes: int) -> int:
     if cfg.num_eval_actors:
         return cfg.num_eval_actors
-    free = _settled_free_resources()
+    free = settled_free_resources()
     slots = int(free.get("GPU", 0)) // cfg.gpus_per_eval_actor if device == "cuda" else int(free.get("CPU", 0))
     # Each actor holds a replica plus activations; leave room for them in Ray's memory budget.
     by_memory = int(free.get("memory", 0) // (3 * model_bytes)) if model_bytes else slots
@@ -418,7 +406,7 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
             n_actors = _num_actors(cfg, ctx.device, len(todo), loaded.model_bytes)
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
-            pool = EvalPool(loaded.model, ray.put(chunks), num_actors=n_actors, device=ctx.device,
+            pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
                             gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
             try:
                 baselines = {round(b.value, 6) for _, b in pool.describe()}

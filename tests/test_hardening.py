@@ -73,7 +73,7 @@ def _specs(net, n):
 
 def test_a_stuck_eval_actor_is_killed_and_its_experiment_retried(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(saved_model(net), ray_local.put(calibration_chunks(6, 24)), num_actors=2, device="cpu",
+    pool = EvalPool(saved_model(net), calibration_chunks(6, 24), num_actors=2, device="cpu",
                     gpus_per_actor=0, batch_size=2)
     results, failures, stopped = [], [], []
     try:
@@ -230,10 +230,28 @@ def test_the_eval_pool_is_sized_after_the_gradient_workers_resources_are_back(ra
     CPUs undercount and the default run would evaluate on fewer actors than the machine has."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from cwa_dist.pipeline import _settled_free_resources
+    from cwa_dist.distributed.runtime import settled_free_resources
 
     total = ray_local.cluster_resources()["CPU"]
     pg = placement_group([{"CPU": 1}] * int(total), strategy="PACK")
     ray_local.get(pg.ready())
     remove_placement_group(pg)
-    assert _settled_free_resources()["CPU"] == total
+    assert settled_free_resources()["CPU"] == total
+
+
+def test_a_second_stage_on_the_same_zero3_group_starts_from_zero_gradients(ray_local):
+    """ZeRO-3 adds each backward into its gradient partitions; `begin` must clear them, or a second
+    stage on the same engine would score the sum of both."""
+    net = build_tiny_model("llama")
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    chunks = calibration_chunks(4, 12)
+    group = GradientGroup(saved_model(net), num_workers=2, backend="zero3", device="cpu", cpus_per_worker=1,
+                          gpus_per_worker=0, settings=ZeroSettings())
+    try:
+        runs = [group.sensitivity(evaluation=chunks[:1], calibration=chunks, scored=names, metrics=["grad_squared"],
+                                  k=50, batch_size=1, checkpointing=False) for _ in range(2)]
+    finally:
+        group.shutdown()
+    first, second = (r.merged.candidates["grad_squared"] for r in runs)
+    assert torch.equal(first.flat_index, second.flat_index)
+    torch.testing.assert_close(second.score, first.score, rtol=1e-6, atol=0)

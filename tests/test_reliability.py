@@ -44,7 +44,7 @@ def _pid(actor_name: str) -> int:
 
 def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(saved_model(net), ray_local.put(calibration_chunks(6, 24)), num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(saved_model(net), calibration_chunks(6, 24), num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
     specs = _specs(net, 10)
     results, failures, killed = [], [], []
     try:
@@ -72,7 +72,7 @@ def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local)
 
 def test_experiment_is_recorded_as_failed_after_its_retries(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(saved_model(net), ray_local.put(calibration_chunks(4, 16)), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(saved_model(net), calibration_chunks(4, 16), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=2)
     results, failures = [], []
     try:
         (name, _), = pool.describe()
@@ -236,7 +236,7 @@ def test_safetensors_wins_over_a_pickle_checkpoint(ray_local, tiny_model_dir, tm
     net = build_tiny_model("llama")
     torch.save({k: torch.zeros_like(v) for k, v in net.state_dict().items()}, d / "pytorch_model.bin")
     assert resolve_checkpoint(resolve_source(str(d)), announce=print) == d
-    pool = EvalPool(ModelRef(str(d), str(d), "float32"), ray_local.put(calibration_chunks(2, 16)), num_actors=1,
+    pool = EvalPool(ModelRef(str(d), str(d), "float32"), calibration_chunks(2, 16), num_actors=1,
                     device="cpu", gpus_per_actor=0, batch_size=2)
     try:
         (_, baseline), = pool.describe()

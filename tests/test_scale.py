@@ -73,7 +73,7 @@ def test_eval_actors_load_a_multi_file_checkpoint_and_match_one_process(ray_loca
     model = saved_model(net, tmp_path, max_shard_size="2MB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 3
     chunks = token_chunks(3, 128, wide_llama_config().vocab_size, seed=2)
-    pool = EvalPool(model, ray_local.put(chunks), num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(model, chunks, num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
     try:
         baselines = pool.describe()
         memory = pool.memory()

@@ -30,3 +30,27 @@ def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, t
     assert 1 < summary["baseline_perplexity"] < 1000  # a trained model, not random init (~49k)
     ranking = pd.read_csv(run_dir / "top_50_weights_grad_x_weight.csv")
     assert ranking["layer"].str.startswith("model.").all()
+
+
+def test_the_gguf_is_converted_once_reused_and_rebuilt_when_corrupt(smollm2_path, tmp_path, monkeypatch):
+    """The real .gguf: dequantised into a safetensors cache once (in a child process), reused
+    without converting, and converted again when a byte of the cached weights is damaged."""
+    from cwa_dist.checkpoint import Checkpoint
+    from cwa_dist.models import resolve_checkpoint, resolve_source
+
+    monkeypatch.setenv("CWA_DIST_CACHE", str(tmp_path))
+    source, said = resolve_source(str(smollm2_path)), []
+    entry = resolve_checkpoint(source, announce=said.append)
+    assert "Converting" in said[-1] and entry.parent == tmp_path / "checkpoints"
+    ckpt = Checkpoint(entry)
+    assert ckpt.tensors["model.embed_tokens.weight"].shape == (49152, 576)
+    assert sum(t.numel for t in ckpt.tensors.values()) == 134_515_008
+    assert resolve_checkpoint(source, announce=said.append) == entry and "Reusing" in said[-1]
+    (weights,) = entry.glob("*.safetensors")
+    with open(weights, "r+b") as f:  # one damaged byte, far into the data
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert resolve_checkpoint(source, announce=said.append) == entry
+    assert "corrupt" in said[-2] and "Converting" in said[-1]

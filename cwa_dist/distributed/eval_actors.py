@@ -87,11 +87,12 @@ class EvalActor:
 
 
 class EvalPool:
-    def __init__(self, model: ModelRef, chunks_ref, *, num_actors: int, device: str, gpus_per_actor: int, batch_size: int):
+    def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str, gpus_per_actor: int, batch_size: int):
         gpus = gpus_per_actor if device == "cuda" else 0
         remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
+        chunks_ref = ray.put(chunks)  # once, shared by every actor (and every replacement)
         self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads)
         self.actors = [self._new_actor() for _ in range(num_actors)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 
@@ -31,3 +32,31 @@ def cluster_gpus() -> int:
 
 def available_cpus() -> int:
     return int(ray.available_resources().get("CPU", 0))
+
+
+def stop_ray() -> None:
+    ray.shutdown()
+
+
+def cluster_resources() -> dict:
+    """The cluster's total resources, without Ray's per-node bookkeeping entries."""
+    return {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+
+
+def settled_free_resources(timeout_s: float = 10.0, stable_s: float = 1.0) -> dict:
+    """Ray's free resources once they stop growing. A removed placement group (the gradient
+    workers') hands its CPUs and GPUs back a moment later; sizing the pool at once would leave
+    them idle for the whole stage."""
+    deadline = time.monotonic() + timeout_s
+    free, since = ray.available_resources(), time.monotonic()
+    total = ray.cluster_resources()
+    while time.monotonic() < deadline and time.monotonic() - since < stable_s:
+        if all(free.get(k, 0) >= total.get(k, 0) for k in ("CPU", "GPU")):
+            break  # everything is back
+        time.sleep(0.1)
+        now = ray.available_resources()
+        if now.get("CPU", 0) != free.get("CPU", 0) or now.get("GPU", 0) != free.get("GPU", 0):
+            free, since = now, time.monotonic()
+    return free
+
+
