@@ -177,8 +177,9 @@ def check_loss_finite(loss: torch.Tensor) -> None:
         raise NonFiniteGradientError(f"the calibration loss is {float(loss.detach())}; {_DTYPE_ADVICE}")
 
 
-def check_gradients_finite(model: torch.nn.Module) -> None:
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+def check_gradients_finite(shards: Iterable[ParamShard]) -> None:
+    """Refuse NaN/Inf gradients (with finite weights: an overflow), naming the parameters."""
+    bad = non_finite_tensors((s.name, s.grad) for s in shards if s.grad is not None)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise NonFiniteGradientError(f"NaN/Inf gradients in {shown}; {_DTYPE_ADVICE}")
