@@ -40,7 +40,7 @@ class ModelSource:
     gguf_file: str | None = None
 
 
-def _resolve_source(model: str) -> ModelSource:
+def resolve_source(model: str) -> ModelSource:
     path = Path(model).expanduser()
     if model.lower().endswith(".gguf"):
         if not path.is_file():
@@ -93,7 +93,7 @@ class ModelRef:
     not the weights. `checkpoint_dir` is the safetensors directory on the driver's node; a
     process on another node resolves `source` itself (its own Hub cache or conversion cache)."""
 
-    source: str  # what the user gave --model
+    source: str  # a Hub id, or the absolute path of the local directory or .gguf file
     checkpoint_dir: str
     dtype: str  # "float32" | "bfloat16"
     trust_remote_code: bool = False
@@ -104,27 +104,15 @@ class ModelRef:
 
     def open(self) -> tuple[Checkpoint, object]:
         """(checkpoint, transformers config) on this node."""
-        from transformers import AutoConfig
-
         path = Path(self.checkpoint_dir)
-        if not path.is_dir():
-            if Path(self.checkpoint_dir).is_absolute() and not _looks_like_hub_id(self.source) \
-                    and not Path(self.source).expanduser().exists():
+        if not path.is_dir():  # another node than the driver's: resolve the source here
+            if Path(self.source).is_absolute() and not Path(self.source).exists():
                 raise UsageError(
                     f"--model {self.source}: the path does not exist on node {socket.gethostname()}, where a worker "
                     "runs; put the model on a filesystem every node shares, or use a Hugging Face Hub id"
                 )
             path = resolve_checkpoint(resolve_source(self.source), announce=lambda _: None)
-        return Checkpoint(path), AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
-
-
-def resolve_source(model: str) -> ModelSource:
-    return _resolve_source(model)
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    """'org/name' or 'name', not a path ('./x', '/x', '~/x', 'x.gguf')."""
-    return not (model.startswith(("/", ".", "~")) or model.lower().endswith(".gguf")) and model.count("/") <= 1
+        return Checkpoint(path), load_config(path, trust_remote_code=self.trust_remote_code)
 
 
 def resolve_checkpoint(source: ModelSource, *, announce: Callable[[str], None]) -> Path:

@@ -252,7 +252,9 @@ def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
                 f"--topk {cfg.max_k} is larger than the {n_scored:,} weights being scored; "
                 "lower K or score more parameters (--include-bias, --include-norm)"
             )
-        model = ModelRef(source=cfg.model, checkpoint_dir=str(path), dtype=str(dtype).removeprefix("torch."),
+        # Local sources travel as absolute paths: a worker's working directory may be another.
+        where = cfg.model if source.kind == "hub" else str(Path(cfg.model).expanduser().resolve())
+        model = ModelRef(source=where, checkpoint_dir=str(path), dtype=str(dtype).removeprefix("torch."),
                          trust_remote_code=cfg.trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, scored=scored, shapes=shapes,
                        model_class=type(skeleton).__name__, num_parameters=n_params,
