@@ -21,7 +21,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.evaluate import batches, predicted_tokens
 from cwa_dist.models import ModelRef, load_pretrained
 from cwa_dist.sensitivity import (
@@ -97,8 +97,7 @@ def main():
     rss_before_model = psutil.Process().memory_info().rss
     net, tok, _ = load_pretrained(str(ensure_smollm2()), dtype=torch.float32)
     gc.collect()
-    chunks = tokenize_chunks(tok, load_texts(None, None), args.seq_len)
-    cal = split_chunks(chunks, 0.5, seed=0).calibration
+    cal = split_documents(tokenize_documents(tok, load_texts(None, None), args.seq_len), 0.5, seed=0).calibration
     scored = select_parameters(net, include_bias=False, include_norm=False)
     params = dict(net.named_parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())

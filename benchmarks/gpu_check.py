@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from cwa_dist.data import load_texts, lockstep_batches, split_chunks, tokenize_chunks
+from cwa_dist.data import load_texts, lockstep_batches, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 from cwa_dist.evaluate import predicted_tokens
@@ -34,7 +34,7 @@ def main():
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         net, tok, ckpt_dir = load_pretrained(path, dtype=dtype)
-        cal = split_chunks(tokenize_chunks(tok, load_texts(None, None), 128), 0.5, seed=0).calibration
+        cal = split_documents(tokenize_documents(tok, load_texts(None, None), 128), 0.5, seed=0).calibration
         names = select_parameters(net, include_bias=False, include_norm=False)
         model = ModelRef(source=path, checkpoint_dir=str(ckpt_dir), dtype=dtype_name)
         for backend in args.backends:

@@ -41,38 +41,49 @@ def _read_text_file(path: Path) -> str:
         raise UsageError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
 
 
-def tokenize_chunks(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tensor]:
-    """Concatenate the texts (separated by EOS where the tokenizer has one) and cut the token
-    stream into chunks of `seq_len`; a shorter last chunk is kept if it predicts a token."""
-    stream: list[int] = []
-    eos = tokenizer.eos_token_id
+def tokenize_documents(tokenizer, texts: list[str], seq_len: int) -> list[list[torch.Tensor]]:
+    """Each text tokenised on its own and cut into windows of at most `seq_len` tokens.
+
+    Texts stay documents: no token is inserted between them (an instruct model's EOS is an
+    end-of-turn token it never sees between paragraphs) and no window spans two of them. The
+    tokenizer's own special tokens are kept (a BOS where its convention prepends one), so only a
+    text's first window starts with it. A window of one token predicts nothing and is dropped.
+    """
+    documents = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
-    chunks = [torch.tensor(stream[i : i + seq_len], dtype=torch.long) for i in range(0, len(stream), seq_len)]
-    return [c for c in chunks if c.numel() >= 2]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        windows = [torch.tensor(ids[i : i + seq_len], dtype=torch.long) for i in range(0, len(ids), seq_len)]
+        documents.append([w for w in windows if w.numel() >= 2])
+    return documents
+
+
+def tokenize_chunks(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tensor]:
+    """All windows of all texts, in order (see `tokenize_documents`)."""
+    return [w for doc in tokenize_documents(tokenizer, texts, seq_len) for w in doc]
 
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    calibration: list[torch.Tensor]
+    calibration: list[torch.Tensor]  # windows
     evaluation: list[torch.Tensor]
-    calibration_ids: list[int]  # chunk positions, for the record
-    evaluation_ids: list[int]
+    calibration_texts: list[int]  # positions of the texts in each set, for the record
+    evaluation_texts: list[int]
 
 
-def split_chunks(chunks: list[torch.Tensor], calibration_fraction: float, seed: int) -> Split:
-    """A seeded random split of the chunks into two disjoint, non-empty sets."""
-    if len(chunks) < 2:
+def split_documents(documents: list[list[torch.Tensor]], calibration_fraction: float, seed: int) -> Split:
+    """A seeded random split of the texts (each with all its windows) into two disjoint,
+    non-empty sets, so the ranking is never judged on text it was computed from."""
+    usable = [i for i, doc in enumerate(documents) if doc]
+    if len(usable) < 2:
         raise UsageError(
-            f"the texts give {len(chunks)} chunk(s), but calibration and evaluation need one each; "
-            "add text, raise --eval-limit, or lower --seq-len"
+            f"the texts give {len(usable)} text(s) with a window to predict, but calibration and evaluation need one "
+            "each; add text, raise --eval-limit, or lower --seq-len"
         )
-    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_cal = min(len(chunks) - 1, max(1, round(calibration_fraction * len(chunks))))
-    cal, ev = sorted(order[:n_cal]), sorted(order[n_cal:])
-    return Split([chunks[i] for i in cal], [chunks[i] for i in ev], cal, ev)
+    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_cal = min(len(usable) - 1, max(1, round(calibration_fraction * len(usable))))
+    cal = sorted(usable[i] for i in order[:n_cal])
+    ev = sorted(usable[i] for i in order[n_cal:])
+    return Split([w for i in cal for w in documents[i]], [w for i in ev for w in documents[i]], cal, ev)
 
 
 def lockstep_batches(chunks: list[torch.Tensor], world_size: int, batch_size: int) -> list[list[list[torch.Tensor]]]:

@@ -200,7 +200,7 @@ SUMMARY_FIELDS = {
     "model_name": "--model as given",
     "num_parameters": "parameters of the model (tied ones once)",
     "num_scored_weights": "weights scored and ranked",
-    "data": "texts, chunks, seq_len, the chunk ids and predicted tokens of each set",
+    "data": "texts, windows, seq_len; per set (calibration, evaluation): its texts' positions, windows, predicted tokens",
     "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
     "calibration_loss": "mean NLL over the calibration chunks",
     "sensitivity": "backend, and per rank: node, backward and scoring seconds, elements held, peak memory",

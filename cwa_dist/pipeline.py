@@ -15,7 +15,7 @@ import pandas as pd
 
 from cwa_dist import plots
 from cwa_dist.config import RunConfig
-from cwa_dist.data import Split, load_texts, split_chunks, tokenize_chunks
+from cwa_dist.data import Split, load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
@@ -262,24 +262,20 @@ def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
 
 
 def _prepare_data(ctx: Context, texts: list[str], tokenizer) -> tuple[Split, dict]:
-    """Texts → chunks → the calibration/evaluation split, and the facts the summary records."""
+    """Texts → windows (never spanning two texts) → a split by text, and the facts the summary records."""
     rep = ctx.rep
-    chunks = tokenize_chunks(tokenizer, texts, ctx.cfg.seq_len)
-    split = split_chunks(chunks, ctx.cfg.calibration_fraction, ctx.cfg.seed)
-    cal_tokens, eval_tokens = predicted_tokens(split.calibration), predicted_tokens(split.evaluation)
+    documents = tokenize_documents(tokenizer, texts, ctx.cfg.seq_len)
+    split = split_documents(documents, ctx.cfg.calibration_fraction, ctx.cfg.seed)
+    windows = sum(len(d) for d in documents)
     rep.heading("📚 Evaluation Data")
-    rep.line(f"✅ {len(texts)} texts → {len(chunks)} chunks of ≤{ctx.cfg.seq_len} tokens")
-    rep.line(f"✅ Calibration: {len(split.calibration)} chunks ({cal_tokens:,} predicted tokens)")
-    rep.line(f"✅ Evaluation: {len(split.evaluation)} chunks ({eval_tokens:,} predicted tokens)")
-    return split, {
-        "texts": len(texts),
-        "chunks": len(chunks),
-        "seq_len": ctx.cfg.seq_len,
-        "calibration_chunks": split.calibration_ids,
-        "evaluation_chunks": split.evaluation_ids,
-        "calibration_tokens": cal_tokens,
-        "evaluation_tokens": eval_tokens,
-    }
+    rep.line(f"✅ {len(texts)} texts → {windows} windows of ≤{ctx.cfg.seq_len} tokens (none spans two texts)")
+    facts = {"texts": len(texts), "windows": windows, "seq_len": ctx.cfg.seq_len}
+    for name, text_ids, part in (("calibration", split.calibration_texts, split.calibration),
+                                 ("evaluation", split.evaluation_texts, split.evaluation)):
+        tokens = predicted_tokens(part)
+        rep.line(f"✅ {name.capitalize()}: {len(text_ids)} texts, {len(part)} windows ({tokens:,} predicted tokens)")
+        facts[name] = {"texts": text_ids, "windows": len(part), "predicted_tokens": tokens}
+    return split, facts
 
 
 def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> ShardScores:

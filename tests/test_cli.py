@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.outputs import PERTURBATION_COLUMNS, RANKING_COLUMNS, TOPK_CSV_COLUMNS
 from cwa_dist.run import main
 from cwa_dist.sensitivity import select_parameters
@@ -67,8 +67,8 @@ def test_cli_ranking_equals_plain_pytorch_reference(full_run, tiny_model_dir):
 
     net = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
-    chunks = tokenize_chunks(tok, load_texts(None, cfg["eval_limit"]), cfg["seq_len"])
-    split = split_chunks(chunks, cfg["calibration_fraction"], cfg["seed"])
+    documents = tokenize_documents(tok, load_texts(None, cfg["eval_limit"]), cfg["seq_len"])
+    split = split_documents(documents, cfg["calibration_fraction"], cfg["seed"])
     tokens = sum(len(c) - 1 for c in split.calibration)
     loss = sum(torch.nn.functional.cross_entropy(net(input_ids=c[None]).logits[0, :-1], c[1:], reduction="sum")
                for c in split.calibration) / tokens

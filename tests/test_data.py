@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cwa_dist.data import load_texts, split_chunks, tokenize_chunks
+from cwa_dist.data import load_texts, split_documents, tokenize_chunks, tokenize_documents
+from cwa_dist.evaluate import perplexity
 from cwa_dist.errors import UsageError
 
 
@@ -30,24 +31,77 @@ def test_bad_data_files(tmp_path, content, message):
 
 
 class CharTokenizer:
+    """One token per character; with `bos`, prepends token 1 as a Llama tokenizer prepends BOS."""
+
     eos_token_id = 0
 
+    def __init__(self, bos: bool = False):
+        self.bos = bos
+
     def __call__(self, text, add_special_tokens):
-        return {"input_ids": [ord(c) for c in text]}
+        return {"input_ids": ([1] if self.bos and add_special_tokens else []) + [ord(c) for c in text]}
 
 
-def test_chunks_cover_the_stream_and_split_is_disjoint():
-    chunks = tokenize_chunks(CharTokenizer(), ["abcde", "fgh"], seq_len=3)
-    stream = torch.cat(chunks).tolist()
-    # texts joined by EOS (0); the final one-token chunk predicts nothing and is dropped
-    assert stream == [97, 98, 99, 100, 101, 0, 102, 103, 104]
-    assert [len(c) for c in chunks] == [3, 3, 3]
-    split = split_chunks(chunks, 0.5, seed=0)
-    assert set(split.calibration_ids).isdisjoint(split.evaluation_ids)
-    assert sorted(split.calibration_ids + split.evaluation_ids) == list(range(len(chunks)))
-    assert split.calibration_ids == split_chunks(chunks, 0.5, seed=0).calibration_ids
+def test_windows_never_span_two_texts_and_nothing_is_inserted():
+    docs = tokenize_documents(CharTokenizer(), ["abcde", "fgh", "i"], seq_len=3)
+    assert [[w.tolist() for w in d] for d in docs] == [[[97, 98, 99], [100, 101]], [[102, 103, 104]], []]
+    assert 0 not in torch.cat([w for d in docs for w in d]).tolist()  # no EOS between texts
+    assert [w.tolist() for w in tokenize_chunks(CharTokenizer(), ["abcde", "fgh"], 3)] == [[97, 98, 99], [100, 101],
+                                                                                           [102, 103, 104]]
+
+
+def test_bos_only_where_the_tokenizer_puts_it():
+    docs = tokenize_documents(CharTokenizer(bos=True), ["abcde", "fg"], seq_len=4)
+    assert [[w.tolist() for w in d] for d in docs] == [[[1, 97, 98, 99], [100, 101]], [[1, 102, 103]]]
+
+
+def test_split_is_by_text_disjoint_and_seeded():
+    texts = [f"text number {i} " * (1 + i % 4) for i in range(20)]
+    docs = tokenize_documents(CharTokenizer(), texts, seq_len=16)
+    split = split_documents(docs, 0.5, seed=3)
+    assert set(split.calibration_texts).isdisjoint(split.evaluation_texts)
+    assert sorted(split.calibration_texts + split.evaluation_texts) == list(range(20))
+    assert len(split.calibration_texts) == 10
+    # every window of a text lands in the set of its text
+    assert len(split.calibration) == sum(len(docs[i]) for i in split.calibration_texts)
+    evaluation_windows = [x for i in split.evaluation_texts for x in docs[i]]
+    assert len(evaluation_windows) == len(split.evaluation)
+    assert all(a is b for a, b in zip(split.evaluation, evaluation_windows))
+    assert split.calibration_texts == split_documents(docs, 0.5, seed=3).calibration_texts
+    assert split.calibration_texts != split_documents(docs, 0.5, seed=4).calibration_texts
 
 
 def test_too_little_text_is_a_usage_error():
     with pytest.raises(UsageError, match="need one each"):
-        split_chunks(tokenize_chunks(CharTokenizer(), ["a"], seq_len=8), 0.5, seed=0)
+        split_documents(tokenize_documents(CharTokenizer(), ["abcdef", "x"], seq_len=8), 0.5, seed=0)
+
+
+def test_perplexity_is_the_per_document_computation_and_padding_changes_nothing():
+    """Windows of unequal length batched with padding give the perplexity of scoring every text
+    on its own, window by window, in plain PyTorch."""
+    from conftest import VOCAB, build_tiny_model
+
+    net = build_tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    texts_ids = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (5, 23, 40, 9, 17)]
+
+    class Ids:
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": texts_ids[int(text)]}
+
+    docs = tokenize_documents(Ids(), [str(i) for i in range(len(texts_ids))], seq_len=16)
+    windows = [w for d in docs for w in d]
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in texts_ids:
+            for start in range(0, len(ids), 16):
+                w = torch.tensor(ids[start : start + 16])
+                if len(w) < 2:
+                    continue
+                logits = net(input_ids=w[None]).logits[0, :-1]
+                nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+                tokens += len(w) - 1
+    for batch_size in (1, 3, len(windows)):
+        got = perplexity(net, windows, batch_size)
+        assert got.tokens == tokens
+        assert got.nll_sum == pytest.approx(nll, rel=1e-5)

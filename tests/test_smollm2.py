@@ -30,6 +30,14 @@ def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, t
     assert 1 < summary["baseline_perplexity"] < 1000  # a trained model, not random init (~49k)
     ranking = pd.read_csv(run_dir / "top_50_weights_grad_x_weight.csv")
     assert ranking["layer"].str.startswith("model.").all()
+    # Texts are documents: no special token is inserted between them, so none of the special
+    # tokens' embedding rows can lead the ranking (an end-of-turn EOS between texts once did).
+    from cwa_dist.models import load_tokenizer, resolve_checkpoint, resolve_source
+
+    tok = load_tokenizer(resolve_checkpoint(resolve_source(str(smollm2_path)), announce=print), trust_remote_code=False)
+    top10 = ranking.head(10)
+    rows = set(top10.loc[top10["layer"] == "model.embed_tokens.weight", "row"])
+    assert not rows & set(tok.all_special_ids), rows
 
 
 def test_the_gguf_is_converted_once_reused_and_rebuilt_when_corrupt(smollm2_path, tmp_path, monkeypatch):
