@@ -18,7 +18,7 @@ from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import batch_nll_sum, batches
 from cwa_dist.metrics import MAGNITUDE, Metric, get_metric
 from cwa_dist.statistics import ScoreStatistics
-from cwa_dist.topk import Candidates, RunningTopK, merge
+from cwa_dist.topk import Candidates, NonFiniteScoreError, RunningTopK, merge
 
 
 class NonFiniteGradientError(UsageError):
@@ -177,14 +177,6 @@ def check_loss_finite(loss: torch.Tensor) -> None:
         raise NonFiniteGradientError(f"the calibration loss is {float(loss.detach())}; {_DTYPE_ADVICE}")
 
 
-def check_gradients_finite(shards: Iterable[ParamShard]) -> None:
-    """Refuse NaN/Inf gradients (with finite weights: an overflow), naming the parameters."""
-    bad = non_finite_tensors((s.name, s.grad) for s in shards if s.grad is not None)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteGradientError(f"NaN/Inf gradients in {shown}; {_DTYPE_ADVICE}")
-
-
 @dataclass
 class ShardScores:
     """What one process returns: each metric's local top-K candidates and score statistics."""
@@ -204,9 +196,16 @@ def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: i
         grad = shard.grad if shard.grad is not None else torch.zeros_like(shard.weight)
         for m in metrics:
             scores = m.score(grad, shard.weight)
+            try:
+                tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
+            except NonFiniteScoreError:
+                # The top-K sees every score, so a NaN/Inf gradient is found here, without a pass
+                # of its own; with finite weights (checked when they are loaded) it is an overflow.
+                if m.needs_grad and bool(torch.isfinite(shard.weight).all()):
+                    raise NonFiniteGradientError(f"NaN/Inf gradients in {shard.name}; {_DTYPE_ADVICE}") from None
+                raise
             if m.name in stats:
                 stats[m.name].add_batch(shard.name, scores)
-            tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
     return ShardScores(
         candidates={name: t.best for name, t in tops.items()},
         statistics=stats,

@@ -52,6 +52,13 @@ class ZeroSettings:
     param_persistence_threshold: int = 100_000
 
 
+def refuse_float16_gradients(dtype: torch.dtype) -> None:
+    """float16 gradients underflow without loss scaling (RunConfig refuses --dtype float16 with
+    advice; this guards the backends themselves)."""
+    if dtype == torch.float16:
+        raise ValueError("float16 gradients underflow without loss scaling; compute them in bfloat16 or float32")
+
+
 def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
     zero: dict = {
         "stage": 3,
@@ -68,8 +75,7 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
     if settings.offload_optimizer:
         # Moves DeepSpeed's fp32 master partitions and fp32 gradient partitions to CPU memory.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if dtype == torch.float16:
-        raise ValueError("float16 gradients underflow without loss scaling; compute them in bfloat16 or float32")
+    refuse_float16_gradients(dtype)
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -280,8 +286,7 @@ class Fsdp2Backend(Backend):
         mesh = init_device_mesh(device, (world_size,))
         dtype = model.torch_dtype
         ckpt, config = model.open()
-        if dtype == torch.float16:
-            raise ValueError("float16 gradients underflow without loss scaling; compute them in bfloat16 or float32")
+        refuse_float16_gradients(dtype)
         # The shards are kept in float32, so gradients are reduced and accumulated in float32; a
         # bfloat16 model computes in bfloat16 on the gathered values, which are its own values
         # exactly (bfloat16 -> float32 -> bfloat16 is lossless).
