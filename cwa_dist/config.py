@@ -82,8 +82,8 @@ class RunConfig:
     """Size of that subset."""
     no_perturbation: bool = setting(False, section="perturbation")
     """Stop after the ranking."""
-    gpus_per_eval_actor: int = setting(1, section="perturbation", operational=True)
-    """GPUs per evaluation actor on a GPU cluster; the model is split over them by blocks."""
+    gpus_per_eval_actor: int | None = setting(None, section="perturbation", operational=True)
+    """GPUs per evaluation actor; default 1 on a GPU cluster. The model is split over them by blocks."""
     num_eval_actors: int | None = setting(None, section="perturbation", operational=True)
     """Evaluation actors in the pool; default one per free CPU (or GPU), at most one per experiment."""
     # -- sharded gradients
@@ -130,6 +130,13 @@ class RunConfig:
     experiment_timeout_s: float = setting(1800.0, section="run", operational=True)
     """Deadline of one perturbation experiment: a stuck evaluation actor is killed and the
     experiment retried, as for an actor that died."""
+    dry_run: bool = setting(False, section="run", operational=True)
+    """Read only the model's config, resolve device, dtype, backend, workers and actors, estimate each
+    process's memory, check it against the cluster's devices, print the plan and exit; a plan that
+    cannot fit is refused with the flags that would make it fit."""
+    gpu_memory_gb: float | None = setting(None, section="run", operational=True)
+    """Memory of one GPU, for --dry-run's check on a cluster whose GPU nodes do not exist yet; default:
+    asked of a GPU of the cluster."""
     verbose: bool = setting(False, section="run", operational=True)
     """More console output (per-process memory and timings), Ray's worker logs, tracebacks on errors."""
 
@@ -184,7 +191,10 @@ class RunConfig:
                         ("--zero-prefetch-bucket-size", self.zero_prefetch_bucket_size),
                         ("--zero-max-live-parameters", self.zero_max_live_parameters)):
             _positive(flag, v)
-        _positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
+        if self.gpus_per_eval_actor is not None:
+            _positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise UsageError(f"--gpu-memory-gb {self.gpu_memory_gb} must be a positive number of GB")
         if self.num_eval_actors is not None:
             _positive("--num-eval-actors", self.num_eval_actors)
         if self.experiment_id is not None:
@@ -195,6 +205,14 @@ class RunConfig:
         self.metrics = tuple(dict.fromkeys(self.metrics))
         self.topk = tuple(sorted(set(self.topk)))
         self.perturbation_ratios = tuple(sorted(set(self.perturbation_ratios)))
+
+    @property
+    def asks_for_gpus(self) -> bool:
+        return bool(self.gpus_per_worker) or self.gpus_per_eval_actor is not None
+
+    @property
+    def eval_actor_gpus(self) -> int:
+        return self.gpus_per_eval_actor or 1
 
     @property
     def max_k(self) -> int:

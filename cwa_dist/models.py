@@ -165,6 +165,24 @@ def load_config(path: Path, *, trust_remote_code: bool):
         raise UsageError(f"cannot read the model configuration in {path}: {_one_line(e)}") from e
 
 
+def read_config(source: ModelSource, *, trust_remote_code: bool):
+    """The model's config alone, without converting or downloading any weight (--dry-run)."""
+    from transformers import AutoConfig
+
+    if source.kind == "local":
+        return load_config(Path(source.location), trust_remote_code=trust_remote_code)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    else:
+        kwargs["local_files_only"] = not hub_reachable()
+    try:
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except Exception as e:
+        name = str(Path(source.location) / source.gguf_file) if source.gguf_file else source.location
+        raise UsageError(_explain_load_failure(name, source, kwargs, e)) from e
+
+
 def empty_model(config, *, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
     """The model with every parameter on the meta device (no memory, no initialisation) and its
     buffers real, as the model's own __init__ computes them (rotary tables and the like)."""

@@ -130,14 +130,20 @@ def _json_safe(obj):
 
 
 class RunDirectory:
-    def __init__(self, path: Path):
+    """One run's files. `on_write(path)` is called after each file lands (it uploads the file when
+    --output is a URI)."""
+
+    def __init__(self, path: Path, on_write=None, where: str | None = None):
         self.path = path
+        self.on_write = on_write
+        self.where = where or str(path)
 
     @staticmethod
-    def create(output: str, experiment_id: str) -> "RunDirectory":
-        path = Path(output).expanduser() / experiment_id
-        if path.exists() and any(path.iterdir()):
-            raise UsageError(f"run directory {path} already exists and is not empty; choose another --experiment-id")
+    def create(path: Path, *, on_write=None, where: str | None = None, exists_ok: bool = False) -> "RunDirectory":
+        """The directory of a new run (refusing one that holds files), or of a run to continue."""
+        where = where or str(path)
+        if not exists_ok and path.exists() and any(path.iterdir()):
+            raise UsageError(f"run directory {where} already exists and is not empty; choose another --experiment-id")
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write_test"
@@ -145,7 +151,7 @@ class RunDirectory:
             probe.unlink()
         except OSError as e:
             raise UsageError(f"cannot write to {path} ({e.strerror}); choose a writable --output") from None
-        return RunDirectory(path)
+        return RunDirectory(path, on_write, where)
 
     def _atomic(self, name: str, write) -> Path:
         final = self.path / name
@@ -158,6 +164,8 @@ class RunDirectory:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.on_write:
+            self.on_write(final)
         return final
 
     def write_json(self, name: str, obj) -> Path:

@@ -17,11 +17,11 @@ from cwa_dist import plots
 from cwa_dist.config import RunConfig
 from cwa_dist.data import Split, load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import deepspeed_config
+from cwa_dist.dry_run import dry_run
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.runtime import (
     available_cpus,
-    cluster_gpus,
     cluster_resources,
     settled_free_resources,
     start_ray,
@@ -51,9 +51,11 @@ from cwa_dist.outputs import (
     topk_csv_frame,
 )
 from cwa_dist.perturb import PerturbationSpec
+from cwa_dist.placement import actor_count, resolve_device, worker_cpus, worker_gpus
 from cwa_dist.plan import plan_experiments
 from cwa_dist.provenance import git_revision, host, versions
 from cwa_dist.report import Reporter
+from cwa_dist.storage import Output, is_uri
 from cwa_dist.resume import ResultLog, differing_identity, differing_settings, latest_unfinished, run_identity
 from cwa_dist.sensitivity import ShardScores, numel, select_parameters
 
@@ -65,6 +67,7 @@ class Context:
     cfg: RunConfig
     rep: Reporter
     device: str
+    device_reason: str
     joined_cluster: bool  # an existing cluster may autoscale; a local Ray cannot grow
 
 
@@ -81,29 +84,46 @@ class LoadedModel:
     model_bytes: int  # the parameters' bytes in the run's dtype
 
 
-def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
+def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     """The stages, in order. Each takes what it needs and returns a typed result; the RunRecord
     is the only writer of manifest.json and experiment_summary.json, and skips the stages an
     earlier try of the same run finished."""
     rep = rep or Reporter(cfg.verbose)
-    experiment_id = _experiment_id(cfg)
+    if cfg.dry_run:
+        started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
+        try:
+            dry_run(cfg, rep)
+            return None
+        finally:
+            if started_ray:
+                stop_ray()
     texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
-    previous = _previous_run(cfg, experiment_id)
+    output = Output(_durable_output(cfg, rep))
+    output.check_writable()
+    experiment_id = _experiment_id(cfg, output)
+    output.pull(experiment_id)  # a run stored under a URI: its files, to continue it
+    where = output.where(experiment_id)
+    run_path = output.local / experiment_id
+    previous = _previous_run(cfg, run_path, where, experiment_id)
     if previous and previous.get("status") == "complete":
-        rep.line(f"✅ {Path(cfg.output) / experiment_id} is already complete; nothing to resume")
-        return RunDirectory(Path(cfg.output).expanduser() / experiment_id)
+        rep.line(f"✅ {where} is already complete; nothing to resume")
+        return RunDirectory(run_path)
     started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
-        ctx = Context(cfg=cfg, rep=rep, device=_resolve_device(cfg.device),
+        device, why = resolve_device(cfg)
+        ctx = Context(cfg=cfg, rep=rep, device=device, device_reason=why,
                       joined_cluster=bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")))
         identity = run_identity(texts, resolve_dtype(cfg.dtype, ctx.device))
         if previous:
-            _check_identity(cfg, experiment_id, identity)
-        _header(ctx, experiment_id, len(texts))
+            _check_identity(run_path, where, identity)
+        _header(ctx, where, len(texts))
         timings: dict[str, float] = {}
         loaded = _load(ctx, timings)
         split, data_facts = _prepare_data(ctx, texts, loaded.tokenizer)
-        record = _open_record(ctx, experiment_id, previous, loaded, identity)
+        run_dir = RunDirectory.create(run_path, on_write=output.uploader(experiment_id), where=where,
+                                      exists_ok=bool(previous))
+        record = _open_record(ctx, run_dir,
+                              experiment_id, previous, loaded, identity)
         record.timings.update(timings)
         record.fact(model_name=cfg.model, num_parameters=loaded.num_parameters,
                     num_scored_weights=sum(numel(s) for s in loaded.shapes.values()), data=data_facts)
@@ -131,58 +151,76 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory:
             stop_ray()
 
 
-def _experiment_id(cfg: RunConfig) -> str:
+def _experiment_id(cfg: RunConfig, output: Output) -> str:
     if cfg.experiment_id:
         return cfg.experiment_id
     if cfg.resume:
-        latest = latest_unfinished(cfg.output)
+        latest = latest_unfinished(output.manifests())
         if latest is None:
             raise UsageError(f"--resume: no unfinished run under {cfg.output}; give --experiment-id or start a new run")
         return latest
     return dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
 
 
+def _durable_output(cfg: RunConfig, rep: Reporter) -> str:
+    """--output, unless it is relative inside a Ray job that has a working directory: Ray runs the
+    job in a copy of that directory and deletes the copy (already while the job runs, when the
+    workers' runtime environments are released), so the results would be lost. There a relative
+    --output is taken relative to the home directory instead, with one warning line."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job or is_uri(cfg.output) or Path(cfg.output).expanduser().is_absolute():
+        return cfg.output
+    try:
+        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
+    except ValueError:
+        working_dir = None
+    if not working_dir:
+        return cfg.output
+    durable = str(Path.home() / cfg.output)
+    rep.line(f"⚠️  --output {cfg.output} is relative, and this Ray job's working directory is temporary (Ray "
+             f"deletes it); writing to {durable} instead. Give an absolute path on shared storage or an s3:// URI")
+    return durable
+
+
 def _config_record(cfg: RunConfig, experiment_id: str, device: str) -> dict:
     return {**cfg.to_dict(), "experiment_id": experiment_id, "device": device}
 
 
-def _previous_run(cfg: RunConfig, experiment_id: str) -> dict | None:
+def _previous_run(cfg: RunConfig, path: Path, where: str, experiment_id: str) -> dict | None:
     """The manifest of the run to continue, after checking that continuing it is safe."""
-    path = Path(cfg.output).expanduser() / experiment_id
     manifest, config = path / "manifest.json", path / "config.json"
     if not manifest.exists() or not config.exists():
         if cfg.resume:
-            raise UsageError(f"--resume: {path} holds no run to continue; start it without --resume")
+            raise UsageError(f"--resume: {where} holds no run to continue; start it without --resume")
         return None  # RunDirectory.create refuses a non-empty directory that is not a run
     stored = json.loads(config.read_text())
     diffs = differing_settings(stored, _config_record(cfg, experiment_id, stored.get("device")))
     if diffs:
         raise UsageError(
-            f"cannot resume {path}: these settings differ from the stored run and would make its results "
+            f"cannot resume {where}: these settings differ from the stored run and would make its results "
             f"wrong: {'; '.join(diffs)}. Use the stored settings, or a new --experiment-id"
         )
     return json.loads(manifest.read_text())
 
 
-def _check_identity(cfg: RunConfig, experiment_id: str, identity: dict) -> None:
-    path = Path(cfg.output).expanduser() / experiment_id
+def _check_identity(path: Path, where: str, identity: dict) -> None:
     diffs = differing_identity(json.loads((path / "config.json").read_text()), identity)
     if diffs:
-        raise UsageError(f"cannot resume {Path(cfg.output) / experiment_id}: {'; '.join(diffs)}; the stored "
+        raise UsageError(f"cannot resume {where}: {'; '.join(diffs)}; the stored "
                          "results were computed otherwise. Use the stored data and dtype, or a new --experiment-id")
 
 
-def _open_record(ctx: Context, experiment_id: str, previous: dict | None, loaded: LoadedModel,
-                 identity: dict) -> RunRecord:
+def _open_record(ctx: Context, run_dir: RunDirectory, experiment_id: str, previous: dict | None,
+                 loaded: LoadedModel, identity: dict) -> RunRecord:
     """The record of an earlier try to continue, or of a new run directory."""
     cfg, rep = ctx.cfg, ctx.rep
     if previous:
-        record = RunRecord(RunDirectory(Path(cfg.output).expanduser() / experiment_id), previous)
+        record = RunRecord(run_dir, previous)
         record.set(status="running", resumed=previous.get("resumed", 0) + 1)
         done = [s for s, v in previous.get("stages", {}).items() if v.get("status") == "done"]
-        rep.line(f"🔁 Resuming {record.run_dir.path}; stages already done: {', '.join(done) or 'none'}")
+        rep.line(f"🔁 Resuming {record.run_dir.where}; stages already done: {', '.join(done) or 'none'}")
         return record
-    record = RunRecord(RunDirectory.create(cfg.output, experiment_id), {})
+    record = RunRecord(run_dir, {})
     record.set(
         status="running",
         started=dt.datetime.now().isoformat(timespec="seconds"),
@@ -198,26 +236,17 @@ def _open_record(ctx: Context, experiment_id: str, previous: dict | None, loaded
     return record
 
 
-def _resolve_device(device: str) -> str:
-    gpus = cluster_gpus()
-    if device == "cuda" and gpus == 0:
-        raise UsageError("--device cuda, but the Ray cluster has no GPUs; use --device cpu or join a GPU cluster")
-    if device == "auto":
-        return "cuda" if gpus > 0 else "cpu"
-    return device
-
-
-def _header(ctx: Context, experiment_id: str, n_texts: int) -> None:
+def _header(ctx: Context, where: str, n_texts: int) -> None:
     cfg, rep = ctx.cfg, ctx.rep
     rep.line("🔬 Critical Weight Analysis (cwa_dist)")
     rep.rule()
     rep.line(f"📅 Started: {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
     rep.line(f"🤖 Model: {cfg.model}")
-    rep.line(f"🔧 Device: {ctx.device}")
+    rep.line(f"🔧 Device: {ctx.device} ({ctx.device_reason})")
     rep.line(f"📊 Metrics: {', '.join(cfg.metrics)}")
     rep.line(f"🏆 Top-K values: {list(cfg.topk)}")
     rep.line(f"📚 Evaluation texts: {n_texts}")
-    rep.line(f"💾 Output directory: {cfg.output}/{experiment_id}")
+    rep.line(f"💾 Output directory: {where}")
     rep.rule()
 
 
@@ -286,8 +315,8 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
         if backend == "zero3":
             record.run_dir.write_json("deepspeed_config.json",
                                       deepspeed_config(settings, resolve_dtype(cfg.dtype, ctx.device)))
-        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if ctx.device == "cuda" else 0)
-        cpus = cfg.cpus_per_worker or max(1, available_cpus() // cfg.num_workers)
+        gpus = worker_gpus(cfg, ctx.device)
+        cpus = worker_cpus(cfg, available_cpus())
         rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
         group = GradientGroup(loaded.model, num_workers=cfg.num_workers, backend=backend, device=ctx.device,
@@ -365,16 +394,6 @@ def _read_rankings(ctx: Context, record: RunRecord) -> pd.DataFrame:
     return pd.read_parquet(record.run_dir.path / "rankings.parquet")
 
 
-def _num_actors(cfg: RunConfig, device: str, n_specs: int, model_bytes: int) -> int:
-    if cfg.num_eval_actors:
-        return cfg.num_eval_actors
-    free = settled_free_resources()
-    slots = int(free.get("GPU", 0)) // cfg.gpus_per_eval_actor if device == "cuda" else int(free.get("CPU", 0))
-    # Each actor holds a replica plus activations; leave room for them in Ray's memory budget.
-    by_memory = int(free.get("memory", 0) // (3 * model_bytes)) if model_bytes else slots
-    return max(1, min(n_specs, slots, by_memory))
-
-
 def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split,
                   rankings: pd.DataFrame) -> pd.DataFrame:
     cfg, rep = ctx.cfg, ctx.rep
@@ -392,7 +411,7 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
             mode=cfg.perturbation_mode,
         )
         by_key = {s.key: s for s in specs}
-        log = ResultLog(record.run_dir.path / "perturbation_results.jsonl")
+        log = ResultLog(record.run_dir.path / "perturbation_results.jsonl", on_write=record.run_dir.on_write)
         # Experiments a killed or failed earlier try finished stay; failed ones run again.
         rows = {r["key"]: r for r in log.repair() if r["key"] in by_key and r["status"] == "ok"}
         todo = [s for s in specs if s.key not in rows]
@@ -401,11 +420,11 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
         chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
         intact = True
         if todo:
-            n_actors = _num_actors(cfg, ctx.device, len(todo), loaded.model_bytes)
+            n_actors = actor_count(cfg, ctx.device, len(todo), loaded.model_bytes, settled_free_resources())
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
             pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
-                            gpus_per_actor=cfg.gpus_per_eval_actor, batch_size=cfg.batch_size)
+                            gpus_per_actor=cfg.eval_actor_gpus, batch_size=cfg.batch_size)
             try:
                 baselines = {round(b.value, 6) for _, b in pool.describe()}
                 if len(baselines) > 1:
@@ -506,7 +525,7 @@ def _finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd
         driver_peak = peak_rss_bytes()
         record.memory(driver={"peak_rss_bytes": driver_peak})
         rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")
-        summary = record.complete(**final, run_directory=str(out.path), stage_timings_s=dict(record.timings))
+        summary = record.complete(**final, run_directory=out.where, stage_timings_s=dict(record.timings))
         for f in sorted(p.relative_to(out.path) for p in out.path.rglob("*") if p.is_file()):
             rep.detail(f"  ✅ {f}")
     _final_report(ctx, summary)

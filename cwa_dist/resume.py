@@ -54,25 +54,19 @@ def _normal(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def latest_unfinished(output: str) -> str | None:
-    """The experiment id of the newest run under `output` whose manifest is not complete."""
-    candidates = []
-    for manifest in Path(output).expanduser().glob("*/manifest.json"):
-        try:
-            status = json.loads(manifest.read_text()).get("status")
-        except (OSError, ValueError):
-            continue
-        if status != "complete":
-            candidates.append((manifest.stat().st_mtime, manifest.parent.name))
-    return max(candidates)[1] if candidates else None
+def latest_unfinished(manifests: list[tuple[float, str, dict]]) -> str | None:
+    """The experiment id of the newest run whose manifest is not complete, from (mtime, id, manifest)."""
+    unfinished = [(mtime, run) for mtime, run, m in manifests if m.get("status") != "complete"]
+    return max(unfinished)[1] if unfinished else None
 
 
 class ResultLog:
     """Finished experiments, one JSON line each, appended and synced as they arrive, so a killed
     driver loses at most the experiment in flight. A torn last line is ignored on reading."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_write=None):
         self.path = path
+        self.on_write = on_write  # uploads the log after each line, for a run stored under a URI
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -92,6 +86,8 @@ class ResultLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
             os.replace(tmp, self.path)
+            if self.on_write:
+                self.on_write(self.path)
         return rows
 
     def append(self, row: dict) -> None:
@@ -99,3 +95,5 @@ class ResultLog:
             f.write(json.dumps(row, allow_nan=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.on_write:
+            self.on_write(self.path)

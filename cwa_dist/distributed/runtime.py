@@ -26,10 +26,6 @@ def start_ray(address: str | None, *, verbose: bool) -> bool:
     return True
 
 
-def cluster_gpus() -> int:
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
 def available_cpus() -> int:
     return int(ray.available_resources().get("CPU", 0))
 
