@@ -55,6 +55,8 @@ def resolve_source(model: str) -> ModelSource:
         return ModelSource("local", str(path))
     if path.exists():
         raise UsageError(f"{model} is a file but not a .gguf; point --model at a directory, a .gguf file or a Hub id")
+    if model.startswith(("/", "./", "../", "~")):  # a path, never a Hub id (owner/name)
+        raise UsageError(f"model directory {model} does not exist; check the path given to --model")
     return ModelSource("hub", model)
 
 

@@ -55,7 +55,7 @@ from cwa_dist.placement import actor_count, resolve_device, worker_cpus, worker_
 from cwa_dist.plan import plan_experiments
 from cwa_dist.provenance import git_revision, host, versions
 from cwa_dist.report import Reporter
-from cwa_dist.storage import Output, is_uri
+from cwa_dist.storage import Output, durable_output
 from cwa_dist.resume import ResultLog, differing_identity, differing_settings, latest_unfinished, run_identity
 from cwa_dist.sensitivity import ShardScores, numel, select_parameters
 
@@ -98,7 +98,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
             if started_ray:
                 stop_ray()
     texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
-    output = Output(_durable_output(cfg, rep))
+    output = Output(durable_output(cfg.output, rep.line))
     output.check_writable()
     experiment_id = _experiment_id(cfg, output)
     output.pull(experiment_id)  # a run stored under a URI: its files, to continue it
@@ -160,26 +160,6 @@ def _experiment_id(cfg: RunConfig, output: Output) -> str:
             raise UsageError(f"--resume: no unfinished run under {cfg.output}; give --experiment-id or start a new run")
         return latest
     return dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
-
-
-def _durable_output(cfg: RunConfig, rep: Reporter) -> str:
-    """--output, unless it is relative inside a Ray job that has a working directory: Ray runs the
-    job in a copy of that directory and deletes the copy (already while the job runs, when the
-    workers' runtime environments are released), so the results would be lost. There a relative
-    --output is taken relative to the home directory instead, with one warning line."""
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not job or is_uri(cfg.output) or Path(cfg.output).expanduser().is_absolute():
-        return cfg.output
-    try:
-        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
-    except ValueError:
-        working_dir = None
-    if not working_dir:
-        return cfg.output
-    durable = str(Path.home() / cfg.output)
-    rep.line(f"⚠️  --output {cfg.output} is relative, and this Ray job's working directory is temporary (Ray "
-             f"deletes it); writing to {durable} instead. Give an absolute path on shared storage or an s3:// URI")
-    return durable
 
 
 def _config_record(cfg: RunConfig, experiment_id: str, device: str) -> dict:

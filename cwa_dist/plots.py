@@ -10,6 +10,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _stacked_bars(ax, table: pd.DataFrame) -> None:
+    """One bar per row of `table`, stacked by its columns."""
+    bottom = np.zeros(len(table))
+    for column in table.columns:
+        ax.bar(table.index, table[column].values, bottom=bottom, label=column)
+        bottom += table[column].values
+
+
 def topk_by_layer(rankings: pd.DataFrame):
     """Where each metric's top-K weights sit: count per block, stacked by module kind."""
     metrics = list(dict.fromkeys(rankings["metric"]))
@@ -19,11 +27,7 @@ def topk_by_layer(rankings: pd.DataFrame):
         where = df["layer_index"].astype("object").where(df["layer_index"].notna(), "other")
         table = pd.crosstab(where.astype(str), df["module"])
         order = sorted(table.index, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0))
-        table = table.loc[order]
-        bottom = np.zeros(len(table))
-        for module in table.columns:
-            ax.bar(table.index, table[module].values, bottom=bottom, label=module)
-            bottom += table[module].values
+        _stacked_bars(ax, table.loc[order])
         ax.set_title(f"top-{len(df)} weights by {metric}")
         ax.set_xlabel("block ('other' = embeddings, final norm, LM head)")
         ax.set_ylabel("weights")
@@ -33,9 +37,11 @@ def topk_by_layer(rankings: pd.DataFrame):
     return fig
 
 
-def perplexity_vs_masked(results: pd.DataFrame, baseline_ppl: float):
+def perplexity_vs_masked(results: pd.DataFrame, baseline_ppl: float, ax=None):
     """Perturbed perplexity against weights perturbed, metrics beside the controls."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 5))
     finite = results[np.isfinite(results["perturbed_ppl"])]
     for metric, df in finite[~finite["is_control"]].groupby("metric", sort=True):
         pts = df.groupby("weights_masked")["perturbed_ppl"].max()
@@ -55,5 +61,39 @@ def perplexity_vs_masked(results: pd.DataFrame, baseline_ppl: float):
     ax.set_ylabel("perplexity")
     ax.set_title("perplexity after perturbing the most critical weights")
     ax.legend(fontsize=8)
+    if fig is not None:
+        fig.tight_layout()
+    return fig
+
+
+def perplexity_by_model(results: dict[str, pd.DataFrame]):
+    """One panel per model: its perturbation curves beside its random and |W| controls."""
+    fig, axes = plt.subplots(len(results), 1, figsize=(8, 4.2 * len(results)), squeeze=False)
+    for ax, (model, df) in zip(axes[:, 0], results.items()):
+        perplexity_vs_masked(df, float(df["baseline_ppl"].iloc[0]), ax=ax)
+        ax.set_title(model)
     fig.tight_layout()
     return fig
+
+
+def depth_by_family(top: dict[str, pd.DataFrame], bins: int = 10):
+    """One panel per model: its top-K weights by relative depth (0 = first block, 1 = last),
+    stacked by module family; weights outside the blocks (embeddings, LM head) in their own bar."""
+    fig, axes = plt.subplots(len(top), 1, figsize=(9, 3.2 * len(top)), squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    labels = [f"{a:.1f}-{b:.1f}" for a, b in zip(edges[:-1], edges[1:])] + ["outside blocks"]
+    for ax, (model, df) in zip(axes[:, 0], top.items()):
+        where = pd.cut(df["relative_depth"], edges, labels=labels[:-1], include_lowest=True).astype(object)
+        where = where.where(df["relative_depth"].notna(), labels[-1])
+        _stacked_bars(ax, pd.crosstab(where, df["family"]).reindex(labels, fill_value=0))
+        ax.set_title(f"{model}: top-{len(df)} weights by relative depth")
+        ax.set_ylabel("weights")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)

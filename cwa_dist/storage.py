@@ -22,6 +22,26 @@ def is_uri(output: str) -> bool:
     return "://" in output
 
 
+def durable_output(output: str, announce) -> str:
+    """`output`, unless it is relative inside a Ray job that has a working directory: Ray runs the
+    job in a copy of that directory and deletes the copy (already while the job runs, when the
+    workers' runtime environments are released), so results there would be lost. There a relative
+    output is taken relative to the home directory instead, and `announce` gets one warning line."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job or is_uri(output) or Path(output).expanduser().is_absolute():
+        return output
+    try:
+        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
+    except ValueError:
+        working_dir = None
+    if not working_dir:
+        return output
+    durable = str(Path.home() / output)
+    announce(f"⚠️  --output {output} is relative, and this Ray job's working directory is temporary (Ray "
+             f"deletes it); writing to {durable} instead. Give an absolute path on shared storage or an s3:// URI")
+    return durable
+
+
 def staging_root() -> Path:
     return Path(os.environ.get("CWA_DIST_STAGING", Path.home() / ".cache" / "cwa_dist" / "staging"))
 

@@ -1,11 +1,12 @@
-"""Cross-model sweeps: a jobs/*.yaml file → one run per entry → a comparison table.
+"""Cross-model sweeps: a jobs/*.yaml file → one run per entry, run concurrently where the cluster
+has room → a cross-model comparison (cwa_dist.compare).
 
-    python -m cwa_dist.sweep jobs/pythia_scaling.yaml
+    python -m cwa_dist.sweep jobs/pythia_scaling.yaml [--max-concurrent N]
 
 A sweep file (its first line is the command that launches it):
 
     name: pythia_scaling          # the sweep's directory under `output`
-    output: outputs/sweeps        # optional
+    output: outputs/sweeps        # optional; a URI (s3://...) works as for --output
     defaults: {topk: [100], eval_limit: 50}   # any run setting, by its RunConfig name
     runs:
       - model: EleutherAI/pythia-70m
@@ -13,13 +14,15 @@ A sweep file (its first line is the command that launches it):
         topk: [100, 1000]
 
 The whole file is checked before anything runs. Each run gets a fixed experiment id, so running
-the same sweep again resumes unfinished runs and leaves finished ones alone.
+the same sweep again resumes unfinished runs and leaves finished ones alone. A run that fails does
+not stop the others; failures are listed at the end (exit status 1) and each run's console output
+is in <sweep>/logs/<experiment id>.log.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -33,7 +36,7 @@ from cwa_dist.run import quiet_libraries, report_errors
 SWEEP_KEYS = {"name", "output", "defaults", "runs"}
 
 
-def load_sweep(path: str) -> tuple[str, Path, list[RunConfig]]:
+def load_sweep(path: str) -> tuple[str, str, list[RunConfig]]:
     """(name, sweep directory, run configurations), or a UsageError naming what is wrong."""
     p = Path(path)
     if not p.is_file():
@@ -60,7 +63,7 @@ def load_sweep(path: str) -> tuple[str, Path, list[RunConfig]]:
     for fixed in ("output", "experiment_id", "resume"):
         if fixed in defaults or any(fixed in r for r in runs):
             raise UsageError(f"sweep file {path}: {fixed!r} is set by the sweep itself; remove it from the runs")
-    directory = Path(spec.get("output", "outputs/sweeps")) / name
+    directory = f"{str(spec.get('output', 'outputs/sweeps')).rstrip('/')}/{name}"
     configs = []
     for i, run in enumerate(runs):
         where = f"sweep file {path}, run {i + 1}"
@@ -68,54 +71,93 @@ def load_sweep(path: str) -> tuple[str, Path, list[RunConfig]]:
         configs.append(cfg)
     for i, cfg in enumerate(configs):  # fixed ids make a re-run of the sweep a resume
         cfg.experiment_id = f"{i + 1:02d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(cfg.model).name)}"
-        cfg.output = str(directory)
+        cfg.output = directory
     return name, directory, configs
 
 
-def comparison_row(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "experiment_summary.json").read_text())
-    row = {
-        "experiment_id": run_dir.name,
-        "model": summary["model_name"],
-        "num_parameters": summary["num_parameters"],
-        "baseline_perplexity": summary["baseline_perplexity"],
-        "experiments_completed": summary["experiments_completed"],
-        "max_ppl_increase": summary.get("max_ppl_increase"),
-    }
-    best = summary.get("most_impactful_perturbation")
-    if best:
-        row.update(best_metric=best["metric"], best_topk=best["topk"], best_mask_ratio=best["mask_ratio"],
-                   best_perturbed_ppl=best["perturbed_ppl"])
-    return row
+def default_concurrency(configs: list[RunConfig], joined_cluster: bool) -> int:
+    """All runs at once on a cluster (their demand queues in Ray, where the autoscaler sees it);
+    on the local Ray, as many as its free CPUs hold at one CPU per gradient worker."""
+    if joined_cluster:
+        return len(configs)
+    from cwa_dist.distributed.runtime import available_cpus
+
+    widest = max(c.num_workers * (c.cpus_per_worker or 1) for c in configs)
+    return max(1, min(len(configs), available_cpus() // widest))
 
 
-def run_sweep(path: str, *, check: bool, verbose: bool) -> None:
+def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | None = None) -> int:
     name, directory, configs = load_sweep(path)
     print(f"🧪 Sweep {name}: {len(configs)} run(s) into {directory}")
     for cfg in configs:
         print(f"  {cfg.experiment_id}: {cfg.model}")
     if check:
-        return
-    import pandas as pd
+        return 0
+    from cwa_dist.compare import compare
+    from cwa_dist.distributed.runtime import start_ray, stop_ray
+    from cwa_dist.distributed.sweep_runner import run_all
+    from cwa_dist.storage import Output, durable_output
 
-    from cwa_dist import pipeline
-
+    directory = durable_output(directory, print)
+    output = Output(directory)
+    output.check_writable()
     for cfg in configs:
-        cfg.verbose = cfg.verbose or verbose
-        pipeline.run(cfg)
-    table = pd.DataFrame([comparison_row(directory / cfg.experiment_id) for cfg in configs])
-    table.to_csv(directory / "comparison.csv", index=False)
-    print(f"\n📊 Comparison: {directory / 'comparison.csv'}\n{table.to_string(index=False)}")
+        cfg.output = directory
+    started = start_ray(None, verbose=verbose)
+    try:
+        joined = not started or bool(os.environ.get("RAY_ADDRESS"))
+        concurrent = max_concurrent or default_concurrency(configs, joined)
+        print(f"🚀 Up to {concurrent} run(s) at a time; each run's console output: {output.local / 'logs'}")
+        for cfg in configs:
+            cfg.verbose = cfg.verbose or verbose
+
+        def done(o) -> None:
+            print(f"  {'✅' if o.error is None else '❌'} {o.experiment_id}: " + (o.where if o.error is None else o.error),
+                  flush=True)
+
+        outcomes = run_all(configs, max_concurrent=concurrent, log_dir=output.local / "logs", on_done=done)
+    finally:
+        if started:
+            stop_ray()
+    order = {cfg.experiment_id: i for i, cfg in enumerate(configs)}
+    outcomes = sorted(outcomes, key=lambda o: order[o.experiment_id])  # the file's order, not the finishing order
+    finished = [o for o in outcomes if o.error is None]
+    for o in finished:
+        output.pull(o.experiment_id)  # a run stored under a URI: its files, for the comparison
+    if finished:
+        table = compare([output.local / o.experiment_id for o in finished], output.local / "comparison")
+        upload = output.uploader("comparison")
+        if upload:
+            for f in sorted((output.local / "comparison").rglob("*")):
+                if f.is_file():
+                    upload(f)
+        print(f"\n📊 Comparison: {output.where('comparison')}\n{table.to_string(index=False)}")
+    failed = [o for o in outcomes if o.error is not None]
+    if failed:
+        print(f"\n❌ {len(failed)} of {len(outcomes)} run(s) failed (running the sweep again resumes them):")
+        for o in failed:
+            print(f"  {o.experiment_id} ({o.model}): {o.error}")
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cwa_dist.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_file")
     ap.add_argument("--check", action="store_true", help="validate the file and list its runs, run nothing")
+    ap.add_argument("--max-concurrent", type=int, default=None,
+                    help="runs at a time (default: all on a cluster, as many as the free CPUs hold on the local Ray)")
     ap.add_argument("--verbose", action="store_true")
     ns = ap.parse_args(argv)
     quiet_libraries(ns.verbose)
-    return report_errors(lambda: run_sweep(ns.sweep_file, check=ns.check, verbose=ns.verbose), ns.verbose)
+    if ns.max_concurrent is not None and ns.max_concurrent < 1:
+        ap.error("--max-concurrent must be at least 1")
+    status = {}
+
+    def work() -> None:
+        status["code"] = run_sweep(ns.sweep_file, check=ns.check, verbose=ns.verbose, max_concurrent=ns.max_concurrent)
+
+    return report_errors(work, ns.verbose) or status.get("code", 0)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def _bad_inputs(model_dir, tmp_path):
     not_a_dir = tmp_path / "plain_file"
     not_a_dir.write_text("x")
     return [
-        (["--model", str(tmp_path / "nope")], "not a local path|unreachable"),
+        (["--model", str(tmp_path / "nope")], "model directory .*nope does not exist"),
+        (["--model", "no-such-org/no-such-model"], "not a local path|unreachable"),
         (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
         (["--model", model_dir, "--data-file", str(tmp_path / "missing.txt")], "does not exist"),
         (["--model", model_dir, "--data-file", str(empty)], "holds no text"),
@@ -169,6 +170,8 @@ def _bad_inputs(model_dir, tmp_path):
         (["--model", model_dir, "--device", "cuda"], "has no GPUs"),
         (["--model", model_dir, "--dtype", "float16"], "float16 is not supported"),
         (["--model", model_dir, "--stage-timeout-s", "0"], "positive number of seconds"),
+        (["--model", model_dir, "--dry-run", "--gpu-memory-gb", "0"], "positive number of GB"),
+        (["--model", model_dir, "--output", "nosuch://bucket/x"], "--output nosuch://bucket/x"),
     ]
 
 

@@ -163,3 +163,11 @@ def test_an_unusable_uri_is_refused_in_one_line():
 
     with pytest.raises(UsageError, match=re.escape("--output nosuch://x")):
         Output("nosuch://x")
+
+
+def test_a_gguf_is_planned_from_its_header_without_converting(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("CWA_DIST_CACHE", str(tmp_path / "cache"))
+    config = read_config(resolve_source(str(smollm2_path)), trust_remote_code=False)
+    facts = model_facts(empty_model(config, dtype=torch.float32, trust_remote_code=False), config)
+    assert facts.num_parameters == 134_515_008 and facts.layers == 30 and facts.vocab == 49152  # SmolLM2-135M
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing cached
