@@ -27,7 +27,7 @@ import torch
 GiB = 2**30
 IDLE_DRIVER = """
 import ray, torch, transformers, cwa_dist.pipeline
-ray.init(include_dashboard=False, log_to_driver=False)
+ray.init(address="local", include_dashboard=False, log_to_driver=False)
 import time; time.sleep(3)
 ray.shutdown()
 """
@@ -119,7 +119,7 @@ def main() -> None:
         model = ModelRef(source=str(path), checkpoint_dir=str(path), dtype="float32")
         if not {"ranks", "actor"} & set(args.parts):
             continue
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             for backend in args.backends if "ranks" in args.parts else []:
                 peaks = {}

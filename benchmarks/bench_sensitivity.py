@@ -168,7 +168,7 @@ def ray_stage(net, cal, args, scored, bare_s):
     from cwa_dist.distributed.backends import ZeroSettings
     from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         _, _, path = load_pretrained(str(ensure_smollm2()), dtype=torch.float32, build=False)
         model = ModelRef(source=str(path), checkpoint_dir=str(path), dtype="float32")

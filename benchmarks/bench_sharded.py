@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--backends", nargs="+", default=["zero3", "fsdp2"])
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama160m"])
     args = ap.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     smol_dir = resolve_checkpoint(resolve_source(str(ensure_smollm2())), announce=print)
     tok = load_tokenizer(smol_dir, trust_remote_code=False)
     texts = load_texts(None, None)

@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--k", type=int, default=1000)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "no GPU visible"
-    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
     path = str(ensure_smollm2())
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     for dtype_name in args.dtypes:

@@ -73,9 +73,26 @@ class RunConfig:
     perturbation_ratios: tuple[float, ...] = setting((0.1, 0.25, 0.5, 1.0), section="perturbation")
     """Fractions of each top-K to perturb, each in (0, 1]."""
     perturbation_mode: str = setting("zero", section="perturbation")
-    """How a selected weight is perturbed."""
+    """How a selected weight is perturbed: zero; sign_flip (−w); scale (w·--perturbation-scale);
+    gauss_noise (w + --perturbation-noise·|w|·ε, seeded per experiment); bit_flip (one bit of the
+    stored value, --perturbation-bit). Every mode is undone bit for bit after each experiment."""
+    perturbation_scale: float = setting(0.5, section="perturbation")
+    """scale mode: the factor each selected weight is multiplied by."""
+    perturbation_noise: float = setting(1.0, section="perturbation")
+    """gauss_noise mode: the noise's standard deviation relative to |w|."""
+    perturbation_bit: int | None = setting(None, section="perturbation")
+    """bit_flip mode: the bit to flip, 0 = least significant; default the most significant exponent
+    bit of the weights' dtype (30 in float32, 14 in bfloat16)."""
     random_seeds: int = setting(3, section="perturbation")
     """Random-K controls per (K, ratio)."""
+    bootstrap_samples: int = setting(1000, section="perturbation")
+    """Resamples of the evaluation windows for each perplexity's 95% confidence interval."""
+    super_weights: int = setting(3, section="perturbation")
+    """Super-weight candidates to detect from MLP activation outliers (Yu et al. 2024) and zero one at
+    a time; 0 turns detection off."""
+    ablation_study: int = setting(0, section="perturbation")
+    """Single-weight ablation study: the top N of every metric and N random weights, each zeroed
+    alone; per metric, Spearman's ρ between score and the measured change in NLL (0: off)."""
     fast_perturbation: bool = setting(False, section="perturbation")
     """Measure perturbation perplexity on the first --fast-eval-chunks evaluation chunks."""
     fast_eval_chunks: int = setting(4, section="perturbation")
@@ -155,6 +172,12 @@ class RunConfig:
                 raise UsageError(METRICS.unknown_message(m))
         if self.perturbation_mode not in MODES:
             raise UsageError(MODES.unknown_message(self.perturbation_mode))
+        if not math.isfinite(self.perturbation_scale):
+            raise UsageError(f"--perturbation-scale {self.perturbation_scale} is not a finite number")
+        if not (self.perturbation_noise > 0 and math.isfinite(self.perturbation_noise)):
+            raise UsageError(f"--perturbation-noise {self.perturbation_noise} must be a positive number")
+        if self.perturbation_bit is not None and not 0 <= self.perturbation_bit < 64:
+            raise UsageError(f"--perturbation-bit {self.perturbation_bit} is outside 0..63")
         if not self.topk:
             raise UsageError("--topk needs at least one value")
         for k in self.topk:
@@ -166,6 +189,7 @@ class RunConfig:
         _positive("--seq-len", self.seq_len, minimum=2)
         _positive("--batch-size", self.batch_size)
         _positive("--fast-eval-chunks", self.fast_eval_chunks)
+        _positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)
         if self.eval_limit is not None:
             _positive("--eval-limit", self.eval_limit)
         for flag, v in (("--stage-timeout-s", self.stage_timeout_s), ("--experiment-timeout-s", self.experiment_timeout_s)):
@@ -173,6 +197,10 @@ class RunConfig:
                 raise UsageError(f"{flag} {v} must be a positive number of seconds")
         if self.max_retries < 0:
             raise UsageError(f"--max-retries {self.max_retries} is negative")
+        if self.ablation_study < 0:
+            raise UsageError(f"--ablation-study {self.ablation_study} is negative")
+        if self.super_weights < 0:
+            raise UsageError(f"--super-weights {self.super_weights} is negative")
         if self.random_seeds < 0:
             raise UsageError(f"--random-seeds {self.random_seeds} is negative")
         _positive("--num-workers", self.num_workers)
@@ -226,6 +254,12 @@ class RunConfig:
             return self.shard_backend
         single_cpu = self.num_workers == 1 and device == "cpu" and not (self.offload_params or self.offload_optimizer)
         return "none" if single_cpu else "zero3"
+
+    def mode_options(self):
+        from cwa_dist.perturb import ModeOptions
+
+        return ModeOptions(scale=self.perturbation_scale, noise=self.perturbation_noise, bit=self.perturbation_bit,
+                           seed=self.seed)
 
     def zero_settings(self):
         from cwa_dist.distributed.backends import ZeroSettings

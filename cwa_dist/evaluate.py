@@ -32,24 +32,28 @@ def batches(chunks: Sequence[torch.Tensor], batch_size: int) -> Iterator[tuple[t
         yield ids, mask
 
 
-def batch_nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL over the unpadded positions of one batch (a scalar, differentiable)."""
+def batch_nll_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL summed over the unpadded positions of each row of one batch: (B,), differentiable."""
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # use_cache=False: a KV cache is never reused here and would only hold memory.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     targets = input_ids[:, 1:]
     keep = attention_mask[:, 1:].bool()
-    nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
-    )  # (B*(T-1),)
-    return nll.masked_fill(~keep.flatten(), 0.0).sum()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return nll.view(targets.shape).masked_fill(~keep, 0.0).sum(dim=1)
+
+
+def batch_nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL over the unpadded positions of one batch (a scalar, differentiable)."""
+    return batch_nll_rows(model, input_ids, attention_mask).sum()
 
 
 @dataclass(frozen=True, slots=True)
 class Perplexity:
     nll_sum: float
     tokens: int
+    window_nll: tuple[float, ...] = ()  # per evaluation window, in order (for confidence intervals)
 
     @property
     def mean_nll(self) -> float:
@@ -57,16 +61,43 @@ class Perplexity:
 
     @property
     def value(self) -> float:
-        # A destroyed model can reach a mean NLL whose exp overflows; that is a result, not an error.
-        try:
-            return math.exp(self.mean_nll)
-        except OverflowError:
-            return math.inf
+        return _exp(self.mean_nll)
+
+
+def _exp(x: float) -> float:
+    # A destroyed model can reach a mean NLL whose exp overflows; that is a result, not an error.
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, chunks: Sequence[torch.Tensor], batch_size: int) -> Perplexity:
-    total = 0.0
+    rows: list[float] = []
     for ids, mask in batches(chunks, batch_size):
-        total += float(batch_nll_sum(model, ids, mask))
-    return Perplexity(nll_sum=total, tokens=predicted_tokens(chunks))
+        rows.extend(batch_nll_rows(model, ids, mask).double().tolist())
+    return Perplexity(nll_sum=float(sum(rows)), tokens=predicted_tokens(chunks), window_nll=tuple(rows))
+
+
+def window_tokens(chunks: Sequence[torch.Tensor]) -> list[int]:
+    return [int(c.numel()) - 1 for c in chunks]
+
+
+def bootstrap_intervals(tokens: Sequence[int], baseline_nll: Sequence[float], perturbed_nll: Sequence[float], *,
+                        samples: int, seed: int, level: float = 0.95) -> dict[str, float]:
+    """Percentile bootstrap over evaluation windows: the same resampled windows for the baseline and
+    the perturbed model (a paired bootstrap), giving intervals for the perturbed perplexity and for
+    perplexity ratio perturbed / baseline. Windows, not tokens, are resampled: tokens of one window
+    are not independent."""
+    t = torch.tensor(tokens, dtype=torch.float64)
+    base = torch.tensor(baseline_nll, dtype=torch.float64)
+    pert = torch.tensor(perturbed_nll, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(t), (samples, len(t)), generator=gen)
+    n_tok = t[idx].sum(1)
+    log_pert = pert[idx].sum(1) / n_tok
+    log_ratio = log_pert - base[idx].sum(1) / n_tok
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    (lp, hp), (lr, hr) = torch.quantile(log_pert, q).tolist(), torch.quantile(log_ratio, q).tolist()
+    return {"ppl_ci_low": _exp(lp), "ppl_ci_high": _exp(hp), "ppl_ratio_ci_low": _exp(lr), "ppl_ratio_ci_high": _exp(hr)}

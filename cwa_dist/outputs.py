@@ -46,6 +46,10 @@ PERTURBATION_COLUMNS = {
     "perturbed_ppl": "perplexity with the weights perturbed (inf if it overflows)",
     "ppl_increase": "perturbed_ppl − baseline_ppl",
     "ppl_ratio": "perturbed_ppl / baseline_ppl",
+    "ppl_ci_low": "perturbed_ppl's 95% bootstrap interval over evaluation windows, lower end",
+    "ppl_ci_high": "its upper end",
+    "ppl_ratio_ci_low": "ppl_ratio's 95% paired bootstrap interval (the same resampled windows for both models), lower end",
+    "ppl_ratio_ci_high": "its upper end",
     "is_control": "true for random / magnitude controls",
     "seed": "random control's seed (empty otherwise)",
     "mode": "perturbation mode, e.g. zero",
@@ -56,6 +60,26 @@ PERTURBATION_COLUMNS = {
     "key": "unique experiment key",
     "status": "ok, or failed (the actor died more than --max-retries times, or the experiment raised)",
     "error": "why it failed (empty when ok)",
+}
+
+SUPER_WEIGHT_COLUMNS = {
+    "layer": "transformer block of the MLP down-projection",
+    "param": "the weight's parameter name",
+    "row": "first index into the weight as stored",
+    "col": "second index",
+    "flat_index": "index into the flattened parameter",
+    "output_channel": "the down-projection's output channel with the massive activation",
+    "input_channel": "its input channel with the largest |activation| at that token",
+    "max_output_activation": "largest |output| of that down-projection over the prompts",
+    "max_input_activation": "|input| of the input channel at the same token",
+    "weight": "the weight's value",
+    "baseline_ppl": "perplexity of the unperturbed model",
+    "zeroed_ppl": "perplexity with this one weight zeroed",
+    "ppl_ratio": "zeroed_ppl / baseline_ppl",
+    "ppl_ratio_ci_low": "its 95% paired bootstrap interval, lower end",
+    "ppl_ratio_ci_high": "its upper end",
+    "restored_exact": "the weight was restored bit for bit",
+    "rank_<metric>": "its rank under each metric's ranking and the magnitude ranking; empty when outside that top-K",
 }
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -93,6 +117,31 @@ def ranking_frame(metric: str, c: Candidates, shapes: dict[str, Sequence[int]]) 
             "indices": [str(p) for p in pos],
         }
     )
+
+
+def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per super-weight candidate (SUPER_WEIGHT_COLUMNS), from the detection, its
+    experiment's result row (keyed by the experiment key) and the rankings."""
+    from cwa_dist.plan import super_weight_spec
+
+    out = []
+    for c in found:
+        row = rows.get(super_weight_spec(c).key, {})
+        entry = {k: getattr(c, k) for k in ("layer", "param", "row", "col", "flat_index", "output_channel",
+                                              "input_channel", "max_output_activation", "max_input_activation", "weight")}
+        entry.update(baseline_ppl=row.get("baseline_ppl"), zeroed_ppl=row.get("perturbed_ppl"),
+                     ppl_ratio=row.get("ppl_ratio"), ppl_ratio_ci_low=row.get("ppl_ratio_ci_low"),
+                     ppl_ratio_ci_high=row.get("ppl_ratio_ci_high"), restored_exact=row.get("restored_exact"))
+        for m in metrics:
+            hit = rankings[(rankings["metric"] == m) & (rankings["param"] == c.param)
+                           & (rankings["flat_index"] == c.flat_index)]
+            entry[f"rank_{m}"] = int(hit["rank"].iloc[0]) if len(hit) else None
+        out.append(entry)
+    columns = [k for k in SUPER_WEIGHT_COLUMNS if k != "rank_<metric>"] + [f"rank_{m}" for m in metrics]
+    table = pd.DataFrame(out, columns=columns)
+    for m in metrics:
+        table[f"rank_{m}"] = table[f"rank_{m}"].astype("Int64")
+    return table
 
 
 def candidates_from_rankings(rankings: pd.DataFrame) -> dict[str, Candidates]:
@@ -210,6 +259,9 @@ SUMMARY_FIELDS = {
     "num_scored_weights": "weights scored and ranked",
     "data": "texts, windows, seq_len; per set (calibration, evaluation): its texts' positions, windows, predicted tokens",
     "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
+    "baseline_perplexity_ci": "its 95% bootstrap interval over evaluation windows [low, high]",
+    "super_weights": "super-weight candidates: the rows of super_weights.csv",
+    "ablation_study": "weights (studied) and measured; per metric: spearman, spearman_ci, top_tenth_share",
     "calibration_loss": "mean NLL over the calibration chunks",
     "sensitivity": "backend, and per rank: node, backward and scoring seconds, elements held, peak memory",
     "weights_intact_after_perturbation": "every parameter had its loaded bytes at the end",
@@ -217,7 +269,7 @@ SUMMARY_FIELDS = {
     "experiments_completed": "experiments that ran to a result",
     "max_ppl_increase": "largest perplexity increase over the metric (not control) experiments",
     "most_impactful_perturbation": "that experiment's metric, K, ratio, weights and perplexities",
-    "comparison": "per (K, ratio): each metric's perplexity beside the random mean/max and magnitude controls",
+    "comparison": "per (K, ratio): each metric's perplexity beside the random controls' mean/min/max/std and the magnitude control",
     "run_directory": "where the files are",
     "stage_timings_s": "seconds of each stage",
 }

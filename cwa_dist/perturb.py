@@ -12,10 +12,22 @@ from typing import Callable, Sequence
 
 import torch
 
+from cwa_dist.errors import UsageError
 from cwa_dist.registry import Registry
 from cwa_dist.topk import Candidates
 
-ModeFn = Callable[[torch.Tensor], torch.Tensor]
+@dataclass(frozen=True, slots=True)
+class ModeOptions:
+    """What the modes other than `zero` need: a scale factor, a relative noise level with its seed,
+    and the bit to flip (None: the most significant exponent bit of the weight's dtype)."""
+
+    scale: float = 0.5
+    noise: float = 1.0
+    bit: int | None = None
+    seed: int = 0
+
+
+ModeFn = Callable[[torch.Tensor, ModeOptions], torch.Tensor]
 
 MODES: Registry[ModeFn] = Registry("perturbation mode")
 
@@ -29,8 +41,51 @@ def register_mode(name: str):
 
 
 @register_mode("zero")
-def zero(values: torch.Tensor) -> torch.Tensor:
+def zero(values: torch.Tensor, options: ModeOptions) -> torch.Tensor:
     return torch.zeros_like(values)
+
+
+@register_mode("sign_flip")
+def sign_flip(values: torch.Tensor, options: ModeOptions) -> torch.Tensor:
+    return torch.neg(values)
+
+
+@register_mode("scale")
+def scale(values: torch.Tensor, options: ModeOptions) -> torch.Tensor:
+    return values * options.scale
+
+
+@register_mode("gauss_noise")
+def gauss_noise(values: torch.Tensor, options: ModeOptions) -> torch.Tensor:
+    """w + noise·|w|·ε, ε ~ N(0, 1) drawn on the CPU from the experiment's seed (the same on any device)."""
+    eps = torch.randn(values.shape, generator=torch.Generator().manual_seed(options.seed), dtype=torch.float32)
+    return (values.float() + options.noise * values.float().abs() * eps.to(values.device)).to(values.dtype)
+
+
+# Signed integer views of each float width: XOR on them flips stored bits exactly.
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_TOP_EXPONENT_BIT = {torch.float32: 30, torch.float64: 62, torch.bfloat16: 14, torch.float16: 14}
+
+
+def flip_bit_index(dtype: torch.dtype, bit: int | None) -> int:
+    """The bit `bit_flip` flips in a value of `dtype` (0 = least significant); checked against its width."""
+    width = 8 * dtype.itemsize
+    chosen = _TOP_EXPONENT_BIT[dtype] if bit is None else bit
+    if not 0 <= chosen < width:
+        raise UsageError(f"--perturbation-bit {bit} is outside 0..{width - 1}, the bits of a {str(dtype).removeprefix('torch.')} weight")
+    return chosen
+
+
+@register_mode("bit_flip")
+def bit_flip(values: torch.Tensor, options: ModeOptions) -> torch.Tensor:
+    """The stored value with one bit flipped; by default the top exponent bit, which multiplies a
+    weight of magnitude below 1 by 2^128 (float32, bfloat16) or 2^16 (float16), and turns one in
+    [1, 2) into inf or NaN."""
+    bit = flip_bit_index(values.dtype, options.bit)
+    as_int = _INT_VIEW[values.dtype.itemsize]
+    width = 8 * values.dtype.itemsize
+    mask = -(1 << bit) if bit == width - 1 else 1 << bit  # the sign bit is the type's minimum
+    return torch.bitwise_xor(values.contiguous().view(as_int), torch.tensor(mask, dtype=as_int)).view(values.dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +128,7 @@ class PerturbationSpec:
     seed: int | None
     mode: str
     targets: Targets
+    options: ModeOptions = ModeOptions()
 
 
 def random_targets(param_names: Sequence[str], numels: Sequence[int], n: int, seed: int) -> Targets:
@@ -110,7 +166,7 @@ def _flat(param: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply(params: dict[str, torch.Tensor], targets: Targets, mode: str) -> Saved:
+def apply(params: dict[str, torch.Tensor], targets: Targets, mode: str, options: ModeOptions = ModeOptions()) -> Saved:
     fn = MODES.get(mode)
     saved = {}
     for name, idx in targets.by_param().items():
@@ -118,7 +174,7 @@ def apply(params: dict[str, torch.Tensor], targets: Targets, mode: str) -> Saved
         idx = idx.to(flat.device)  # parameters may sit on different GPUs
         original = flat[idx].clone()
         saved[name] = (idx, original)
-        flat[idx] = fn(original).to(flat.dtype)
+        flat[idx] = fn(original, options).to(flat.dtype)
     return Saved(saved)
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
-from cwa_dist import plots
+from cwa_dist import ablation, plots
 from cwa_dist.config import RunConfig
 from cwa_dist.data import Split, load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import deepspeed_config
@@ -28,7 +29,7 @@ from cwa_dist.distributed.runtime import (
     stop_ray,
 )
 from cwa_dist.errors import UsageError
-from cwa_dist.evaluate import predicted_tokens
+from cwa_dist.evaluate import bootstrap_intervals, predicted_tokens, window_tokens
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.memory import peak_rss_bytes
 from cwa_dist.metrics import MAGNITUDE
@@ -44,15 +45,23 @@ from cwa_dist.models import (
 )
 from cwa_dist.outputs import (
     PERTURBATION_COLUMNS,
+    super_weight_table,
     RunDirectory,
     RunRecord,
     candidates_from_rankings,
     ranking_frame,
     topk_csv_frame,
 )
-from cwa_dist.perturb import PerturbationSpec
+from cwa_dist.perturb import PerturbationSpec, flip_bit_index, random_targets
 from cwa_dist.placement import actor_count, resolve_device, worker_cpus, worker_gpus
-from cwa_dist.plan import plan_experiments
+from cwa_dist.plan import (
+    ABLATION,
+    SUPER_WEIGHT,
+    ablation_key,
+    ablation_spec,
+    plan_experiments,
+    super_weight_spec,
+)
 from cwa_dist.provenance import git_revision, host, versions
 from cwa_dist.report import Reporter
 from cwa_dist.storage import Output, durable_output
@@ -113,7 +122,10 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
         device, why = resolve_device(cfg)
         ctx = Context(cfg=cfg, rep=rep, device=device, device_reason=why,
                       joined_cluster=bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")))
-        identity = run_identity(texts, resolve_dtype(cfg.dtype, ctx.device))
+        dtype = resolve_dtype(cfg.dtype, ctx.device)
+        if cfg.perturbation_mode == "bit_flip":
+            flip_bit_index(dtype, cfg.perturbation_bit)  # a bit the weights' dtype has, checked before any work
+        identity = run_identity(texts, dtype)
         if previous:
             _check_identity(run_path, where, identity)
         _header(ctx, where, len(texts))
@@ -311,6 +323,8 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
                     on_baseline=lambda b: rep.line(f"📏 Baseline perplexity (evaluation chunks): {b.value:.4f}"),
                     on_step=bar.update,
                 )
+            if cfg.ablation_study and not cfg.no_perturbation:
+                _study_weights(ctx, record, loaded, group, result.merged)
         finally:
             group.shutdown()
         record.fact(baseline_perplexity=result.baseline.value)
@@ -344,6 +358,44 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
         })
     record.mark("sensitivity")
     return merged
+
+
+def _study_weights(ctx: Context, record: RunRecord, loaded: LoadedModel, group: GradientGroup,
+                   merged: ShardScores) -> None:
+    """The weights of the single-weight ablation study (the top N of every metric and N random ones)
+    with their score under every metric, read from the ranks while their gradients exist, and
+    written to ablation_weights.parquet (a resumed run reads them back)."""
+    cfg, n = ctx.cfg, ctx.cfg.ablation_study
+    chosen: dict[tuple[str, int], list[str]] = {}
+    for m in cfg.metrics:
+        c = merged.candidates[m]
+        for name, flat in zip(c.names()[:n], c.flat_index[:n].tolist()):
+            chosen.setdefault((name, flat), []).append(f"top:{m}")
+    numels = [numel(loaded.shapes[x]) for x in loaded.scored]
+    draw = random_targets(loaded.scored, numels, min(n, sum(numels)), seed=cfg.seed + 7919)
+    for i, flat in zip(draw.param.tolist(), draw.flat_index.tolist()):
+        chosen.setdefault((loaded.scored[i], flat), []).append("random")
+    wanted: dict[str, list[int]] = {}
+    for name, flat in chosen:
+        wanted.setdefault(name, []).append(flat)
+    values = group.values_at({name: torch.tensor(flats, dtype=torch.int64) for name, flats in wanted.items()})
+    frame = ablation.weights_frame(chosen, values, list(cfg.metrics), loaded.shapes)
+    record.run_dir.write_parquet("ablation_weights.parquet", frame)
+    ctx.rep.line(f"📐 Ablation study: {len(frame)} weights chosen (top {n} of each metric, {n} random), "
+                 "each to be zeroed alone")
+
+
+def _export_ablation(ctx: Context, record: RunRecord, weights: pd.DataFrame, rows: dict) -> None:
+    cfg = ctx.cfg
+    table = ablation.study_table(weights, rows, ablation_key)
+    record.run_dir.write_csv("ablation_study.csv", table)
+    record.run_dir.write_parquet("ablation_study.parquet", table)
+    summary = ablation.study_summary(table, list(cfg.metrics), samples=cfg.bootstrap_samples, seed=cfg.seed)
+    record.fact(ablation_study=summary)
+    ctx.rep.line(f"📐 Does sensitivity predict impact? {summary['measured']} weights zeroed one at a time:")
+    for m, s in summary["metrics"].items():
+        ctx.rep.line(f"  {m}: Spearman ρ(score, ΔNLL) = {s['spearman']:.3f} (95% CI {s['spearman_ci'][0]:.3f}–"
+                     f"{s['spearman_ci'][1]:.3f}); its top tenth carries {s['top_tenth_share']:.1%} of the total |ΔNLL|")
 
 
 def _export_rankings(ctx: Context, record: RunRecord, merged: ShardScores, shapes) -> pd.DataFrame:
@@ -389,36 +441,60 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
             random_seeds=cfg.random_seeds,
             seed=cfg.seed,
             mode=cfg.perturbation_mode,
+            options=cfg.mode_options(),
         )
         by_key = {s.key: s for s in specs}
         log = ResultLog(record.run_dir.path / "perturbation_results.jsonl", on_write=record.run_dir.on_write)
         # Experiments a killed or failed earlier try finished stay; failed ones run again.
-        rows = {r["key"]: r for r in log.repair() if r["key"] in by_key and r["status"] == "ok"}
+        logged = [r for r in log.repair() if r["status"] == "ok"]
+        rows = {r["key"]: r for r in logged if r["key"] in by_key}
+        extra_rows = {r["key"]: r for r in logged if r["metric"] in (SUPER_WEIGHT, ABLATION)}
         todo = [s for s in specs if s.key not in rows]
         if rows:
             rep.line(f"🔁 {len(rows)} of {len(specs)} experiments finished earlier; running the other {len(todo)}")
         chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
         intact = True
-        if todo:
-            n_actors = actor_count(cfg, ctx.device, len(todo), loaded.model_bytes, settled_free_resources())
+        need_super = cfg.super_weights > 0 and "super_weights" not in record.summary
+        need_ablation = cfg.ablation_study > 0 and "ablation_study" not in record.summary
+        study = pd.read_parquet(record.run_dir.path / "ablation_weights.parquet") if need_ablation else None
+        if todo or need_super or need_ablation:
+            n_extra = cfg.super_weights + (len(study) if need_ablation else 0)
+            n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources())
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
             pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
                             gpus_per_actor=cfg.eval_actor_gpus, batch_size=cfg.batch_size)
             try:
-                baselines = {round(b.value, 6) for _, b in pool.describe()}
+                described = pool.describe()
+                baselines = {round(b.value, 6) for _, b in described}
+                tokens = window_tokens(chunks)
+                interval = _baseline_interval(tokens, described[0][1], cfg)
+                record.fact(baseline_perplexity_ci=interval)
+                rep.line(f"📏 Baseline perplexity on the actors: {described[0][1].value:.4f} (95% CI {interval[0]:.4f}–"
+                         f"{interval[1]:.4f}, bootstrap over {len(tokens)} evaluation windows)")
                 if len(baselines) > 1:
                     rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
-                with rep.progress(len(todo), "experiments", "exp") as bar:
+                found, extra_specs = [], {}
+                if need_super:
+                    found = pool.super_weights(split.calibration[:8], cfg.super_weights)
+                    extra_specs.update({spec.key: spec for spec in map(super_weight_spec, found)})
+                    rep.line(f"🦸 {len(found)} super-weight candidate(s) from MLP down-projection activation outliers; "
+                             "each is zeroed alone")
+                if need_ablation:
+                    extra_specs.update({spec.key: spec for spec in (
+                        ablation_spec(r.param, r.flat_index) for r in study.itertuples(index=False))})
+                extra_todo = [spec for key, spec in extra_specs.items() if key not in extra_rows]
+                every = {**by_key, **extra_specs}
+                with rep.progress(len(todo) + len(extra_todo), "experiments", "exp") as bar:
                     def keep(row: dict) -> None:
                         log.append(row)
-                        rows[row["key"]] = row
+                        (rows if row["key"] in by_key else extra_rows)[row["key"]] = row
                         bar.update(1)
                         bar.write(f"  {_describe(row)}")
 
                     pool.run(
-                        todo,
-                        on_result=lambda r: keep(_result_row(by_key[r.key], r)),
+                        todo + extra_todo,
+                        on_result=lambda r: keep(_result_row(every[r.key], r, tokens, cfg)),
                         on_failure=lambda spec, error: keep(_failed_row(spec, error, min(baselines))),
                         max_retries=cfg.max_retries,
                         timeout_s=cfg.experiment_timeout_s,
@@ -430,6 +506,10 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
                                f"{a['peak_rss_bytes'] / 2**30:.2f} GiB"
                                + (f", peak GPU {a['peak_device_bytes'] / 2**30:.2f} GiB" if a["peak_device_bytes"] else ""))
                 record.memory(eval_actors=actors)
+                if need_super:
+                    _export_super_weights(ctx, record, found, extra_rows, rankings)
+                if need_ablation:
+                    _export_ablation(ctx, record, study, extra_rows)
             finally:
                 pool.shutdown()
         results = pd.DataFrame([rows[s.key] for s in specs], columns=list(PERTURBATION_COLUMNS))
@@ -445,19 +525,44 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
     return results
 
 
+def _export_super_weights(ctx: Context, record: RunRecord, found: list, rows: dict, rankings: pd.DataFrame) -> None:
+    """super_weights.csv/.parquet and the summary's list: each candidate, its zeroed-alone
+    perplexity, and its rank under every ranking (empty when outside that ranking's top-K)."""
+    table = super_weight_table(found, rows, rankings, [*ctx.cfg.metrics, MAGNITUDE.name])
+    record.run_dir.write_csv("super_weights.csv", table)
+    record.run_dir.write_parquet("super_weights.parquet", table)
+    record.fact(super_weights=json.loads(table.to_json(orient="records")))
+    for c in table.itertuples(index=False):
+        ranks = ", ".join(f"{m} {getattr(c, 'rank_' + m) if pd.notna(getattr(c, 'rank_' + m)) else '>K'}"
+                          for m in [*ctx.cfg.metrics, MAGNITUDE.name])
+        ctx.rep.line(f"  🦸 {c.param} [{c.row}, {c.col}] = {c.weight:.4g}, |activation| in {c.max_input_activation:.4g} → "
+                     f"out {c.max_output_activation:.4g}: zeroed alone PPL {c.baseline_ppl:.2f} → {c.zeroed_ppl:.2f} "
+                     f"(×{c.ppl_ratio:.3g}); rank: {ranks}")
+
+
 def _failed_row(spec: PerturbationSpec, error: str, baseline_ppl: float) -> dict:
     """An experiment that kept failing: recorded, not dropped."""
     return {
         "metric": spec.method, "topk": spec.topk, "mask_ratio": spec.mask_ratio,
         "weights_masked": len(spec.targets), "baseline_ppl": baseline_ppl, "perturbed_ppl": float("nan"),
-        "ppl_increase": float("nan"), "ppl_ratio": float("nan"), "is_control": spec.is_control, "seed": spec.seed,
+        "ppl_increase": float("nan"), "ppl_ratio": float("nan"), "ppl_ci_low": float("nan"),
+        "ppl_ci_high": float("nan"), "ppl_ratio_ci_low": float("nan"), "ppl_ratio_ci_high": float("nan"),
+        "is_control": spec.is_control, "seed": spec.seed,
         "mode": spec.mode, "eval_tokens": 0, "wall_s": 0.0, "restored_exact": None, "actor": "", "key": spec.key,
         "status": "failed", "error": error,
     }
 
 
-def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
+def _baseline_interval(tokens: list[int], baseline, cfg: RunConfig) -> list[float]:
+    ci = bootstrap_intervals(tokens, baseline.window_nll, baseline.window_nll, samples=cfg.bootstrap_samples,
+                             seed=cfg.seed)
+    return [ci["ppl_ci_low"], ci["ppl_ci_high"]]
+
+
+def _result_row(spec: PerturbationSpec, r: ExperimentResult, tokens: list[int], cfg: RunConfig) -> dict:
     base, pert = r.baseline.value, r.perturbed.value
+    ci = bootstrap_intervals(tokens, r.baseline.window_nll, r.perturbed.window_nll, samples=cfg.bootstrap_samples,
+                             seed=cfg.seed)
     return {
         "metric": spec.method,
         "topk": spec.topk,
@@ -467,6 +572,7 @@ def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
         "perturbed_ppl": pert,
         "ppl_increase": pert - base,
         "ppl_ratio": pert / base,
+        **ci,
         "is_control": spec.is_control,
         "seed": spec.seed,
         "mode": spec.mode,
@@ -483,11 +589,15 @@ def _result_row(spec: PerturbationSpec, r: ExperimentResult) -> dict:
 
 
 def _describe(row: dict) -> str:
+    if row["metric"] in (SUPER_WEIGHT, ABLATION) and row["status"] == "ok":
+        return (f"{row['metric'].replace('_', ' ')} {row['key'].split('|', 1)[1]}: PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} "
+                f"(×{row['ppl_ratio']:.3g})")
     seed = f" seed {row['seed']}" if row["seed"] is not None else ""
     if row["status"] != "ok":
         return f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: FAILED ({row['error']})"
     return (f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: "
-            f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} ({row['ppl_increase']:+.2f})")
+            f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} ({row['ppl_increase']:+.2f}; "
+            f"ratio 95% CI {row['ppl_ratio_ci_low']:.3g}–{row['ppl_ratio_ci_high']:.3g})")
 
 
 def _finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.DataFrame | None) -> None:
@@ -513,7 +623,9 @@ def _finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd
 
 def _perturbation_summary(results: pd.DataFrame) -> dict:
     metric_rows = results[~results["is_control"]]
-    best = metric_rows.loc[metric_rows["ppl_increase"].idxmax()] if len(metric_rows) else None
+    # A NaN perplexity (weights made inf or NaN, e.g. by bit_flip) is a destroyed model, not a maximum.
+    increases = metric_rows["ppl_increase"].dropna()
+    best = metric_rows.loc[increases.idxmax()] if len(increases) else None
     comparison = []
     for (k, r), df in results.groupby(["topk", "mask_ratio"], sort=True):
         entry = {"topk": int(k), "mask_ratio": float(r), "weights_masked": int(df["weights_masked"].iloc[0])}
@@ -522,13 +634,15 @@ def _perturbation_summary(results: pd.DataFrame) -> dict:
         rnd = df[df["metric"] == "random"]["perturbed_ppl"]
         if len(rnd):
             entry["random_mean"] = float(rnd.mean())
+            entry["random_min"] = float(rnd.min())
             entry["random_max"] = float(rnd.max())
+            entry["random_std"] = float(rnd.std(ddof=1)) if len(rnd) > 1 else 0.0
         mag = df[df["metric"] == "magnitude"]["perturbed_ppl"]
         if len(mag):
             entry["magnitude"] = float(mag.iloc[0])
         comparison.append(entry)
     out = {
-        "max_ppl_increase": float(results["ppl_increase"].max()),
+        "max_ppl_increase": float(increases.max()) if len(increases) else None,
         "comparison": comparison,
     }
     if best is not None:
@@ -563,7 +677,8 @@ def _final_report(ctx: Context, summary: dict) -> None:
             if entry["topk"] == best["topk"] and entry["mask_ratio"] == best["mask_ratio"]:
                 controls = []
                 if "random_mean" in entry:
-                    controls.append(f"random {entry['random_mean']:.2f} (mean)")
+                    controls.append(f"random {entry['random_mean']:.2f} (mean; {entry['random_min']:.2f}–"
+                                    f"{entry['random_max']:.2f} over the seeds)")
                 if "magnitude" in entry:
                     controls.append(f"largest |W| {entry['magnitude']:.2f}")
                 if controls:

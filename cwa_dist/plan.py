@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import replace
 from typing import Sequence
 
-from cwa_dist.perturb import PerturbationSpec, Targets, random_targets
+import torch
+
+from cwa_dist.perturb import ModeOptions, PerturbationSpec, Targets, random_targets
 from cwa_dist.topk import Candidates
 
 
@@ -30,6 +34,7 @@ def plan_experiments(
     random_seeds: int,
     seed: int,
     mode: str,
+    options: ModeOptions = ModeOptions(),
 ) -> list[PerturbationSpec]:
     """For each metric, K and ratio: the top ⌈ratio·K⌉ weights. For each K and ratio, controls
     of the same size on the same parameters: `random_seeds` random draws and the largest |W|."""
@@ -43,16 +48,23 @@ def plan_experiments(
     specs = []
     for (k, r), n in sizes.items():
         for metric, ranked in by_metric.items():
-            specs.append(_spec(metric, False, k, r, None, mode, ranked.head(n)))
+            specs.append(_spec(metric, False, k, r, None, mode, ranked.head(n), options))
         for i, draw in enumerate(draws):
-            specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n)))
-        specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n)))
+            specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n), options))
+        specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n), options))
     return specs
 
 
-def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mode: str, targets: Targets):
+def noise_seed(key: str, seed: int) -> int:
+    """A stable per-experiment seed for seeded modes (gauss_noise): the same on every run and actor."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mode: str, targets: Targets,
+          options: ModeOptions):
+    key = experiment_key(method, k, r, seed)
     return PerturbationSpec(
-        key=experiment_key(method, k, r, seed),
+        key=key,
         method=method,
         is_control=is_control,
         topk=k,
@@ -60,4 +72,38 @@ def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mod
         seed=seed,
         mode=mode,
         targets=targets,
+        options=replace(options, seed=noise_seed(key, options.seed)),
     )
+
+
+SUPER_WEIGHT = "super_weight"
+
+
+ABLATION = "ablation"
+
+
+def single_weight_spec(method: str, param: str, flat_index: int, where: str) -> PerturbationSpec:
+    """Zero one weight alone (a super-weight candidate, a weight of the ablation study); `where`
+    names it in the key."""
+    return PerturbationSpec(
+        key=f"{method}|{param}[{where}]",
+        method=method,
+        is_control=False,
+        topk=1,
+        mask_ratio=1.0,
+        seed=None,
+        mode="zero",
+        targets=Targets([param], torch.zeros(1, dtype=torch.int64), torch.tensor([flat_index], dtype=torch.int64)),
+    )
+
+
+def super_weight_spec(candidate) -> PerturbationSpec:
+    return single_weight_spec(SUPER_WEIGHT, candidate.param, candidate.flat_index, f"{candidate.row},{candidate.col}")
+
+
+def ablation_spec(param: str, flat_index: int) -> PerturbationSpec:
+    return single_weight_spec(ABLATION, param, flat_index, str(flat_index))
+
+
+def ablation_key(param: str, flat_index: int) -> str:
+    return f"{ABLATION}|{param}[{flat_index}]"  # ablation_spec's key

@@ -236,3 +236,20 @@ def unravel(flat_index: int, shape: Sequence[int]) -> tuple[int, ...]:
 
 def numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
+
+
+def values_at(shards: Iterable[ParamShard], wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """For each wanted parameter: (flat indices, gradients, weights) of the wanted elements found in
+    `shards` (the ones this process owns), in float64, which holds float32 and bfloat16 exactly."""
+    found: dict[str, list] = {}
+    for shard in shards:
+        idx = wanted.get(shard.name)
+        if idx is None or shard.grad is None:
+            continue
+        local = idx - shard.offset
+        keep = (local >= 0) & (local < shard.weight.numel())
+        if keep.any():
+            at = local[keep].to(shard.weight.device)
+            found.setdefault(shard.name, []).append(
+                (idx[keep], shard.grad[at].double().cpu(), shard.weight[at].double().cpu()))
+    return {name: tuple(torch.cat(part) for part in zip(*parts)) for name, parts in found.items()}

@@ -134,7 +134,7 @@ def ray_local():
     if not ray.is_initialized():
         # Workers cannot import this file: ship the setup hook by value.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": force_accelerator_without_fp16})
     yield ray
     ray.shutdown()

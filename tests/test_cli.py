@@ -36,9 +36,16 @@ def test_every_output_file_is_written(full_run):
         "config.json", "manifest.json", "experiment_summary.json", "rankings.parquet",
         "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
         "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "perturbation_results.jsonl",
+        "super_weights.csv", "super_weights.parquet",
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
+    from cwa_dist.outputs import SUPER_WEIGHT_COLUMNS
+
+    sw = pd.read_csv(run_dir / "super_weights.csv")
+    declared = [c for c in SUPER_WEIGHT_COLUMNS if c != "rank_<metric>"]
+    assert list(sw.columns) == declared + ["rank_grad_x_weight", "rank_grad_squared", "rank_magnitude"]
+    assert len(sw) >= 1 and sw["restored_exact"].all() and (sw["zeroed_ppl"] > 0).all()
     for png in ("plots/topk_by_layer.png", "plots/ppl_vs_masked.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -94,6 +101,11 @@ def test_perturbation_results(full_run):
     assert set(res["weights_masked"]) == {3, 5, 10, 20}
     assert (res["baseline_ppl"] == res["baseline_ppl"].iloc[0]).all()
     np.testing.assert_allclose(res["ppl_increase"], res["perturbed_ppl"] - res["baseline_ppl"])
+    # Each perplexity and ratio lies inside its bootstrap interval, and the intervals have width.
+    assert (res["ppl_ci_low"] <= res["perturbed_ppl"]).all() and (res["perturbed_ppl"] <= res["ppl_ci_high"]).all()
+    assert (res["ppl_ratio_ci_low"] <= res["ppl_ratio"] * (1 + 1e-12)).all()
+    assert (res["ppl_ratio"] <= res["ppl_ratio_ci_high"] * (1 + 1e-12)).all()
+    assert (res["ppl_ci_high"] > res["ppl_ci_low"]).all()
     pq = pd.read_parquet(run_dir / "perturbation_results.parquet")
     assert list(pq["key"]) == list(res["key"])
 
@@ -105,6 +117,10 @@ def test_summary_manifest_and_config(full_run):
                 "most_impactful_perturbation", "comparison", "data"):
         assert key in summary
     assert summary["experiments_completed"] == 20
+    low, high = summary["baseline_perplexity_ci"]
+    assert low < summary["baseline_perplexity"] < high
+    for entry in summary["comparison"]:
+        assert entry["random_min"] <= entry["random_mean"] <= entry["random_max"] and entry["random_std"] >= 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert {s for s, v in manifest["stages"].items() if v["status"] == "done"} >= {"sensitivity", "perturbation", "export"}
@@ -132,6 +148,44 @@ def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
     assert not (run_dir / "perturbation_results.csv").exists()
     summary = json.loads((run_dir / "experiment_summary.json").read_text())
     assert summary["experiments_completed"] == 0 and summary["max_ppl_increase"] is None
+
+
+@pytest.mark.parametrize("mode,extra", [("bit_flip", ["--perturbation-bit", "23"]), ("scale", ["--perturbation-scale", "-3"])])
+def test_a_perturbation_mode_runs_through_the_actor_pool(ray_local, tiny_model_dir, tmp_path, mode, extra):
+    code = main(["--model", str(tiny_model_dir["gpt2"]), *SMALL, "--topk", "5", "--perturbation-ratios", "1.0",
+                 "--random-seeds", "1", "--perturbation-mode", mode, *extra, "--output", str(tmp_path),
+                 "--experiment-id", mode])
+    assert code == 0
+    results = pd.read_csv(tmp_path / mode / "perturbation_results.csv")
+    assert (results["mode"] == mode).all() and results["restored_exact"].all() and (results["status"] == "ok").all()
+    # Perturbing the five most critical weights this way changes perplexity more than five random ones.
+    change = (results["perturbed_ppl"] / results["baseline_ppl"] - 1).abs().fillna(np.inf)  # NaN: destroyed
+    assert change[results["metric"] == "grad_x_weight"].iloc[0] > change[results["metric"] == "random"].iloc[0]
+
+
+def test_ablation_study_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_path):
+    code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--metric", "grad_x_weight", "grad_squared",
+                 "--topk", "10", "--perturbation-ratios", "1.0", "--random-seeds", "1", "--super-weights", "0",
+                 "--ablation-study", "4", "--num-workers", "2", "--output", str(tmp_path), "--experiment-id", "abl"])
+    assert code == 0
+    run = tmp_path / "abl"
+    study = pd.read_csv(run / "ablation_study.csv")
+    assert 6 <= len(study) <= 12 and study["source"].str.contains("random").sum() == 4
+    rankings = pd.read_parquet(run / "rankings.parquet")
+    for metric in ("grad_x_weight", "grad_squared"):
+        top = study[study["source"].str.contains(f"top:{metric}")]
+        assert len(top) == 4
+        # The gradient and weight read back from the two ranks are the ranking's, bit for bit.
+        ranked = rankings[rankings["metric"] == metric].set_index(["param", "flat_index"])
+        for r in top.itertuples(index=False):
+            hit = ranked.loc[(r.param, r.flat_index)]
+            assert (hit["grad"], hit["weight"], hit["score"]) == (r.grad, r.weight, getattr(r, f"score_{metric}"))
+    assert np.allclose(study["delta_nll"], np.log(study["zeroed_ppl"] / study["baseline_ppl"]))
+    summary = json.loads((run / "experiment_summary.json").read_text())["ablation_study"]
+    assert summary["measured"] == len(study)
+    for m in ("grad_x_weight", "grad_squared"):
+        s = summary["metrics"][m]
+        assert -1 <= s["spearman"] <= 1 and s["spearman_ci"][0] <= s["spearman"] <= s["spearman_ci"][1]
 
 
 def _bad_inputs(model_dir, tmp_path):
@@ -171,6 +225,7 @@ def _bad_inputs(model_dir, tmp_path):
         (["--model", model_dir, "--dtype", "float16"], "float16 is not supported"),
         (["--model", model_dir, "--stage-timeout-s", "0"], "positive number of seconds"),
         (["--model", model_dir, "--dry-run", "--gpu-memory-gb", "0"], "positive number of GB"),
+        (["--model", model_dir, "--perturbation-mode", "bit_flip", "--perturbation-bit", "40"], "outside 0..31"),
         (["--model", model_dir, "--output", "nosuch://bucket/x"], "--output nosuch://bucket/x"),
     ]
 

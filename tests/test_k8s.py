@@ -1,5 +1,5 @@
-"""The Kubernetes manifests validate against the KubeRay v1 schemas (../shared/schemas/kuberay/), and
-a broken copy does not."""
+"""The Kubernetes manifests validate against the KubeRay v1 schemas (copies of ../shared/schemas/kuberay/
+in tests/schemas/kuberay/), and a broken copy does not."""
 
 from __future__ import annotations
 
@@ -12,15 +12,20 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+SCHEMAS = REPO / "tests" / "schemas" / "kuberay"
+SHARED = REPO.parent / "shared" / "schemas" / "kuberay"
 MANIFESTS = {"k8s/rayjob.yaml": "rayjob_v1.json", "k8s/raycluster.yaml": "raycluster_v1.json"}
 
 
 def schema(name: str) -> dict:
-    path = SCHEMAS / name
-    if not path.is_file():
-        pytest.skip(f"KubeRay schemas not found at {SCHEMAS}")
-    return json.loads(path.read_text())
+    return json.loads((SCHEMAS / name).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(set(MANIFESTS.values())))
+def test_the_copied_schemas_are_the_shared_ones(name):
+    if not (SHARED / name).is_file():
+        pytest.skip(f"no shared schemas at {SHARED} on this checkout")
+    assert (SCHEMAS / name).read_bytes() == (SHARED / name).read_bytes()
 
 
 def manifest(path: str) -> dict:

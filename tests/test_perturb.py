@@ -82,3 +82,99 @@ def test_plan_sizes_controls_and_prefixes():
     assert len(top5) == 5 and torch.equal(top5.flat_index, top20.flat_index[:5])
     assert len(by_key["random|k=10|r=0.5|seed=1"].targets) == 5
     assert by_key["magnitude|k=20|r=0.5"].is_control
+
+
+# -- every mode -------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _weights(dtype):
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(64, 33, generator=gen) * 0.05).to(dtype)
+    w.view(-1)[7] = -0.0  # a negative zero among the targets
+    return {"w": torch.nn.Parameter(w, requires_grad=False)}
+
+
+TARGETS = Targets(["w"], torch.zeros(40, dtype=torch.int64), torch.arange(0, 2000, 50, dtype=torch.int64).add_(7))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["zero", "sign_flip", "scale", "gauss_noise", "bit_flip"])
+def test_every_mode_changes_only_its_targets_and_restores_bit_for_bit(mode, dtype):
+    from cwa_dist.perturb import ModeOptions
+
+    params = _weights(dtype)
+    before = params["w"].detach().clone()
+    saved = apply(params, TARGETS, mode, ModeOptions(scale=0.25, noise=0.5, seed=11))
+    bits_now = params["w"].detach().reshape(-1).view(INT_OF[dtype])
+    bits_before = before.reshape(-1).view(INT_OF[dtype])
+    changed = set((bits_now != bits_before).nonzero().squeeze(1).tolist())
+    assert changed <= set(TARGETS.flat_index.tolist())
+    assert len(changed) >= len(TARGETS) - 1  # every target moved (zero/scale leave a zero's bits, or -0.0 → +0.0)
+    restore(params, saved)
+    assert restored_exactly(params, saved)
+    assert torch.equal(params["w"].detach().reshape(-1).view(INT_OF[dtype]), bits_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bit", [None, 0, 3, "sign"])
+def test_bit_flip_flips_exactly_the_intended_bit(dtype, bit):
+    from cwa_dist.perturb import ModeOptions, flip_bit_index
+
+    width = 8 * dtype.itemsize
+    chosen = width - 1 if bit == "sign" else bit
+    expected_bit = {torch.float32: 30, torch.bfloat16: 14, torch.float16: 14}[dtype] if chosen is None else chosen
+    assert flip_bit_index(dtype, chosen) == expected_bit
+    params = _weights(dtype)
+    before = params["w"].detach().reshape(-1).view(INT_OF[dtype]).clone()
+    apply(params, TARGETS, "bit_flip", ModeOptions(bit=chosen))
+    after = params["w"].detach().reshape(-1).view(INT_OF[dtype])
+    idx = TARGETS.flat_index
+    # XOR of old and new stored bits is exactly one set bit, the intended one (compared as unsigned).
+    diff = (before[idx].long() ^ after[idx].long()) & ((1 << width) - 1)
+    assert torch.equal(diff, torch.full_like(diff, 1 << expected_bit))
+
+
+def test_default_bit_flip_makes_small_weights_huge_and_sign_flip_negates():
+    from cwa_dist.perturb import ModeOptions
+
+    params = {"w": torch.nn.Parameter(torch.tensor([0.5, -0.25, 0.75]), requires_grad=False)}
+    apply(params, Targets(["w"], torch.zeros(3, dtype=torch.int64), torch.arange(3)), "bit_flip", ModeOptions())
+    assert torch.equal(params["w"].detach().double(), torch.tensor([0.5, -0.25, 0.75], dtype=torch.float64) * 2.0**128)
+    params = {"w": torch.nn.Parameter(torch.tensor([0.5, -0.25]), requires_grad=False)}
+    apply(params, Targets(["w"], torch.zeros(2, dtype=torch.int64), torch.arange(2)), "sign_flip")
+    assert torch.equal(params["w"].detach(), torch.tensor([-0.5, 0.25]))
+
+
+def test_gauss_noise_is_relative_to_each_weight_and_seeded():
+    from cwa_dist.perturb import ModeOptions
+
+    def noisy(seed):
+        params = {"w": torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.0, 4.0]).repeat(500), requires_grad=False)}
+        apply(params, Targets(["w"], torch.zeros(2000, dtype=torch.int64), torch.arange(2000)), "gauss_noise",
+              ModeOptions(noise=0.1, seed=seed))
+        return params["w"].detach()
+
+    a, b, c = noisy(1), noisy(1), noisy(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    w = torch.tensor([1.0, -2.0, 0.0, 4.0]).repeat(500)
+    rel = (a - w)[w != 0] / w[w != 0].abs()
+    assert abs(rel.std().item() - 0.1) < 0.01 and abs(rel.mean().item()) < 0.01
+    assert torch.equal(a[w == 0], w[w == 0])  # relative to |w|: a zero stays zero
+
+
+def test_a_bit_the_dtype_lacks_is_refused():
+    from cwa_dist.perturb import flip_bit_index
+
+    with pytest.raises(UsageError, match="outside 0..15"):
+        flip_bit_index(torch.bfloat16, 16)
+
+
+def test_noise_seeds_differ_per_experiment_and_are_stable():
+    from cwa_dist.plan import noise_seed
+
+    assert noise_seed("grad_x_weight|k=10|r=1", 0) == noise_seed("grad_x_weight|k=10|r=1", 0)
+    assert noise_seed("grad_x_weight|k=10|r=1", 0) != noise_seed("random|k=10|r=1|seed=0", 0)
+    assert noise_seed("grad_x_weight|k=10|r=1", 0) != noise_seed("grad_x_weight|k=10|r=1", 1)

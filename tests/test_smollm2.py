@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, tmp_path):
     code = main([
         "--model", str(smollm2_path), "--metric", "grad_x_weight", "--topk", "50", "--perturbation-ratios", "1.0",
-        "--random-seeds", "2", "--eval-limit", "8", "--seq-len", "64", "--batch-size", "4",
+        "--random-seeds", "2", "--eval-limit", "8", "--seq-len", "64", "--batch-size", "4", "--ablation-study", "5",
         "--output", str(tmp_path), "--experiment-id", "smol",
     ])
     assert code == 0
@@ -28,6 +28,15 @@ def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, t
     summary = json.loads((run_dir / "experiment_summary.json").read_text())
     assert summary["num_parameters"] == 134_515_008
     assert 1 < summary["baseline_perplexity"] < 1000  # a trained model, not random init (~49k)
+    # Super-weight detection (Yu et al. 2024) finds a weight whose zeroing alone more than triples perplexity.
+    sw = pd.read_csv(run_dir / "super_weights.csv")
+    assert len(sw) >= 1 and sw["restored_exact"].all() and sw["param"].str.endswith("mlp.down_proj.weight").all()
+    assert (sw["ppl_ratio"] > 3).any(), sw.to_string()
+    assert summary["super_weights"] and summary["super_weights"][0]["param"] == sw["param"].iloc[0]
+    # The correlation study runs end to end: 5 top and 5 random weights, each zeroed alone.
+    study = summary["ablation_study"]
+    assert study["measured"] == len(pd.read_csv(run_dir / "ablation_study.csv")) >= 6
+    assert -1 <= study["metrics"]["grad_x_weight"]["spearman"] <= 1
     ranking = pd.read_csv(run_dir / "top_50_weights_grad_x_weight.csv")
     assert ranking["layer"].str.startswith("model.").all()
     # Texts are documents: no special token is inserted between them, so none of the special

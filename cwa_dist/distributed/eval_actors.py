@@ -22,6 +22,7 @@ from cwa_dist.errors import last_line
 from cwa_dist.evaluate import Perplexity, perplexity
 from cwa_dist.memory import peak_device_bytes, peak_rss_bytes
 from cwa_dist.models import ModelRef, load_replica
+from cwa_dist.superweights import Candidate, detect
 from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 
 
@@ -56,6 +57,9 @@ class EvalActor:
     def describe(self) -> tuple[str, Perplexity]:
         return self.name, self.baseline
 
+    def super_weights(self, prompts: list[torch.Tensor], max_candidates: int) -> list[Candidate]:
+        return detect(self.model, prompts, batch_size=self.batch_size, max_candidates=max_candidates)
+
     def memory(self) -> dict:
         """This actor's measured peaks and load time, for the manifest."""
         return {"actor": self.name, "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
@@ -63,7 +67,7 @@ class EvalActor:
 
     def run(self, spec: PerturbationSpec) -> ExperimentResult:
         start = time.perf_counter()
-        saved = apply(self.params, spec.targets, spec.mode)
+        saved = apply(self.params, spec.targets, spec.mode, spec.options)
         try:
             perturbed = perplexity(self.model, self.chunks, self.batch_size)
         finally:
@@ -98,6 +102,10 @@ class EvalPool:
 
     def describe(self) -> list[tuple[str, Perplexity]]:
         return ray.get([a.describe.remote() for a in self.actors])
+
+    def super_weights(self, prompts: list[torch.Tensor], max_candidates: int) -> list[Candidate]:
+        """Super-weight candidates, detected on one actor's replica (they all hold the same weights)."""
+        return ray.get(self.actors[0].super_weights.remote(prompts, max_candidates))
 
     def run(self, specs: list[PerturbationSpec], *, on_result: Callable[[ExperimentResult], None],
             on_failure: Callable[[PerturbationSpec, str], None], max_retries: int,

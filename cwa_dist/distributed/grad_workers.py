@@ -32,6 +32,7 @@ from cwa_dist.sensitivity import (
     merge_scores,
     non_finite_tensors,
     score_shards,
+    values_at,
 )
 
 
@@ -125,6 +126,9 @@ class GradientWorker:
             peak_device_bytes=peak_device_bytes(),
             live_tensor_bytes=live_tensor_bytes("cuda" if torch.cuda.is_available() else "cpu"),
         )
+
+    def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        return values_at(self.backend.shards(list(wanted)), wanted)
 
     def teardown(self) -> None:
         self.backend.teardown()
@@ -230,6 +234,20 @@ class GradientGroup:
             on_step(sum(len(s) for s in step))
         reports = self.call("score", scored=scored, metrics=metrics, k=k)
         return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
+
+    def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Gradient and weight of chosen elements, each from the rank that owns it, after `sensitivity`."""
+        merged: dict[str, list] = {}
+        for part in self.call("values_at", wanted):
+            for name, values in part.items():
+                merged.setdefault(name, []).append(values)
+        out = {}
+        for name, parts in merged.items():
+            idx, grad, weight = (torch.cat(p) for p in zip(*parts))
+            first = {int(i): n for n, i in reversed(list(enumerate(idx.tolist())))}  # an element once
+            keep = torch.tensor(sorted(first.values()), dtype=torch.int64)
+            out[name] = (idx[keep], grad[keep], weight[keep])
+        return out
 
     def each(self, method: str, per_rank_args: list, **kwargs) -> list:
         """Call `method` on every rank with its own first argument, together."""

@@ -16,7 +16,8 @@ def start_ray(address: str | None, *, verbose: bool) -> bool:
     """
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Without an address, a new local Ray: never a cluster some earlier `ray start` left recorded.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
         include_dashboard=False,
