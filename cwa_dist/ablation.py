@@ -17,6 +17,13 @@ from cwa_dist.metrics import METRICS
 from cwa_dist.sensitivity import unravel
 
 
+def _vector(x) -> torch.Tensor:
+    """A float64 copy of a sequence, array or tensor (a copy: pandas hands out read-only arrays)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().clone()
+    return torch.tensor(list(map(float, x)), dtype=torch.float64)
+
+
 def ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n with ties given their average rank (as Spearman's coefficient needs)."""
     x = x.double()
@@ -41,13 +48,13 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def spearman(x, y) -> float:
     """Spearman's ρ: the Pearson correlation of the ranks (nan when either side is constant)."""
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = _vector(x), _vector(y)
     return _pearson(ranks(x), ranks(y))
 
 
 def spearman_interval(x, y, *, samples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile-bootstrap interval of ρ, resampling the (score, impact) pairs."""
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = _vector(x), _vector(y)
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(samples):
@@ -64,7 +71,7 @@ def spearman_interval(x, y, *, samples: int, seed: int, level: float = 0.95) -> 
 
 def top_share(score, impact, fraction: float = 0.1) -> float:
     """Share of the total |impact| carried by the `fraction` of weights with the highest score."""
-    score, impact = torch.as_tensor(score, dtype=torch.float64), torch.as_tensor(impact, dtype=torch.float64).abs()
+    score, impact = _vector(score), _vector(impact).abs()
     total = float(impact.sum())
     if total == 0 or not math.isfinite(total):
         return math.nan

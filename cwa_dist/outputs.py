@@ -232,7 +232,9 @@ class RunDirectory:
         return self._atomic(name, lambda tmp: df.to_parquet(tmp, index=False))
 
     def write_figure(self, name: str, fig) -> Path:
-        return self._atomic(name, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        from cwa_dist.plots import save
+
+        return self._atomic(name, lambda tmp: save(fig, tmp))  # saved, then closed: pyplot keeps open figures
 
 
 MANIFEST_FIELDS = {

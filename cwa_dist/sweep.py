@@ -86,6 +86,19 @@ def default_concurrency(configs: list[RunConfig], joined_cluster: bool) -> int:
     return max(1, min(len(configs), available_cpus() // widest))
 
 
+def share_the_machine(configs: list[RunConfig], concurrent: int) -> None:
+    """On the local Ray, give each of the `concurrent` runs its share of the CPUs (where a run does not
+    set its own), so one run's workers and actors do not take the whole machine while the others wait."""
+    from cwa_dist.distributed.runtime import available_cpus
+
+    free = available_cpus()
+    for cfg in configs:
+        if cfg.cpus_per_worker is None:
+            cfg.cpus_per_worker = max(1, free // (concurrent * cfg.num_workers))
+        if cfg.num_eval_actors is None:
+            cfg.num_eval_actors = max(1, free // concurrent)
+
+
 def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | None = None) -> int:
     name, directory, configs = load_sweep(path)
     print(f"🧪 Sweep {name}: {len(configs)} run(s) into {directory}")
@@ -110,6 +123,8 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
         print(f"🚀 Up to {concurrent} run(s) at a time; each run's console output: {output.local / 'logs'}")
         for cfg in configs:
             cfg.verbose = cfg.verbose or verbose
+        if not joined and concurrent > 1:
+            share_the_machine(configs, concurrent)
 
         def done(o) -> None:
             print(f"  {'✅' if o.error is None else '❌'} {o.experiment_id}: " + (o.where if o.error is None else o.error),
