@@ -116,7 +116,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     previous = _previous_run(cfg, run_path, where, experiment_id)
     if previous and previous.get("status") == "complete":
         rep.line(f"✅ {where} is already complete; nothing to resume")
-        return RunDirectory(run_path)
+        return RunDirectory(run_path, where=where)
     started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
         device, why = resolve_device(cfg)
@@ -134,8 +134,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
         split, data_facts = _prepare_data(ctx, texts, loaded.tokenizer)
         run_dir = RunDirectory.create(run_path, on_write=output.uploader(experiment_id), where=where,
                                       exists_ok=bool(previous))
-        record = _open_record(ctx, run_dir,
-                              experiment_id, previous, loaded, identity)
+        record = _open_record(ctx, run_dir, experiment_id, previous, loaded, identity)
         record.timings.update(timings)
         record.fact(model_name=cfg.model, num_parameters=loaded.num_parameters,
                     num_scored_weights=sum(numel(s) for s in loaded.shapes.values()), data=data_facts)
