@@ -76,7 +76,9 @@ def autoscaling_config_path() -> str | None:
         if not any(part.endswith("monitor.py") for part in cmd):
             continue
         args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
-        if args.get("--gcs-address") == gcs and args.get("--autoscaling-config"):
+        # The same GCS may be named by another of the node's addresses (127.0.0.1 or its IP): the port decides.
+        same = args.get("--gcs-address", "").rpartition(":")[2] == gcs.rpartition(":")[2]
+        if same and args.get("--autoscaling-config"):
             return os.path.expanduser(args["--autoscaling-config"])
     return None
 
