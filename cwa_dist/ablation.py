@@ -105,11 +105,10 @@ def study_table(weights: pd.DataFrame, results: dict[str, dict], key) -> pd.Data
     got = [results.get(key(r.param, r.flat_index), {}) for r in weights.itertuples(index=False)]
     table["baseline_ppl"] = [g.get("baseline_ppl") for g in got]
     table["zeroed_ppl"] = [g.get("perturbed_ppl") for g in got]
-    ratio = pd.Series([g.get("ppl_ratio") for g in got], dtype="float64")
-    table["delta_nll"] = ratio.map(lambda v: math.log(v) if v and v > 0 else math.nan)
-    for side in ("low", "high"):
-        table[f"delta_nll_ci_{side}"] = pd.Series([g.get(f"ppl_ratio_ci_{side}") for g in got], dtype="float64").map(
-            lambda v: math.log(v) if v and v > 0 else math.nan)
+    for column, source in (("delta_nll", "ppl_ratio"), ("delta_nll_ci_low", "ppl_ratio_ci_low"),
+                           ("delta_nll_ci_high", "ppl_ratio_ci_high")):
+        ratio = pd.Series([g.get(source) for g in got], dtype="float64")
+        table[column] = ratio.map(lambda v: math.log(v) if v and v > 0 else math.nan)
     return table
 
 
@@ -118,9 +117,10 @@ def study_summary(table: pd.DataFrame, metrics: list[str], *, samples: int, seed
     bootstrap interval, and the share of the total |delta_nll| its top tenth carries."""
     measured = table[table["delta_nll"].notna()]
     out = {"weights": int(len(table)), "measured": int(len(measured)), "metrics": {}}
+    enough = len(measured) > 2  # a rank correlation of fewer pairs says nothing
     for m in metrics:
         x, y = measured[f"score_{m}"].to_numpy(), measured["delta_nll"].to_numpy()
-        low, high = spearman_interval(x, y, samples=samples, seed=seed) if len(measured) > 2 else (math.nan, math.nan)
-        out["metrics"][m] = {"spearman": spearman(x, y) if len(measured) > 2 else math.nan,
+        low, high = spearman_interval(x, y, samples=samples, seed=seed) if enough else (math.nan, math.nan)
+        out["metrics"][m] = {"spearman": spearman(x, y) if enough else math.nan,
                              "spearman_ci": [low, high], "top_tenth_share": top_share(x, y, 0.1)}
     return out

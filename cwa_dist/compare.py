@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from cwa_dist.config import path_component
 from cwa_dist.errors import UsageError
+from cwa_dist.outputs import describe_param
 
 COMPARISON_COLUMNS = {
     "model": "--model of the run",
@@ -65,26 +66,34 @@ def load_run(run_dir: Path) -> dict:
     rankings = pd.read_parquet(run_dir / "rankings.parquet")
     results_path = run_dir / "perturbation_results.parquet"
     results = pd.read_parquet(results_path) if results_path.is_file() else None
-    layers = [int(x) for n in manifest.get("scored_parameters", {}) for x in re.findall(r"\.(\d+)\.", n)[:1]]
+    layers = [layer for n in manifest.get("scored_parameters", {}) if (layer := describe_param(n)[0]) is not None]
     return {"id": run_dir.name, "summary": summary, "config": config, "rankings": rankings, "results": results,
             "blocks": max(layers) + 1 if layers else 0}
 
 
 def model_label(run: dict, taken: set[str]) -> str:
     """A short, unique, path-safe name for a run's model (the partition value)."""
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(run["summary"]["model_name"]).name) or run["id"]
+    base = path_component(Path(run["summary"]["model_name"]).name) or run["id"]
     label = base if base not in taken else f"{base}_{run['id']}"
     taken.add(label)
     return label
 
 
+def top_weights(run: dict) -> pd.DataFrame:
+    """The run's largest top-K under its first metric, with each weight's relative depth (block /
+    (blocks − 1); empty outside the blocks) and module family."""
+    cfg, rankings = run["config"], run["rankings"]
+    top = rankings[(rankings["metric"] == cfg["metrics"][0]) & (rankings["rank"] <= max(cfg["topk"]))]
+    return top.assign(relative_depth=top["layer_index"].astype(float) / max(run["blocks"] - 1, 1),
+                      family=top["module"].map(module_family))
+
+
 def summary_row(run: dict, label: str) -> dict:
     cfg, summary = run["config"], run["summary"]
     metric, k = cfg["metrics"][0], max(cfg["topk"])
-    top = run["rankings"][(run["rankings"]["metric"] == metric) & (run["rankings"]["rank"] <= k)]
-    families = top["module"].map(module_family).value_counts(normalize=True)
-    inside = top["layer_index"].dropna().astype(float)
-    depth = inside / max(run["blocks"] - 1, 1)
+    top = top_weights(run)
+    families = top["family"].value_counts(normalize=True)
+    depth = top["relative_depth"].dropna()
     row = {"model": label, "experiment_id": run["id"], "num_parameters": summary["num_parameters"],
            "blocks": run["blocks"], "baseline_perplexity": summary["baseline_perplexity"], "metric": metric,
            "topk": k, **{f"top_share_{f}": float(families.get(f, 0.0)) for f in ("mlp", "attention", "embedding", "other")},
@@ -136,10 +145,7 @@ def compare(run_dirs: list[Path], output: Path) -> pd.DataFrame:
     table = pd.DataFrame([summary_row(r, lab) for r, lab in zip(runs, labels)], columns=list(COMPARISON_COLUMNS))
     table.to_csv(output / "comparison.csv", index=False)
     (output / "comparison.md").write_text(_markdown(table))
-    depth = {lab: r["rankings"][(r["rankings"]["metric"] == r["config"]["metrics"][0])
-                                & (r["rankings"]["rank"] <= max(r["config"]["topk"]))].assign(
-        relative_depth=lambda d, b=r["blocks"]: d["layer_index"].astype(float) / max(b - 1, 1),
-        family=lambda d: d["module"].map(module_family)) for r, lab in zip(runs, labels)}
+    depth = {lab: top_weights(r) for r, lab in zip(runs, labels)}
     plots.save(plots.depth_by_family(depth), output / "topk_depth_by_module.png")
     curves = {lab: r["results"][r["results"]["status"] == "ok"] for r, lab in zip(runs, labels)
               if r["results"] is not None and (r["results"]["status"] == "ok").any()}

@@ -195,14 +195,10 @@ class RunConfig:
         for flag, v in (("--stage-timeout-s", self.stage_timeout_s), ("--experiment-timeout-s", self.experiment_timeout_s)):
             if not v > 0:
                 raise UsageError(f"{flag} {v} must be a positive number of seconds")
-        if self.max_retries < 0:
-            raise UsageError(f"--max-retries {self.max_retries} is negative")
-        if self.ablation_study < 0:
-            raise UsageError(f"--ablation-study {self.ablation_study} is negative")
-        if self.super_weights < 0:
-            raise UsageError(f"--super-weights {self.super_weights} is negative")
-        if self.random_seeds < 0:
-            raise UsageError(f"--random-seeds {self.random_seeds} is negative")
+        _non_negative("--max-retries", self.max_retries)
+        _non_negative("--ablation-study", self.ablation_study)
+        _non_negative("--super-weights", self.super_weights)
+        _non_negative("--random-seeds", self.random_seeds)
         _positive("--num-workers", self.num_workers)
         _one_of("--shard-backend", self.shard_backend, CHOICES["shard_backend"])
         if self.shard_backend == "fsdp2" and self.gradient_checkpointing:
@@ -334,6 +330,11 @@ def _coerce(hint, value, where: str):
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def path_component(name: str) -> str:
+    """`name` made into one safe path component (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def check_run_id(value: str, what: str) -> None:
     """A run (or sweep) id names one directory under --output: one path component of letters,
     digits, '.', '_' and '-', and not '.' or '..', so it can never point outside --output."""
@@ -344,6 +345,11 @@ def check_run_id(value: str, what: str) -> None:
 def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _non_negative(flag: str, value: int) -> None:
+    if value < 0:
+        raise UsageError(f"{flag} {value} is negative")
 
 
 def _positive(flag: str, value: int, minimum: int = 1) -> None:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from cwa_dist.errors import UsageError
+from cwa_dist.errors import UsageError, one_line
 
 CONVERTER_VERSION = 1
 MANIFEST = "cwa_dist_conversion.json"
@@ -128,5 +128,5 @@ if __name__ == "__main__":
     try:
         _convert(kind, source, dest)
     except Exception as e:  # one line for the parent to show
-        print(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        print(f"{type(e).__name__}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -26,12 +26,12 @@ def experiment_count(cfg: RunConfig) -> int:
 def dry_run(cfg: RunConfig, rep: Reporter) -> dict:
     """Print the plan; raise UsageError naming the flags that would fix a plan that cannot fit.
     Returns the plan's facts (for tests and callers)."""
-    device, why = placement.resolve_device(cfg)
+    outlook = capacity.outlook()
+    device, why = placement.resolve_device(cfg, outlook)
     dtype = resolve_dtype(cfg.dtype, device)
     backend = cfg.backend_for(device)
     config = read_config(resolve_source(cfg.model), trust_remote_code=cfg.trust_remote_code)
     facts = model_facts(empty_model(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code), config)
-    outlook = capacity.outlook()
     gpus_total = outlook.gpus_now + outlook.gpus_possible
     n_specs = experiment_count(cfg)
     model_bytes = facts.num_parameters * dtype.itemsize
@@ -46,7 +46,7 @@ def dry_run(cfg: RunConfig, rep: Reporter) -> dict:
         prefetch_bucket_size=cfg.zero_prefetch_bucket_size, reduce_bucket_size=cfg.zero_reduce_bucket_size,
     )
     gpu_bytes = int(cfg.gpu_memory_gb * 1e9) if cfg.gpu_memory_gb else (capacity.gpu_memory_bytes() if device == "cuda" else None)
-    host_bytes = capacity.task_memory_bytes() if device == "cpu" else None
+    host_bytes = free["memory"] if device == "cpu" else None
     needs = [rank_need(facts, lay)] + ([actor_need(facts, lay)] if n_specs else [])
     fit = check_fit(facts, lay, gpu_bytes=gpu_bytes, host_bytes=host_bytes, gpus_total=gpus_total)
 

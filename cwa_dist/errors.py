@@ -5,6 +5,12 @@ class UsageError(Exception):
     """Bad input or an unusable environment: the message names the problem and the fix."""
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed), shortened to `limit` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def last_line(e: BaseException, limit: int = 300) -> str:
     """The last non-blank line of an exception's message (where Ray puts the cause), shortened."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

@@ -21,7 +21,7 @@ import torch
 
 from cwa_dist import convert
 from cwa_dist.checkpoint import Checkpoint
-from cwa_dist.errors import UsageError
+from cwa_dist.errors import UsageError, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,11 +77,6 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
     finally:
         socket.setdefaulttimeout(old)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
@@ -155,7 +150,7 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UsageError(f"cannot load the tokenizer saved with the model in {path}: {_one_line(e)}") from e
+        raise UsageError(f"cannot load the tokenizer saved with the model in {path}: {one_line(e)}") from e
 
 
 def load_config(path: Path, *, trust_remote_code: bool):
@@ -164,7 +159,7 @@ def load_config(path: Path, *, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UsageError(f"cannot read the model configuration in {path}: {_one_line(e)}") from e
+        raise UsageError(f"cannot read the model configuration in {path}: {one_line(e)}") from e
 
 
 def read_config(source: ModelSource, *, trust_remote_code: bool):
@@ -314,7 +309,7 @@ def _gpu_map(net: torch.nn.Module, gpus: int) -> dict:
 
 
 def _explain_load_failure(model: str, source: ModelSource, kwargs: dict, e: Exception) -> str:
-    reason = _one_line(e)
+    reason = one_line(e)
     if source.kind == "gguf":
         return f"cannot read GGUF file {model} (corrupt, truncated or unsupported?): {reason}"
     if source.kind == "local":

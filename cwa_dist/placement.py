@@ -10,9 +10,10 @@ from cwa_dist.errors import UsageError
 from cwa_dist.sizing import device_for
 
 
-def resolve_device(cfg: RunConfig) -> tuple[str, str]:
-    """(cpu | cuda, why). --device cuda is refused only when no GPU exists and none can be added."""
-    o = capacity.outlook()
+def resolve_device(cfg: RunConfig, o: capacity.Outlook | None = None) -> tuple[str, str]:
+    """(cpu | cuda, why), from the cluster's GPU outlook (read here unless given). --device cuda is
+    refused only when no GPU exists and none can be added."""
+    o = o or capacity.outlook()
     device, why = device_for(cfg.device, gpus_now=o.gpus_now, gpus_possible=o.gpus_possible,
                              gpus_asked=cfg.asks_for_gpus)
     if device == "cuda" and not (o.gpus_now or o.gpus_possible) and cfg.device == "cuda":

@@ -82,11 +82,15 @@ SUPER_WEIGHT = "super_weight"
 ABLATION = "ablation"
 
 
+def single_weight_key(method: str, param: str, where: str) -> str:
+    return f"{method}|{param}[{where}]"
+
+
 def single_weight_spec(method: str, param: str, flat_index: int, where: str) -> PerturbationSpec:
     """Zero one weight alone (a super-weight candidate, a weight of the ablation study); `where`
     names it in the key."""
     return PerturbationSpec(
-        key=f"{method}|{param}[{where}]",
+        key=single_weight_key(method, param, where),
         method=method,
         is_control=False,
         topk=1,
@@ -102,8 +106,8 @@ def super_weight_spec(candidate) -> PerturbationSpec:
 
 
 def ablation_spec(param: str, flat_index: int) -> PerturbationSpec:
-    return single_weight_spec(ABLATION, param, flat_index, str(flat_index))
+    return single_weight_spec(ABLATION, param, flat_index, str(flat_index))  # key: ablation_key
 
 
 def ablation_key(param: str, flat_index: int) -> str:
-    return f"{ABLATION}|{param}[{flat_index}]"  # ablation_spec's key
+    return single_weight_key(ABLATION, param, str(flat_index))

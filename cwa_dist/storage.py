@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cwa_dist.errors import UsageError
+from cwa_dist.errors import UsageError, one_line
 
 
 def is_uri(output: str) -> bool:
@@ -61,7 +61,7 @@ class Output:
         try:
             self._fs, self._root = fs.FileSystem.from_uri(self.uri)
         except Exception as e:  # unknown scheme, missing credentials library, bad bucket name
-            raise UsageError(f"--output {output}: {' '.join(str(e).split())}") from None
+            raise UsageError(f"--output {output}: {one_line(e)}") from None
         self.local = staging_root() / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
 
     def where(self, experiment_id: str) -> str:
@@ -114,7 +114,7 @@ class Output:
                 f.write(b"")
             self._fs.delete_file(probe)
         except Exception as e:
-            raise UsageError(f"cannot write to --output {self.uri}: {' '.join(str(e).split())}") from None
+            raise UsageError(f"cannot write to --output {self.uri}: {one_line(e)}") from None
 
     def manifests(self) -> list[tuple[float, str, dict]]:
         """(modification time, experiment id, manifest) of every run under this output."""
@@ -143,7 +143,7 @@ class Output:
         try:
             return self._fs.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
         except Exception as e:
-            raise UsageError(f"cannot list {self.uri}: {' '.join(str(e).split())}") from None
+            raise UsageError(f"cannot list {self.uri}: {one_line(e)}") from None
 
 
 def _read_json(read) -> dict | None:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
-from cwa_dist.config import RunConfig, check_run_id, config_from_mapping
-from cwa_dist.errors import UsageError
+from cwa_dist.config import RunConfig, check_run_id, config_from_mapping, path_component
+from cwa_dist.errors import UsageError, one_line
 from cwa_dist.run import quiet_libraries, report_errors
 
 SWEEP_KEYS = {"name", "output", "defaults", "runs"}
@@ -44,7 +43,7 @@ def load_sweep(path: str) -> tuple[str, str, list[RunConfig]]:
     try:
         spec = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise UsageError(f"sweep file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise UsageError(f"sweep file {path} is not valid YAML: {one_line(e)}") from None
     if not isinstance(spec, dict):
         raise UsageError(f"sweep file {path} must be a mapping with 'name' and 'runs'")
     unknown = set(spec) - SWEEP_KEYS
@@ -70,7 +69,7 @@ def load_sweep(path: str) -> tuple[str, str, list[RunConfig]]:
         cfg = config_from_mapping({**defaults, **run}, where)
         configs.append(cfg)
     for i, cfg in enumerate(configs):  # fixed ids make a re-run of the sweep a resume
-        cfg.experiment_id = f"{i + 1:02d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(cfg.model).name)}"
+        cfg.experiment_id = f"{i + 1:02d}_{path_component(Path(cfg.model).name)}"
         cfg.output = directory
     return name, directory, configs
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -244,8 +245,7 @@ class GradientGroup:
         out = {}
         for name, parts in merged.items():
             idx, grad, weight = (torch.cat(p) for p in zip(*parts))
-            first = {int(i): n for n, i in reversed(list(enumerate(idx.tolist())))}  # an element once
-            keep = torch.tensor(sorted(first.values()), dtype=torch.int64)
+            keep = torch.from_numpy(np.unique(idx.numpy(), return_index=True)[1])  # each element once
             out[name] = (idx[keep], grad[keep], weight[keep])
         return out
 

@@ -11,6 +11,8 @@ from typing import Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cwa_dist.errors import one_line
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -58,5 +60,4 @@ def run_all(configs: list, *, max_concurrent: int, log_dir: Path, on_done: Calla
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
+    return f"{type(e).__name__}: {one_line(e)}"
