@@ -85,13 +85,15 @@ def weights_frame(chosen: dict[tuple[str, int], list[str]], values: dict[str, tu
     """The studied weights: where each is, why it was chosen (`top:<metric>`, `random`), its value,
     gradient and score under every metric, computed from the gradient the ranks hold."""
     rows = []
-    for name, (idx, grad, weight) in values.items():
+    for name, (idx, grad, weight, fisher, feature_norm) in values.items():
         # Scored in float32 as the ranking is (the float64 values hold float32 gradients exactly).
-        scores = {m: METRICS.get(m).score(grad.float(), weight.float()) for m in metrics}
+        scores = {m: METRICS.get(m).score(grad.float(), weight.float(), fisher=fisher.float(),
+                                          feature_norm=feature_norm.float()) for m in metrics}
         for i, flat in enumerate(idx.tolist()):
             pos = unravel(flat, shapes[name])
             rows.append({"param": name, "flat_index": flat, "row": pos[0], "col": pos[1] if len(pos) > 1 else None,
                          "source": "+".join(chosen[(name, flat)]), "weight": float(weight[i]), "grad": float(grad[i]),
+                         "fisher": float(fisher[i]), "feature_norm": float(feature_norm[i]),
                          **{f"score_{m}": float(scores[m][i]) for m in metrics}})
     frame = pd.DataFrame(rows).sort_values(["param", "flat_index"], ignore_index=True)
     frame["col"] = frame["col"].astype("Int64")

@@ -61,6 +61,9 @@ class RunConfig:
     """Use at most this many texts."""
     seq_len: int = setting(128, section="data")
     """Tokens per chunk."""
+    stride: int | None = setting(None, section="data")
+    """Rolling-context scoring: a text's next window starts this many tokens later and predicts only
+    its last `stride` tokens, reading the rest as context; the default, --seq-len, is non-overlapping."""
     batch_size: int = setting(4, section="data")
     """Chunks per forward/backward pass (changes speed and memory, not results)."""
     gradient_checkpointing: bool = setting(False, section="data")
@@ -187,6 +190,9 @@ class RunConfig:
             if not (0 < r <= 1) or math.isnan(r):
                 raise UsageError(f"--perturbation-ratios {r} is outside (0, 1]; a ratio is the share of the top-K to perturb")
         _positive("--seq-len", self.seq_len, minimum=2)
+        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
+            raise UsageError(f"--stride {self.stride} is outside 1..--seq-len ({self.seq_len}); a window moves on by "
+                             "at most its own length")
         _positive("--batch-size", self.batch_size)
         _positive("--fast-eval-chunks", self.fast_eval_chunks)
         _positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cwa_dist.errors import UsageError
+from cwa_dist.evaluate import Chunk, Window, predicted_tokens
 
 DEFAULT_TEXT = "default_eval.txt"
 
@@ -41,25 +42,42 @@ def _read_text_file(path: Path) -> str:
         raise UsageError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
 
 
-def tokenize_documents(tokenizer, texts: list[str], seq_len: int) -> list[list[torch.Tensor]]:
+def tokenize_documents(tokenizer, texts: list[str], seq_len: int, stride: int | None = None) -> list[list[Chunk]]:
     """Each text tokenised on its own and cut into windows of at most `seq_len` tokens.
 
     Texts stay documents: no token is inserted between them (an instruct model's EOS is an
     end-of-turn token it never sees between paragraphs) and no window spans two of them. The
     tokenizer's own special tokens are kept (a BOS where its convention prepends one), so only a
-    text's first window starts with it. A window of one token predicts nothing and is dropped.
+    text's first window starts with it. See `document_windows` for `stride`.
     """
-    documents = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        windows = [torch.tensor(ids[i : i + seq_len], dtype=torch.long) for i in range(0, len(ids), seq_len)]
-        documents.append([w for w in windows if w.numel() >= 2])
-    return documents
+    return [document_windows(tokenizer(text, add_special_tokens=True)["input_ids"], seq_len, stride)
+            for text in texts]
 
 
-def tokenize_chunks(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tensor]:
+def document_windows(ids: list[int], seq_len: int, stride: int | None = None) -> list[Chunk]:
+    """One text's windows. Without `stride` (or with stride = seq_len) they do not overlap, and each
+    predicts all its tokens but its first. With stride < seq_len (rolling context, as
+    lm-evaluation-harness scores long texts), each next window ends `stride` tokens later, reads
+    up to `seq_len` tokens, and predicts only the tokens no earlier window predicted: every token
+    but the text's first is predicted exactly once, with up to seq_len - 1 tokens of context.
+    A window that would predict nothing is dropped."""
+    stride = seq_len if stride is None else stride
+    windows: list[Chunk] = []
+    done, end = 1, 0  # tokens [0, done) need no prediction (the first has no context)
+    while done < len(ids):
+        end = end + stride if end else seq_len  # where the window would end in a longer text
+        start = max(0, end - seq_len)
+        tokens = torch.tensor(ids[start:end], dtype=torch.long)
+        context = done - start  # tokens read but predicted by an earlier window
+        if tokens.numel() >= 2:
+            windows.append(Window(tokens, context) if context > 1 else tokens)
+        done = min(end, len(ids))
+    return windows
+
+
+def tokenize_chunks(tokenizer, texts: list[str], seq_len: int, stride: int | None = None) -> list[Chunk]:
     """All windows of all texts, in order (see `tokenize_documents`)."""
-    return [w for doc in tokenize_documents(tokenizer, texts, seq_len) for w in doc]
+    return [w for doc in tokenize_documents(tokenizer, texts, seq_len, stride) for w in doc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +113,15 @@ def lockstep_batches(chunks: list[torch.Tensor], world_size: int, batch_size: in
     per_rank = [chunks[r::world_size] for r in range(world_size)]
     steps = max(-(-len(c) // batch_size) for c in per_rank) if chunks else 0
     return [[c[s * batch_size : (s + 1) * batch_size] for c in per_rank] for s in range(steps)]
+
+
+def per_window_steps(chunks: list[torch.Tensor], world_size: int,
+                     total_tokens: int) -> list[tuple[list[list[torch.Tensor]], float]]:
+    """One step per window, for per-window gradients: (steps[r], N / n_c) with window c on rank
+    c mod world_size and no window on the others; N / n_c turns the window's share of the mean
+    NLL's gradient back into the gradient of its own mean NLL."""
+    out = []
+    for c, window in enumerate(chunks):
+        step = [[window] if r == c % world_size else [] for r in range(world_size)]
+        out.append((step, total_tokens / predicted_tokens([window])))
+    return out

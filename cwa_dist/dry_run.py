@@ -12,6 +12,7 @@ from cwa_dist.config import RunConfig
 from cwa_dist.distributed import capacity
 from cwa_dist.distributed.runtime import available_cpus
 from cwa_dist.errors import UsageError
+from cwa_dist.metrics import FISHER, MAGNITUDE, needed_inputs
 from cwa_dist.models import empty_model, read_config, resolve_dtype, resolve_source
 from cwa_dist.report import Reporter
 from cwa_dist.sizing import GiB, Layout, actor_need, check_fit, model_facts, plan_table, rank_need
@@ -20,7 +21,9 @@ from cwa_dist.sizing import GiB, Layout, actor_need, check_fit, model_facts, pla
 def experiment_count(cfg: RunConfig) -> int:
     if cfg.no_perturbation:
         return 0
-    return len(cfg.topk) * len(cfg.perturbation_ratios) * (len(cfg.metrics) + cfg.random_seeds + 1)
+    # |w| asked for as a metric is run once, as the control it also is.
+    targeted = len(set(cfg.metrics) - {MAGNITUDE.name})
+    return len(cfg.topk) * len(cfg.perturbation_ratios) * (targeted + cfg.random_seeds + 1)
 
 
 def dry_run(cfg: RunConfig, rep: Reporter) -> dict:
@@ -44,6 +47,7 @@ def dry_run(cfg: RunConfig, rep: Reporter) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing, offload_params=cfg.offload_params,
         offload_optimizer=cfg.offload_optimizer, max_live_parameters=cfg.zero_max_live_parameters,
         prefetch_bucket_size=cfg.zero_prefetch_bucket_size, reduce_bucket_size=cfg.zero_reduce_bucket_size,
+        per_window=FISHER in needed_inputs(cfg.metrics),
     )
     gpu_bytes = int(cfg.gpu_memory_gb * 1e9) if cfg.gpu_memory_gb else (capacity.gpu_memory_bytes() if device == "cuda" else None)
     host_bytes = free["memory"] if device == "cpu" else None

@@ -14,32 +14,65 @@ import torch
 import torch.nn.functional as F
 
 
-def predicted_tokens(chunks: Sequence[torch.Tensor]) -> int:
-    """How many tokens the chunks predict: every token but each chunk's first."""
-    return sum(int(c.numel()) - 1 for c in chunks)
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A window of rolling-context scoring (--stride): every token is read, but only those after
+    the first `context` are predicted; the earlier ones were predicted by the window before, and
+    are here only to give the later ones context. A plain 1-D tensor is a window with no context."""
+
+    ids: torch.Tensor
+    context: int = 0
 
 
-def batches(chunks: Sequence[torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches, each (B, T)."""
+Chunk = torch.Tensor | Window
+
+# Codes of the mask `batches` builds: the model attends to every non-zero position, and only
+# PREDICT positions are targets of the loss.
+PAD, PREDICT, CONTEXT = 0, 1, 2
+
+
+def window_ids(chunk: Chunk) -> torch.Tensor:
+    return chunk.ids if isinstance(chunk, Window) else chunk
+
+
+def first_target(chunk: Chunk) -> int:
+    """Position of the first predicted token (position 0 has nothing to be predicted from)."""
+    return max(1, chunk.context) if isinstance(chunk, Window) else 1
+
+
+def predicted_tokens(chunks: Sequence[Chunk]) -> int:
+    """How many tokens the chunks predict: every token but each chunk's first (and its context)."""
+    return sum(window_tokens(chunks))
+
+
+def attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The 0/1 attention mask of a `batches` mask (context tokens are attended to)."""
+    return (mask != PAD).long()
+
+
+def batches(chunks: Sequence[Chunk], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, mask) batches, each (B, T); mask codes PAD / PREDICT / CONTEXT."""
     for start in range(0, len(chunks), batch_size):
         group = chunks[start : start + batch_size]
-        width = max(int(c.numel()) for c in group)
+        width = max(int(window_ids(c).numel()) for c in group)
         ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.full((len(group), width), PAD, dtype=torch.long)
         for row, c in enumerate(group):
-            ids[row, : c.numel()] = c
-            mask[row, : c.numel()] = 1
+            tokens = window_ids(c)
+            ids[row, : tokens.numel()] = tokens
+            mask[row, : tokens.numel()] = PREDICT
+            mask[row, : first_target(c)] = CONTEXT if first_target(c) > 1 else PREDICT
         yield ids, mask
 
 
 def batch_nll_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-token NLL summed over the unpadded positions of each row of one batch: (B,), differentiable."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    input_ids, mask = input_ids.to(device), attention_mask.to(device)
     # use_cache=False: a KV cache is never reused here and would only hold memory.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=(mask != PAD).long(), use_cache=False).logits  # (B, T, V)
     targets = input_ids[:, 1:]
-    keep = attention_mask[:, 1:].bool()
+    keep = mask[:, 1:] == PREDICT
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return nll.view(targets.shape).masked_fill(~keep, 0.0).sum(dim=1)
 
@@ -80,8 +113,9 @@ def perplexity(model: torch.nn.Module, chunks: Sequence[torch.Tensor], batch_siz
     return Perplexity(nll_sum=float(sum(rows)), tokens=predicted_tokens(chunks), window_nll=tuple(rows))
 
 
-def window_tokens(chunks: Sequence[torch.Tensor]) -> list[int]:
-    return [int(c.numel()) - 1 for c in chunks]
+def window_tokens(chunks: Sequence[Chunk]) -> list[int]:
+    """Predicted tokens of each window."""
+    return [int(window_ids(c).numel()) - first_target(c) for c in chunks]
 
 
 def bootstrap_intervals(tokens: Sequence[int], baseline_nll: Sequence[float], perturbed_nll: Sequence[float], *,

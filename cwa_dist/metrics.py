@@ -1,7 +1,14 @@
 """Per-weight sensitivity scores: pure tensor math, no Ray, no distributed code.
 
-A metric maps the gradient g and weight w of a parameter (or of the shard of it a rank owns)
-to one non-negative score per element. Higher means more critical.
+A metric maps what is known about a parameter (or the shard of it a rank owns) to one
+non-negative score per element. Higher means more critical. What a metric may read:
+
+- `grad` g: the gradient of the token-weighted mean calibration NLL;
+- `fisher` F: the mean over calibration windows of each window's squared gradient, Σ_c g_c² / C
+  (g_c: the gradient of window c's mean NLL), the diagonal of the empirical Fisher;
+- `feature_norm` ‖x_j‖₂: the norm, over every calibration token, of the input feature the weight
+  multiplies (Wanda's activation statistic);
+- `weight` w.
 """
 
 from __future__ import annotations
@@ -13,24 +20,44 @@ import torch
 
 from cwa_dist.registry import Registry
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GRAD, FISHER, FEATURE_NORM = "grad", "fisher", "feature_norm"
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreInputs:
+    """One parameter's (or shard's) tensors, all the same shape, in float32 or float64."""
+
+    weight: torch.Tensor
+    grad: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+    feature_norm: torch.Tensor | None = None
+
+
+ScoreFn = Callable[[ScoreInputs], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
 class Metric:
     name: str
     fn: ScoreFn
-    needs_grad: bool
-    """False for weight-only scores such as the magnitude control."""
+    needs: frozenset[str]
+    """What the metric reads besides the weight: GRAD, FISHER, FEATURE_NORM."""
     description: str
 
-    def score(self, grad: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_grad(self) -> bool:
+        """True for the gradient-based metrics, whose inputs come from backward."""
+        return bool(self.needs & {GRAD, FISHER})
+
+    def score(self, grad: torch.Tensor | None, weight: torch.Tensor, *, fisher: torch.Tensor | None = None,
+              feature_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Scores in float32 (float64 inputs stay float64), same shape as `weight`."""
-        if self.needs_grad and grad is None:
-            raise ValueError(f"metric {self.name!r} needs a gradient, but the parameter has none")
-        w = _upcast(weight)
-        g = _upcast(grad) if grad is not None else None
-        return self.fn(g, w)
+        given = {GRAD: grad, FISHER: fisher, FEATURE_NORM: feature_norm}
+        missing = sorted(n for n in self.needs if given[n] is None)
+        if missing:
+            raise ValueError(f"metric {self.name!r} needs {' and '.join(missing)}, but the parameter has none")
+        return self.fn(ScoreInputs(_upcast(weight), *(_upcast(t) if t is not None else None
+                                                      for t in (grad, fisher, feature_norm))))
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -41,33 +68,66 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def register_metric(name: str, *, needs_grad: bool = True, description: str):
+def register_metric(name: str, *, needs: tuple[str, ...], description: str):
     def wrap(fn: ScoreFn) -> ScoreFn:
-        METRICS.add(name, Metric(name=name, fn=fn, needs_grad=needs_grad, description=description))
+        METRICS.add(name, Metric(name=name, fn=fn, needs=frozenset(needs), description=description))
         return fn
 
     return wrap
 
 
-@register_metric("grad_x_weight", description="|g·w|: first-order estimate of the loss change if the weight is zeroed")
-def grad_x_weight(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.mul(g, w).abs_()  # in place: one full-size temporary, not two
+@register_metric("grad_x_weight", needs=(GRAD,),
+                 description="|g·w|: first-order estimate of the loss change if the weight is zeroed")
+def grad_x_weight(x: ScoreInputs) -> torch.Tensor:
+    return torch.mul(x.grad, x.weight).abs_()  # in place: one full-size temporary, not two
 
 
-@register_metric("grad_squared", description="g²: diagonal empirical-Fisher estimate")
-def grad_squared(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.square(g)
+@register_metric("grad_squared", needs=(GRAD,),
+                 description="g²: the square of the mean gradient, (Σ_c g_c / C)²; not the Fisher (see fisher)")
+def grad_squared(x: ScoreInputs) -> torch.Tensor:
+    return torch.square(x.grad)
 
 
-# The largest-|W| control is ranked by the same top-K machinery on every run, but it is not a
-# sensitivity metric a user asks for, so it stays out of the registry.
-MAGNITUDE = Metric(
-    name="magnitude",
-    fn=lambda g, w: w.abs(),
-    needs_grad=False,
-    description="|w|: ranks the largest-magnitude control",
-)
+@register_metric("fisher", needs=(FISHER,),
+                 description="Σ_c g_c² / C: the empirical Fisher diagonal, mean over calibration windows of the "
+                             "per-window squared gradient")
+def fisher(x: ScoreInputs) -> torch.Tensor:
+    return x.fisher.clone()
+
+
+@register_metric("obd", needs=(FISHER,),
+                 description="½·F·w²: Optimal Brain Damage's loss increase from zeroing w, with the empirical "
+                             "Fisher F as the Hessian diagonal")
+def optimal_brain_damage(x: ScoreInputs) -> torch.Tensor:
+    return torch.square(x.weight).mul_(x.fisher).mul_(0.5)
+
+
+@register_metric("magnitude", needs=(),
+                 description="|w|: the weight's magnitude (also the largest-|W| control's ranking)")
+def magnitude(x: ScoreInputs) -> torch.Tensor:
+    return x.weight.abs()
+
+
+@register_metric("wanda", needs=(FEATURE_NORM,),
+                 description="|w|·‖x_j‖₂: Wanda's pruning score, the weight times the norm of its input feature "
+                             "over the calibration tokens")
+def wanda(x: ScoreInputs) -> torch.Tensor:
+    return x.weight.abs().mul_(x.feature_norm)
+
+
+# The largest-|W| control is ranked on every run, whether or not `magnitude` is asked for.
+MAGNITUDE = METRICS.get("magnitude")
 
 
 def get_metric(name: str) -> Metric:
     return METRICS.get(name)
+
+
+def ranked_metrics(requested) -> list[str]:
+    """The metrics a run ranks by: those asked for, then the magnitude control's unless asked for."""
+    return [*requested, *([] if MAGNITUDE.name in requested else [MAGNITUDE.name])]
+
+
+def needed_inputs(metric_names) -> frozenset[str]:
+    """Everything the metrics read besides the weight."""
+    return frozenset().union(*(get_metric(m).needs for m in metric_names))

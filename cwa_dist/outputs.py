@@ -259,7 +259,7 @@ SUMMARY_FIELDS = {
     "model_name": "--model as given",
     "num_parameters": "parameters of the model (tied ones once)",
     "num_scored_weights": "weights scored and ranked",
-    "data": "texts, windows, seq_len; per set (calibration, evaluation): its texts' positions, windows, predicted tokens",
+    "data": "texts, windows, seq_len, stride (null: non-overlapping); per set (calibration, evaluation): its texts' positions, windows, predicted tokens",
     "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
     "baseline_perplexity_ci": "its 95% bootstrap interval over evaluation windows [low, high]",
     "super_weights": "super-weight candidates: the rows of super_weights.csv",

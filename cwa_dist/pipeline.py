@@ -32,7 +32,7 @@ from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import bootstrap_intervals, predicted_tokens, window_tokens
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.memory import peak_rss_bytes
-from cwa_dist.metrics import MAGNITUDE
+from cwa_dist.metrics import MAGNITUDE, ranked_metrics
 from cwa_dist.models import (
     ModelRef,
     checkpoint_keys,
@@ -284,12 +284,13 @@ def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
 def _prepare_data(ctx: Context, texts: list[str], tokenizer) -> tuple[Split, dict]:
     """Texts → windows (never spanning two texts) → a split by text, and the facts the summary records."""
     rep = ctx.rep
-    documents = tokenize_documents(tokenizer, texts, ctx.cfg.seq_len)
+    documents = tokenize_documents(tokenizer, texts, ctx.cfg.seq_len, ctx.cfg.stride)
     split = split_documents(documents, ctx.cfg.calibration_fraction, ctx.cfg.seed)
     windows = sum(len(d) for d in documents)
     rep.heading("📚 Evaluation Data")
-    rep.line(f"✅ {len(texts)} texts → {windows} windows of ≤{ctx.cfg.seq_len} tokens (none spans two texts)")
-    facts = {"texts": len(texts), "windows": windows, "seq_len": ctx.cfg.seq_len}
+    rolling = f", rolling with stride {ctx.cfg.stride}" if ctx.cfg.stride not in (None, ctx.cfg.seq_len) else ""
+    rep.line(f"✅ {len(texts)} texts → {windows} windows of ≤{ctx.cfg.seq_len} tokens (none spans two texts{rolling})")
+    facts = {"texts": len(texts), "windows": windows, "seq_len": ctx.cfg.seq_len, "stride": ctx.cfg.stride}
     for name, text_ids, part in (("calibration", split.calibration_texts, split.calibration),
                                  ("evaluation", split.evaluation_texts, split.evaluation)):
         tokens = predicted_tokens(part)
@@ -401,10 +402,10 @@ def _export_rankings(ctx: Context, record: RunRecord, merged: ShardScores, shape
     cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
     with rep.stage("🏆 Ranking Critical Weights", record.timings, "ranking"):
         frames = []
-        for metric in [*cfg.metrics, MAGNITUDE.name]:
+        for metric in ranked_metrics(cfg.metrics):
             frame = ranking_frame(metric, merged.candidates[metric], shapes)
             frames.append(frame)
-            if metric == MAGNITUDE.name:
+            if metric not in cfg.metrics:  # the control's ranking: in rankings.parquet only
                 continue
             for k in cfg.topk:
                 out.write_csv(f"top_{k}_weights_{metric}.csv", topk_csv_frame(frame, k))
@@ -431,7 +432,7 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
     with rep.stage("🎯 Perturbation Analysis", record.timings, "perturbation"):
         candidates = candidates_from_rankings(rankings)
         specs = plan_experiments(
-            rankings={m: candidates[m] for m in cfg.metrics},
+            rankings={m: candidates[m] for m in cfg.metrics if m != MAGNITUDE.name},  # the control covers it
             magnitude=candidates[MAGNITUDE.name],
             param_names=loaded.scored,
             numels=[numel(loaded.shapes[n]) for n in loaded.scored],
@@ -527,13 +528,13 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
 def _export_super_weights(ctx: Context, record: RunRecord, found: list, rows: dict, rankings: pd.DataFrame) -> None:
     """super_weights.csv/.parquet and the summary's list: each candidate, its zeroed-alone
     perplexity, and its rank under every ranking (empty when outside that ranking's top-K)."""
-    table = super_weight_table(found, rows, rankings, [*ctx.cfg.metrics, MAGNITUDE.name])
+    table = super_weight_table(found, rows, rankings, ranked_metrics(ctx.cfg.metrics))
     record.run_dir.write_csv("super_weights.csv", table)
     record.run_dir.write_parquet("super_weights.parquet", table)
     record.fact(super_weights=json.loads(table.to_json(orient="records")))
     for c in table.itertuples(index=False):
         ranks = ", ".join(f"{m} {getattr(c, 'rank_' + m) if pd.notna(getattr(c, 'rank_' + m)) else '>K'}"
-                          for m in [*ctx.cfg.metrics, MAGNITUDE.name])
+                          for m in ranked_metrics(ctx.cfg.metrics))
         ctx.rep.line(f"  🦸 {c.param} [{c.row}, {c.col}] = {c.weight:.4g}, |activation| in {c.max_input_activation:.4g} → "
                      f"out {c.max_output_activation:.4g}: zeroed alone PPL {c.baseline_ppl:.2f} → {c.zeroed_ppl:.2f} "
                      f"(×{c.ppl_ratio:.3g}); rank: {ranks}")

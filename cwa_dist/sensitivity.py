@@ -16,7 +16,8 @@ import torch.utils.checkpoint
 
 from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import batch_nll_sum, batches
-from cwa_dist.metrics import MAGNITUDE, Metric, get_metric
+from cwa_dist.feature_norms import FeatureNorms
+from cwa_dist.metrics import Metric, get_metric, ranked_metrics
 from cwa_dist.statistics import ScoreStatistics
 from cwa_dist.topk import Candidates, NonFiniteScoreError, RunningTopK, merge
 
@@ -37,6 +38,7 @@ class ParamShard:
     offset: int
     weight: torch.Tensor  # (n,)
     grad: torch.Tensor | None  # (n,)
+    fisher: torch.Tensor | None = None  # (n,): Σ_c g_c² / C, when a metric needs it
 
 
 def parameter_kind(name: str, param: torch.Tensor) -> str:
@@ -53,15 +55,16 @@ def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_nor
 
 
 def full_shards(model: torch.nn.Module, names: Iterable[str],
-                grads: dict[str, torch.Tensor] | None = None) -> Iterator[ParamShard]:
-    """Whole parameters as shards: the single-process case of the sharded interface. `grads`
-    overrides `.grad` (e.g. the float32 sums of `Float32Gradients`)."""
+                sums: "GradientSums | None" = None) -> Iterator[ParamShard]:
+    """Whole parameters as shards: the single-process case of the sharded interface. `sums`
+    overrides `.grad` with its float32 sums (and gives the Fisher where it was kept)."""
     params = dict(model.named_parameters())
     for name in names:
         p = params[name]
-        g = grads.get(name) if grads is not None else p.grad
+        g = sums.sums.get(name) if sums is not None else p.grad
         grad = g.detach().reshape(-1) if g is not None else None
-        yield ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad)
+        fisher = sums.fisher(name, p) if sums is not None and sums.per_window else None
+        yield ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad, fisher=fisher)
 
 
 def prepare_gradients(model: torch.nn.Module, scored: Sequence[str]) -> None:
@@ -127,26 +130,62 @@ def accumulate_gradients(
     )
 
 
-class Float32Gradients:
-    """Accumulates the gradients of a low-precision (bfloat16/float16) model in float32.
+class GradientSums:
+    """Gradients summed in float32 over micro-batches, and, `per_window`, the squares the Fisher needs.
 
-    Summing many micro-batch gradients in bfloat16 rounds the running sum at every step (8 bits
-    of mantissa); here each parameter's micro-batch gradient is added into a float32 buffer the
-    moment autograd has accumulated it, and the low-precision `.grad` is freed at once.
+    `add` takes one micro-batch's gradient of one parameter (or of the part a rank owns). Summing
+    many micro-batch gradients in bfloat16 would round the running sum at every step (8 bits of
+    mantissa); here the sum is float32 whatever the model's dtype. With `per_window`, each
+    micro-batch is one calibration window c, whose gradient arrives as (n_c / N)·g_c (its share of
+    the token-weighted mean NLL over N tokens); `scale` = N / n_c turns it back into g_c, the
+    gradient of that window's own mean NLL, and g_c² is added to the squares.
     """
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
-        params = dict(model.named_parameters())
+    def __init__(self, per_window: bool = False):
+        self.per_window = per_window
         self.sums: dict[str, torch.Tensor] = {}
+        self.squares: dict[str, torch.Tensor] = {}
+        self.windows = 0
+
+    def add(self, name: str, grad: torch.Tensor, scale: float | None = None) -> None:
+        g = grad.detach().to(torch.float32, copy=True)  # a copy: the caller frees or reuses `grad`
+        if self.per_window:
+            if scale is None:
+                raise ValueError("a per-window accumulation needs each window's scale")
+            square = torch.square(g).mul_(scale * scale)
+            total = self.squares.get(name)
+            self.squares[name] = square if total is None else total.add_(square)
+        total = self.sums.get(name)
+        if total is None:
+            self.sums[name] = g
+        else:
+            total.add_(g)
+
+    def end_window(self) -> None:
+        self.windows += 1
+
+    def fisher(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Σ_c g_c² / C over the windows seen, flat (zeros shaped as `like` for a parameter no
+        window reached)."""
+        squares = self.squares.get(name)
+        if squares is None:
+            return torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
+        return (squares / max(1, self.windows)).reshape(-1)
+
+
+class GradientHooks:
+    """Feeds each scored parameter's micro-batch gradient into `GradientSums` the moment autograd
+    has accumulated it, and frees the `.grad` at once, so a low-precision model never sums in
+    its own dtype and a per-window Fisher needs no second pass."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], sums: GradientSums):
+        params = dict(model.named_parameters())
+        self.sums, self.scale = sums, None
         self._handles = [params[n].register_post_accumulate_grad_hook(self._adder(n)) for n in names]
 
     def _adder(self, name: str):
         def add(p: torch.Tensor) -> None:
-            total = self.sums.get(name)
-            if total is None:
-                self.sums[name] = p.grad.float()  # a new float32 tensor, not a view of .grad
-            else:
-                total.add_(p.grad)
+            self.sums.add(name, p.grad, self.scale)
             p.grad = None
 
         return add
@@ -185,17 +224,21 @@ class ShardScores:
     statistics: dict[str, ScoreStatistics] = field(default_factory=dict)
 
 
-def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: int) -> ShardScores:
-    """Score every shard with every metric (plus the magnitude control) and keep the top-k of each."""
-    metrics: list[Metric] = [get_metric(m) for m in metric_names] + [MAGNITUDE]
+def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: int,
+                 feature_norms: FeatureNorms | None = None) -> ShardScores:
+    """Score every shard with every metric (plus the magnitude control) and keep the top-k of each.
+    `feature_norms` gives Wanda's input norms (needed only when `wanda` is asked for)."""
+    metrics: list[Metric] = [get_metric(m) for m in ranked_metrics(metric_names)]
     tops = {m.name: RunningTopK(k) for m in metrics}
-    # The magnitude control only needs its ranking, not statistics.
-    stats = {m.name: ScoreStatistics() for m in metrics if m.needs_grad}
+    # The magnitude control only needs its ranking; a metric asked for also gets statistics.
+    stats = {m.name: ScoreStatistics() for m in metrics if m.name in metric_names}
     for shard in shards:
         # A parameter the loss never reached has no .grad: its gradient is zero.
         grad = shard.grad if shard.grad is not None else torch.zeros_like(shard.weight)
+        norms = (feature_norms.expand(shard.name, shard.offset, shard.weight.numel()).to(shard.weight.device)
+                 if feature_norms is not None else None)
         for m in metrics:
-            scores = m.score(grad, shard.weight)
+            scores = m.score(grad, shard.weight, fisher=shard.fisher, feature_norm=norms)
             try:
                 tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
             except NonFiniteScoreError:
@@ -238,9 +281,11 @@ def numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def values_at(shards: Iterable[ParamShard], wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """For each wanted parameter: (flat indices, gradients, weights) of the wanted elements found in
-    `shards` (the ones this process owns), in float64, which holds float32 and bfloat16 exactly."""
+def values_at(shards: Iterable[ParamShard], wanted: dict[str, torch.Tensor],
+              feature_norms: FeatureNorms | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """For each wanted parameter: (flat indices, gradients, weights, Fisher, input-feature norms) of
+    the wanted elements found in `shards` (the ones this process owns), in float64, which holds
+    float32 and bfloat16 exactly. Fisher and norms are NaN where they were not computed."""
     found: dict[str, list] = {}
     for shard in shards:
         idx = wanted.get(shard.name)
@@ -250,6 +295,10 @@ def values_at(shards: Iterable[ParamShard], wanted: dict[str, torch.Tensor]) -> 
         keep = (local >= 0) & (local < shard.weight.numel())
         if keep.any():
             at = local[keep].to(shard.weight.device)
+            nan = torch.full((int(keep.sum()),), math.nan, dtype=torch.float64)
+            fisher = shard.fisher[at].double().cpu() if shard.fisher is not None else nan
+            norms = (feature_norms.expand(shard.name, shard.offset, shard.weight.numel())[at.cpu()].double()
+                     if feature_norms is not None else nan)
             found.setdefault(shard.name, []).append(
-                (idx[keep], shard.grad[at].double().cpu(), shard.weight[at].double().cpu()))
+                (idx[keep], shard.grad[at].double().cpu(), shard.weight[at].double().cpu(), fisher, norms))
     return {name: tuple(torch.cat(part) for part in zip(*parts)) for name, parts in found.items()}

@@ -84,6 +84,7 @@ class Layout:
     max_live_parameters: int
     prefetch_bucket_size: int
     reduce_bucket_size: int
+    per_window: bool = False  # fisher/obd: float32 gradient sums and Fisher squares beside the gradients
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,8 @@ def rank_need(m: ModelFacts, lay: Layout) -> Need:
     else:
         dev["parameters"] = P * b
         dev["gradients"] = P * b + (P * 4 if b < 4 else 0)  # bf16 adds a float32 accumulator
+    if lay.per_window:
+        dev["fp32 gradient sums and Fisher squares"] = 2 * 4 * (P if lay.backend == "none" else share)
     dev["activations (one micro-batch)"] = acts
     # Initialisation's extra copies and backward's activations do not coexist: the peak is the larger.
     init_only = dev.get("flat copy at initialisation", 0) + dev.get("fp32 master at initialisation", 0)

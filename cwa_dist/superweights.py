@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from cwa_dist.evaluate import batches
+from cwa_dist.evaluate import attention_mask, batches
 
 # The MLP output projection of each family: Llama/Mistral/OLMo/Qwen, GPT-2 (Conv1D), GPT-NeoX, OPT.
 DOWN_PROJECTIONS = re.compile(r"(?:^|\.)(\d+)\.(?:mlp\.down_proj|mlp\.c_proj|mlp\.dense_4h_to_h|fc2)$")
@@ -77,7 +77,7 @@ def detect(model: torch.nn.Module, prompts: Sequence[torch.Tensor], *, batch_siz
     mask = None
     try:
         for ids, mask in batches(list(prompts), batch_size):
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            model(input_ids=ids.to(device), attention_mask=attention_mask(mask).to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

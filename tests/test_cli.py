@@ -150,8 +150,12 @@ def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
     assert summary["experiments_completed"] == 0 and summary["max_ppl_increase"] is None
 
 
+ALL_METRICS = ["grad_x_weight", "grad_squared", "fisher", "obd", "wanda", "magnitude"]
+
+
 def test_a_perturbation_mode_and_the_ablation_study_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_path):
-    code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--metric", "grad_x_weight", "grad_squared",
+    """Every metric, rolling windows, a bit-flip mode and the ablation study, on two ZeRO-3 ranks."""
+    code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--metric", *ALL_METRICS, "--stride", "24",
                  "--topk", "10", "--perturbation-ratios", "0.5", "--random-seeds", "1", "--super-weights", "0",
                  "--perturbation-mode", "bit_flip", "--perturbation-bit", "23",
                  "--ablation-study", "4", "--num-workers", "2", "--output", str(tmp_path), "--experiment-id", "abl"])
@@ -161,24 +165,33 @@ def test_a_perturbation_mode_and_the_ablation_study_on_two_zero3_ranks(ray_local
     # their lowest exponent bit, change perplexity more than five random ones.
     results = pd.read_csv(run / "perturbation_results.csv")
     assert (results["mode"] == "bit_flip").all() and results["restored_exact"].all() and (results["status"] == "ok").all()
+    # Asked for as a metric, |w| is still run once, as the control it also is.
+    assert results["key"].is_unique and (results["metric"] == "magnitude").sum() == 1
+    assert results[results["metric"] == "magnitude"]["is_control"].all()
+    for metric in ALL_METRICS:
+        assert (run / f"top_10_weights_{metric}.csv").exists()
     change = (results["perturbed_ppl"] / results["baseline_ppl"] - 1).abs()
     assert change[results["metric"] == "grad_x_weight"].iloc[0] > change[results["metric"] == "random"].iloc[0]
     # The ablation study zeroes each weight alone whatever the mode of the main experiments.
     study = pd.read_csv(run / "ablation_study.csv")
-    assert 6 <= len(study) <= 12 and study["source"].str.contains("random").sum() == 4
+    assert 6 <= len(study) <= 4 * len(ALL_METRICS) + 4 and study["source"].str.contains("random").sum() == 4
     rankings = pd.read_parquet(run / "rankings.parquet")
-    for metric in ("grad_x_weight", "grad_squared"):
+    for metric in ALL_METRICS:
         top = study[study["source"].str.contains(f"top:{metric}")]
         assert len(top) == 4
-        # The gradient and weight read back from the two ranks are the ranking's, bit for bit.
+        # The gradient, weight, Fisher and input norms read back from the two ranks give the
+        # ranking's scores, bit for bit.
         ranked = rankings[rankings["metric"] == metric].set_index(["param", "flat_index"])
         for r in top.itertuples(index=False):
             hit = ranked.loc[(r.param, r.flat_index)]
             assert (hit["grad"], hit["weight"], hit["score"]) == (r.grad, r.weight, getattr(r, f"score_{metric}"))
     assert np.allclose(study["delta_nll"], np.log(study["zeroed_ppl"] / study["baseline_ppl"]))
-    summary = json.loads((run / "experiment_summary.json").read_text())["ablation_study"]
+    full = json.loads((run / "experiment_summary.json").read_text())
+    summary = full["ablation_study"]
     assert summary["measured"] == len(study)
-    for m in ("grad_x_weight", "grad_squared"):
+    data = full["data"]
+    assert data["stride"] == 24 and data["evaluation"]["predicted_tokens"] > 0
+    for m in ALL_METRICS:
         s = summary["metrics"][m]
         assert -1 <= s["spearman"] <= 1 and s["spearman_ci"][0] <= s["spearman"] <= s["spearman_ci"][1]
 

@@ -105,3 +105,64 @@ def test_perplexity_is_the_per_document_computation_and_padding_changes_nothing(
         got = perplexity(net, windows, batch_size)
         assert got.tokens == tokens
         assert got.nll_sum == pytest.approx(nll, rel=1e-5)
+
+
+def test_rolling_windows_predict_every_token_once_with_context():
+    from cwa_dist.data import document_windows
+    from cwa_dist.evaluate import Window, first_target, predicted_tokens, window_ids
+
+    ids = list(range(100, 120))  # 20 tokens
+    plain = document_windows(ids, seq_len=8)
+    assert [w.tolist() for w in plain] == [ids[0:8], ids[8:16], ids[16:20]]
+    assert [w.tolist() for w in document_windows(ids, seq_len=8, stride=8)] == [w.tolist() for w in plain]
+    rolling = document_windows(ids, seq_len=8, stride=3)
+    predicted = []
+    for w in rolling:
+        tokens = window_ids(w).tolist()
+        assert len(tokens) <= 8
+        predicted += tokens[first_target(w):]
+    assert predicted == ids[1:]  # every token but the first, once, in order
+    assert predicted_tokens(rolling) == 19 and predicted_tokens(plain) == 17
+    # after the first window, each reads a full 8 tokens, 5 of them context
+    assert all(isinstance(w, Window) and len(w.ids) == 8 and w.context == 5 for w in rolling[1:-1])
+    assert rolling[-1].context == 5 and window_ids(rolling[-1]).tolist() == ids[12:20]
+
+
+def test_rolling_perplexity_is_the_per_token_computation_and_padding_changes_nothing():
+    """--stride: each token's NLL given exactly the context its window holds, computed token by
+    token in plain PyTorch, equals the batched, padded, masked computation."""
+    from conftest import VOCAB, build_tiny_model
+
+    net = build_tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    texts_ids = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (5, 23, 40)]
+
+    class Ids:
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": texts_ids[int(text)]}
+
+    seq_len, stride = 16, 5
+    windows = tokenize_chunks(Ids(), ["0", "1", "2"], seq_len, stride)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in texts_ids:
+            ends = [seq_len]  # where each window ends, the last one cut short by the text's end
+            while ends[-1] < len(ids):
+                ends.append(ends[-1] + stride)
+            for t in range(1, len(ids)):
+                end = next(e for e in ends if e > t)  # the window that predicts token t
+                start = max(0, end - seq_len)
+                logits = net(input_ids=torch.tensor(ids[start:t])[None]).logits[0, -1]
+                nll += float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([ids[t]])))
+                tokens += 1
+    for batch_size in (1, 4):
+        got = perplexity(net, windows, batch_size)
+        assert got.tokens == tokens == sum(len(i) - 1 for i in texts_ids)
+        assert got.nll_sum == pytest.approx(nll, rel=1e-5)
+
+
+def test_stride_is_checked():
+    from cwa_dist.config import RunConfig
+
+    with pytest.raises(UsageError, match="--stride 200 is outside 1..--seq-len"):
+        RunConfig(model="x", seq_len=128, stride=200)

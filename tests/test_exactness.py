@@ -22,19 +22,47 @@ VOCAB = wide_llama_config().vocab_size
 
 
 def float64_reference(net, chunks, names):
-    """Plain PyTorch in float64: the gradient of the token-weighted mean NLL over all chunks, one
-    chunk at a time, and each metric's scores for every weight. name → (weight, grad, scores)."""
+    """Plain PyTorch in float64, one chunk at a time: each chunk's own gradient g_c (of its mean
+    NLL), the gradient of the token-weighted mean NLL over all chunks, the Fisher Σ g_c² / C, the
+    input norm of every feature, and each metric's scores for every weight.
+    name → (weight, grad, scores)."""
     ref = net.double()
-    ref.zero_grad()
-    tokens = sum(len(c) - 1 for c in chunks)
-    for c in chunks:
-        logits = ref(input_ids=c[None], use_cache=False).logits[0, :-1]  # (T-1, V), float64
-        (F.cross_entropy(logits, c[1:], reduction="sum") / tokens).backward()
     params = dict(ref.named_parameters())
+    tokens = sum(len(c) - 1 for c in chunks)
+    grad = {n: torch.zeros_like(params[n]) for n in names}
+    squares = {n: torch.zeros_like(params[n]) for n in names}
+    inputs = {}  # Linear module → Σ x_j² over every token
+
+    def record(module, args, _):
+        inputs[module] = inputs.get(module, 0) + args[0].reshape(-1, args[0].shape[-1]).square().sum(0)
+
+    hooks = [m.register_forward_hook(record) for m in ref.modules() if isinstance(m, torch.nn.Linear)]
+    for c in chunks:
+        ref.zero_grad()
+        logits = ref(input_ids=c[None], use_cache=False).logits[0, :-1]  # (T-1, V), float64
+        F.cross_entropy(logits, c[1:], reduction="mean").backward()
+        for n in names:
+            g_c = params[n].grad
+            grad[n] += g_c * (len(c) - 1) / tokens
+            squares[n] += g_c * g_c
+    for h in hooks:
+        h.remove()
+    norms = {}  # name → per-element ‖x_j‖ of the input feature the element multiplies
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Linear):
+            norms[m.weight] = inputs[m].sqrt()[None, :].expand_as(m.weight)
+    embed = ref.get_input_embeddings()
+    if embed.weight not in norms:
+        counts = torch.bincount(torch.cat(chunks), minlength=embed.weight.shape[0]).double()
+        norms[embed.weight] = counts.sqrt()[:, None].expand_as(embed.weight)
+    all_tokens = float(sum(len(c) for c in chunks))
     out = {}
     for n in names:
-        w, g = params[n].detach().reshape(-1), params[n].grad.reshape(-1)
-        out[n] = (w, g, {"grad_x_weight": (g * w).abs(), "grad_squared": g * g})
+        p = params[n]
+        w, g, fisher = p.detach().reshape(-1), grad[n].reshape(-1), (squares[n] / len(chunks)).reshape(-1)
+        x = norms[p].reshape(-1) if p in norms else torch.full_like(w, all_tokens ** 0.5)
+        out[n] = (w, g, {"grad_x_weight": (g * w).abs(), "grad_squared": g * g, "fisher": fisher,
+                         "obd": 0.5 * fisher * w * w, "magnitude": w.abs(), "wanda": w.abs() * x})
     return out
 
 
@@ -83,6 +111,21 @@ def test_float32_run_matches_float64_reference(ray_local, wide, backend, world_s
     assert sorted(r.rank for r in reports) == list(range(world_size))
     for metric in METRICS:
         assert_matches_reference(merged.candidates[metric], ref, metric, loaded, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,world_size", [("none", 1), ("zero3", 2), ("fsdp2", 2)])
+def test_fisher_obd_wanda_magnitude_match_float64_reference(ray_local, wide, backend, world_size):
+    """The metrics that read more than the mean gradient: the per-window Fisher (each window's
+    own gradient, windows of unequal length, on ranks that own a slice of it), OBD, Wanda's
+    input-feature norms (summed over ranks that each saw their own windows) and |w|."""
+    net, chunks, names, loaded, ref = wide
+    metrics = ["fisher", "obd", "wanda", "magnitude"]
+    merged, _ = run_gradient_group(ray_local, net, chunks[:5], names, world_size=world_size, backend=backend,
+                                   metrics=metrics, k=K, batch_size=2)
+    ref5 = float64_reference(build_wide_llama(), chunks[:5], names)
+    for metric in metrics:
+        assert_matches_reference(merged.candidates[metric], ref5, metric, loaded, rtol=1e-5)
+    assert set(merged.statistics) == set(metrics)
 
 
 def naive_bf16_grads(net, chunks, names):

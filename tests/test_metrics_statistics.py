@@ -16,13 +16,33 @@ def test_metric_values():
     assert torch.equal(MAGNITUDE.score(None, w), w.abs())
 
 
+def test_fisher_obd_magnitude_wanda_values():
+    w = torch.tensor([[1.5, -4.0], [-1.0, 7.0]])
+    fisher = torch.tensor([[2.0, 0.5], [0.0, 1.0]])
+    norms = torch.tensor([[3.0, 0.5], [3.0, 0.5]])  # ‖x_j‖ of each element's input feature (a column)
+    assert torch.equal(get_metric("fisher").score(None, w, fisher=fisher), fisher)
+    assert torch.equal(get_metric("obd").score(None, w, fisher=fisher), torch.tensor([[2.25, 4.0], [0.0, 24.5]]))
+    assert torch.equal(get_metric("magnitude").score(None, w), w.abs())
+    assert torch.equal(get_metric("wanda").score(None, w, feature_norm=norms), torch.tensor([[4.5, 2.0], [3.0, 3.5]]))
+    with pytest.raises(ValueError, match="needs fisher"):
+        get_metric("obd").score(w, w)
+
+
+def test_magnitude_is_ranked_once_whether_asked_for_or_not():
+    from cwa_dist.metrics import needed_inputs, ranked_metrics
+
+    assert ranked_metrics(["grad_x_weight"]) == ["grad_x_weight", "magnitude"]
+    assert ranked_metrics(["magnitude", "wanda"]) == ["magnitude", "wanda"]
+    assert needed_inputs(["obd", "wanda", "magnitude"]) == {"fisher", "feature_norm"}
+
+
 def test_half_precision_is_scored_in_float32():
     g = torch.tensor([1e-3], dtype=torch.bfloat16)
     assert get_metric("grad_squared").score(g, g).dtype == torch.float32
 
 
 def test_unknown_metric_suggests_the_closest_name():
-    with pytest.raises(UsageError, match=r"Did you mean 'grad_x_weight'\?.*Available: grad_squared, grad_x_weight"):
+    with pytest.raises(UsageError, match=r"Did you mean 'grad_x_weight'\?.*Available: fisher, grad_squared, grad_x_weight, magnitude, obd, wanda"):
         METRICS.get("grad_x_weigth")
 
 

@@ -171,3 +171,9 @@ def test_a_gguf_is_planned_from_its_header_without_converting(smollm2_path, tmp_
     facts = model_facts(empty_model(config, dtype=torch.float32, trust_remote_code=False), config)
     assert facts.num_parameters == 134_515_008 and facts.layers == 30 and facts.vocab == 49152  # SmolLM2-135M
     assert not (tmp_path / "cache").exists()  # nothing converted, nothing cached
+
+
+def test_the_fisher_adds_its_two_float32_buffers_to_each_rank(llama2):
+    m = llama2["13b"]
+    plain, fisher = rank_need(m, layout(num_workers=4)), rank_need(m, layout(num_workers=4, per_window=True))
+    assert fisher.device_bytes - plain.device_bytes == 2 * 4 * -(-m.num_parameters // 4)

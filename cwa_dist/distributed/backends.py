@@ -19,6 +19,7 @@ the result is the single-process gradient of the token-weighted mean NLL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -28,8 +29,11 @@ import torch
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.evaluate import batch_nll_sum
 from cwa_dist.models import ModelRef, buffer_keys, checkpoint_keys, empty_model, load_replica
+from cwa_dist.feature_norms import FeatureNorms
+from cwa_dist.metrics import FEATURE_NORM, FISHER
 from cwa_dist.sensitivity import (
-    Float32Gradients,
+    GradientHooks,
+    GradientSums,
     ParamShard,
     checkpoint_blocks,
     full_shards,
@@ -97,11 +101,14 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
 
 
 class Backend:
-    """What every backend shares: the loss of a micro-batch, its backward, and the dummy passes
-    that keep ranks without data in step. Subclasses set `model` (and `runner`, the module that
-    forward is called on, when it is a wrapper such as DeepSpeed's engine)."""
+    """What every backend shares: the loss of a micro-batch, its backward, the per-window
+    accumulation the Fisher needs, the input-feature norms Wanda needs, and the dummy passes that
+    keep ranks without data in step. Subclasses set `model` (and `runner`, the module that forward
+    is called on, when it is a wrapper such as DeepSpeed's engine)."""
 
     world_size = 1
+    sums: GradientSums | None = None
+    feature_norms: FeatureNorms | None = None
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -110,9 +117,31 @@ class Backend:
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def forward_backward(self, ids, mask, total_tokens: int) -> float:
-        return gradient_step(self.runner, ids, mask, total_tokens=total_tokens, world_size=self.world_size,
+    def start(self, scored: list[str], inputs: frozenset[str]) -> None:
+        """Fresh accumulators for what the metrics read: per-window sums for the Fisher, forward
+        hooks for the input-feature norms."""
+        self.scored = scored
+        self.sums = GradientSums(per_window=True) if FISHER in inputs else None
+        if self.feature_norms is not None:
+            self.feature_norms.remove()
+        self.feature_norms = FeatureNorms(self.model, scored) if FEATURE_NORM in inputs else None
+
+    @property
+    def per_window(self) -> bool:
+        return self.sums is not None and self.sums.per_window
+
+    def forward_backward(self, ids, mask, total_tokens: int, window_scale: float | None = None) -> float:
+        """One micro-batch's backward. In per-window mode the micro-batch is one window (on one rank;
+        the others pass a dummy) and `window_scale` = N / n_c, the same on every rank."""
+        loss = gradient_step(self.runner, ids, mask, total_tokens=total_tokens, world_size=self.world_size,
                              backward=self._backward)
+        if self.per_window:
+            self._collect_window(window_scale)
+            self.sums.end_window()
+        return loss
+
+    def _collect_window(self, scale: float | None) -> None:
+        """Move this window's local gradients into `sums` and clear them (sharded backends)."""
 
     def nll_sum(self, ids, mask) -> float:
         with torch.no_grad():
@@ -123,10 +152,20 @@ class Backend:
         if self.world_size == 1:
             return
         ids, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
-        if backward:
-            self._backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
-        else:
-            self.nll_sum(ids, mask)
+        paused = self.feature_norms.paused() if self.feature_norms is not None else contextlib.nullcontext()
+        with paused:
+            if backward:
+                self._backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
+            else:
+                self.nll_sum(ids, mask)
+
+    def dummy_window(self, window_scale: float | None) -> None:
+        """A dummy backward in per-window mode: this rank adds nothing, but takes its slice of the
+        window another rank computed."""
+        self.dummy(backward=True)
+        if self.per_window:
+            self._collect_window(window_scale)
+            self.sums.end_window()
 
     def teardown(self) -> None:
         pass
@@ -149,29 +188,35 @@ class ReplicaBackend(Backend):
         self.model = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
                                   device=device, gpus=1 if device == "cuda" else 0)
         ckpt.close()
-        self.fp32_grads: Float32Gradients | None = None
+        self.hooks: GradientHooks | None = None
 
-    def prepare(self, scored: list[str], checkpointing: bool) -> None:
+    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
         if checkpointing:
             checkpoint_blocks(self.model)
         prepare_gradients(self.model, scored)
-        if self.fp32_grads is not None:
-            self.fp32_grads.remove()
-            self.fp32_grads = None
-        if next(self.model.parameters()).dtype != torch.float32:
-            self.fp32_grads = Float32Gradients(self.model, scored)
+        self.start(scored, inputs)
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+        # Hooks take each micro-batch's gradient as it arrives: for the float32 sum of a
+        # low-precision model, and for the per-window squares of the Fisher.
+        if self.per_window or next(self.model.parameters()).dtype != torch.float32:
+            if self.sums is None:
+                self.sums = GradientSums()
+            self.hooks = GradientHooks(self.model, scored, self.sums)
 
-    def _grads(self) -> dict[str, torch.Tensor] | None:
-        return None if self.fp32_grads is None else self.fp32_grads.sums
+    def forward_backward(self, ids, mask, total_tokens: int, window_scale: float | None = None) -> float:
+        if self.hooks is not None:
+            self.hooks.scale = window_scale
+        return super().forward_backward(ids, mask, total_tokens, window_scale)
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        return full_shards(self.model, scored, self._grads())
+        return full_shards(self.model, scored, self.sums)
 
     def local_numel(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.model.parameters())
-        grads = self._grads()
-        if grads is not None:
-            return n, sum(g.numel() for g in grads.values())
+        if self.sums is not None:
+            return n, sum(g.numel() for g in self.sums.sums.values())
         return n, sum(p.grad.numel() for p in self.model.parameters() if p.grad is not None)
 
 
@@ -228,13 +273,30 @@ class Zero3Backend(Backend):
         start = self.rank * partition
         return start, max(0, min(partition, p.ds_numel - start))
 
-    def prepare(self, scored: list[str], checkpointing: bool) -> None:
+    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
         # Every parameter keeps requires_grad: ZeRO-3's gradient partitions are laid out for the
         # parameters the optimizer was built with.
         if checkpointing:
             checkpoint_blocks(self.model)
         self.model.eval()
+        self.start(scored, inputs)
         # A fresh start: the next backward overwrites the gradient partitions instead of adding.
+        self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def _local_grad(self, p) -> torch.Tensor | None:
+        from deepspeed.utils import safe_get_local_grad
+
+        grad = safe_get_local_grad(p)  # the float32 accumulation buffer
+        return None if grad is None else grad.detach().reshape(-1)[: self._span(p)[1]]
+
+    def _collect_window(self, scale: float | None) -> None:
+        # After the reduce-scatter, this rank's partition holds its slice of the window's
+        # gradient (the other ranks added zeros): square it, then start the next window afresh.
+        params = dict(self.model.named_parameters())
+        for name in self.scored:
+            grad = self._local_grad(params[name])
+            if grad is not None:
+                self.sums.add(name, grad, scale)
         self.engine.optimizer.zero_grad(set_to_none=True)
 
     @property
@@ -245,20 +307,12 @@ class Zero3Backend(Backend):
         self.engine.backward(loss)
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        from deepspeed.utils import safe_get_local_grad
-
         params = dict(self.model.named_parameters())
         for name in scored:
             p = params[name]
             start, length = self._span(p)
-            grad = safe_get_local_grad(p)  # the float32 accumulation buffer
-            weight = p.ds_tensor  # the loaded values themselves, in the model's dtype
-            yield ParamShard(
-                name=name,
-                offset=start,
-                weight=weight.detach().reshape(-1)[:length],
-                grad=None if grad is None else grad.detach().reshape(-1)[:length],
-            )
+            weight = p.ds_tensor.detach().reshape(-1)[:length]  # the loaded values themselves
+            yield _shard(name, start, weight, self._local_grad(p), self.sums if self.per_window else None)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
@@ -321,11 +375,20 @@ class Fsdp2Backend(Backend):
         start = min(self.rank * per_rank, p.shape[0])
         return start, min(per_rank, p.shape[0] - start)
 
-    def prepare(self, scored: list[str], checkpointing: bool) -> None:
+    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
         if checkpointing:
             # Recomputing a block outside FSDP's own hooks would see the resharded parameters.
             raise ValueError("--gradient-checkpointing is not supported with --shard-backend fsdp2; use zero3")
         self.model.eval()
+        self.start(scored, inputs)
+
+    def _collect_window(self, scale: float | None) -> None:
+        params = dict(self.model.named_parameters())
+        for name in self.scored:
+            p = params[name]
+            if p.grad is not None:
+                self.sums.add(name, p.grad.to_local().reshape(-1), scale)
+                p.grad = None
 
     def shards(self, scored: list[str]) -> Iterator[ParamShard]:
         params = dict(self.model.named_parameters())
@@ -333,8 +396,8 @@ class Fsdp2Backend(Backend):
             p = params[name]
             start, _ = self._rows(p)
             grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
-            yield ParamShard(name=name, offset=start * (p.numel() // p.shape[0]),
-                             weight=p.to_local().detach().reshape(-1), grad=grad)
+            yield _shard(name, start * (p.numel() // p.shape[0]), p.to_local().detach().reshape(-1), grad,
+                         self.sums if self.per_window else None)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
@@ -345,6 +408,15 @@ class Fsdp2Backend(Backend):
         params = list(self.model.parameters())
         return (sum(p.to_local().numel() for p in params),
                 sum(p.grad.to_local().numel() for p in params if p.grad is not None))
+
+
+def _shard(name: str, offset: int, weight: torch.Tensor, grad: torch.Tensor | None,
+           sums: GradientSums | None) -> ParamShard:
+    """A rank's shard; in per-window mode its gradient and Fisher come from `sums`."""
+    if sums is not None:
+        grad = sums.sums.get(name)
+        return ParamShard(name, offset, weight, grad, sums.fisher(name, weight))
+    return ParamShard(name, offset, weight, grad)
 
 
 def _drop_master_copy(zero_optimizer) -> None:

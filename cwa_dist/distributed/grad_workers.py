@@ -23,9 +23,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
 from cwa_dist.errors import UsageError, last_line
-from cwa_dist.data import lockstep_batches
+from cwa_dist.data import lockstep_batches, per_window_steps
 from cwa_dist.evaluate import Perplexity, batches, predicted_tokens
 from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_rss_bytes
+from cwa_dist.metrics import FISHER, needed_inputs
 from cwa_dist.models import ModelRef
 from cwa_dist.sensitivity import (
     ShardScores,
@@ -96,23 +97,36 @@ class GradientWorker:
         total = sum(self.backend.nll_sum(ids, mask) for ids, mask in batches(chunks, batch_size))
         return total, predicted_tokens(chunks)
 
-    def begin(self, scored: list[str], checkpointing: bool) -> None:
-        self.backend.prepare(scored, checkpointing)
+    def begin(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
+        """Start accumulating; `inputs` is what the metrics read besides gradient and weight."""
+        self.backend.prepare(scored, checkpointing, inputs)
         self.loss = self.backward_s = 0.0
 
-    def backward(self, chunks: list[torch.Tensor], *, total_tokens: int) -> None:
-        """One forward/backward over these chunks as one batch, its NLL divided by total_tokens."""
+    def backward(self, chunks: list[torch.Tensor], *, total_tokens: int, window_scale: float | None = None) -> None:
+        """One forward/backward over these chunks as one batch, its NLL divided by total_tokens.
+        In per-window mode (the Fisher) one rank has the window and `window_scale` is N / n_c."""
         start = time.perf_counter()
         if chunks:
             ((ids, mask),) = batches(chunks, len(chunks))
-            self.loss += self.backend.forward_backward(ids, mask, total_tokens)
+            self.loss += self.backend.forward_backward(ids, mask, total_tokens, window_scale)
+        elif self.backend.per_window:
+            self.backend.dummy_window(window_scale)
         else:
             self.backend.dummy(backward=True)
         self.backward_s += time.perf_counter() - start
 
+    def _reduce_feature_norms(self) -> None:
+        """Every rank counted the input features of its own windows: sum them over the group."""
+        norms = self.backend.feature_norms
+        if norms is not None and self.world_size > 1:
+            vector = norms.as_vector()
+            torch.distributed.all_reduce(vector)
+            norms.load_vector(vector)
+
     def score(self, *, scored: list[str], metrics: list[str], k: int) -> WorkerReport:
         start = time.perf_counter()
-        result = score_shards(self.backend.shards(scored), metrics, k)
+        self._reduce_feature_norms()
+        result = score_shards(self.backend.shards(scored), metrics, k, self.backend.feature_norms)
         params, grads = self.backend.local_numel()
         return WorkerReport(
             rank=self.rank,
@@ -129,7 +143,7 @@ class GradientWorker:
         )
 
     def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-        return values_at(self.backend.shards(list(wanted)), wanted)
+        return values_at(self.backend.shards(list(wanted)), wanted, self.backend.feature_norms)
 
     def teardown(self) -> None:
         self.backend.teardown()
@@ -229,10 +243,18 @@ class GradientGroup:
         baseline = Perplexity(nll, tokens)
         on_baseline(baseline)
         total_tokens = predicted_tokens(calibration)
-        self.call("begin", scored, checkpointing)
-        for step in lockstep_batches(calibration, self.world_size, batch_size):
-            self.each("backward", step, total_tokens=total_tokens)
-            on_step(sum(len(s) for s in step))
+        inputs = needed_inputs(metrics)
+        self.call("begin", scored, checkpointing, inputs)
+        if FISHER in inputs:
+            # The Fisher squares each window's own gradient, so a step is one window (on one rank;
+            # the reduce-scatter adds the others' zeros), and the ranks no longer split the windows.
+            for step, scale in per_window_steps(calibration, self.world_size, total_tokens):
+                self.each("backward", step, total_tokens=total_tokens, window_scale=scale)
+                on_step(1)
+        else:
+            for step in lockstep_batches(calibration, self.world_size, batch_size):
+                self.each("backward", step, total_tokens=total_tokens)
+                on_step(sum(len(s) for s in step))
         reports = self.call("score", scored=scored, metrics=metrics, k=k)
         return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
 
@@ -244,9 +266,9 @@ class GradientGroup:
                 merged.setdefault(name, []).append(values)
         out = {}
         for name, parts in merged.items():
-            idx, grad, weight = (torch.cat(p) for p in zip(*parts))
-            keep = torch.from_numpy(np.unique(idx.numpy(), return_index=True)[1])  # each element once
-            out[name] = (idx[keep], grad[keep], weight[keep])
+            columns = [torch.cat(p) for p in zip(*parts)]  # index, grad, weight, fisher, feature norm
+            keep = torch.from_numpy(np.unique(columns[0].numpy(), return_index=True)[1])  # each element once
+            out[name] = tuple(c[keep] for c in columns)
         return out
 
     def each(self, method: str, per_rank_args: list, **kwargs) -> list:
