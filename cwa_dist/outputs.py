@@ -231,6 +231,9 @@ class RunDirectory:
     def write_parquet(self, name: str, df: pd.DataFrame) -> Path:
         return self._atomic(name, lambda tmp: df.to_parquet(tmp, index=False))
 
+    def write_text(self, name: str, text: str) -> Path:
+        return self._atomic(name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
     def write_figure(self, name: str, fig) -> Path:
         from cwa_dist.plots import save
 

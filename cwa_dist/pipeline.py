@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from cwa_dist import ablation, plots
+from cwa_dist import ablation, html_report, plots
 from cwa_dist.config import RunConfig
 from cwa_dist.data import Split, load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import deepspeed_config
@@ -28,7 +28,7 @@ from cwa_dist.distributed.runtime import (
     start_ray,
     stop_ray,
 )
-from cwa_dist.errors import UsageError
+from cwa_dist.errors import UsageError, last_line
 from cwa_dist.evaluate import bootstrap_intervals, predicted_tokens, window_tokens
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.memory import peak_rss_bytes
@@ -616,9 +616,19 @@ def _finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd
         record.memory(driver={"peak_rss_bytes": driver_peak})
         rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")
         summary = record.complete(**final, run_directory=out.where, stage_timings_s=dict(record.timings))
+        _write_report(ctx, out)
         for f in sorted(p.relative_to(out.path) for p in out.path.rglob("*") if p.is_file()):
             rep.detail(f"  ✅ {f}")
     _final_report(ctx, summary)
+
+
+def _write_report(ctx: Context, out) -> None:
+    """report.html, last: every result is already on disk, so a failure here loses nothing."""
+    try:
+        out.write_text("report.html", html_report.build(out.path))
+    except Exception as e:  # noqa: BLE001 - the run's results stand without the page
+        ctx.rep.line(f"⚠️  report.html could not be built ({last_line(e, 200)}); the results are complete. "
+                     f"Rebuild it with: python -m cwa_dist.html_report {out.path}")
 
 
 def _perturbation_summary(results: pd.DataFrame) -> dict:

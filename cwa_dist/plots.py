@@ -94,6 +94,93 @@ def depth_by_family(top: dict[str, pd.DataFrame], bins: int = 10):
     return fig
 
 
+def ratio_curves(results: pd.DataFrame):
+    """Perplexity ratio against weights perturbed: each metric with its paired 95% interval, the
+    random controls' mean with their min–max band, and the largest-|W| control."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    finite = results[np.isfinite(results["ppl_ratio"])]
+    for metric, df in finite[~finite["is_control"]].groupby("metric", sort=True):
+        pts = df.sort_values("weights_masked").groupby("weights_masked").first()
+        err = np.vstack([pts["ppl_ratio"] - pts["ppl_ratio_ci_low"], pts["ppl_ratio_ci_high"] - pts["ppl_ratio"]])
+        ax.errorbar(pts.index, pts["ppl_ratio"], yerr=np.clip(err, 0, None), marker="o", capsize=3, label=metric)
+    rnd = finite[finite["metric"] == "random"].groupby("weights_masked")["ppl_ratio"]
+    if len(finite[finite["metric"] == "random"]):
+        ax.plot(rnd.mean().index, rnd.mean().values, marker="^", linestyle=":", color="grey", label="random (mean)")
+        ax.fill_between(rnd.mean().index, rnd.min().values, rnd.max().values, color="grey", alpha=0.2,
+                        label="random (min–max)")
+    mag = finite[finite["metric"] == "magnitude"].groupby("weights_masked")["ppl_ratio"].first()
+    if len(mag):
+        ax.plot(mag.index, mag.values, marker="s", linestyle="--", color="black", label="largest |W|")
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights perturbed")
+    ax.set_ylabel("perplexity ratio (perturbed / baseline)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_module_map(top: pd.DataFrame, title: str, blocks: int):
+    """A heatmap of where a ranking's top weights are: blocks 0..blocks-1 across, module kinds down."""
+    inside = top[top["layer_index"].notna()]
+    table = pd.crosstab(inside["module"], inside["layer_index"].astype(int)).reindex(columns=range(blocks), fill_value=0)
+    outside = top[top["layer_index"].isna()]["module"].value_counts()
+    fig, ax = plt.subplots(figsize=(min(14, 2.5 + 0.35 * max(1, table.shape[1])), 1.2 + 0.35 * max(1, table.shape[0])))
+    if table.size:
+        im = ax.imshow(table.values, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], fontsize=7)
+        ax.set_yticks(range(table.shape[0]), list(table.index), fontsize=7)
+        fig.colorbar(im, ax=ax, label="weights")
+    ax.set_xlabel("block")
+    extra = ", ".join(f"{m} {n}" for m, n in outside.items())
+    ax.set_title(f"{title}" + (f" (outside the blocks: {extra})" if extra else ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def overlap_matrix(jaccard: pd.DataFrame):
+    """Jaccard index of the metrics' top-K sets."""
+    n = len(jaccard)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * n, 1.2 + 0.8 * n))
+    im = ax.imshow(jaccard.values, vmin=0, vmax=1, cmap="magma")
+    ax.set_xticks(range(n), list(jaccard.columns), rotation=30, fontsize=8)
+    ax.set_yticks(range(n), list(jaccard.index), fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{jaccard.values[i, j]:.2f}", ha="center", va="center",
+                    color="white" if jaccard.values[i, j] < 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="Jaccard index")
+    fig.tight_layout()
+    return fig
+
+
+def score_vs_impact(study: pd.DataFrame, metrics: list[str]):
+    """The ablation study: each studied weight's score under each metric against its measured ΔNLL."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    measured = study[study["delta_nll"].notna()]
+    for ax, m in zip(axes[0], metrics):
+        score = measured[f"score_{m}"]
+        ax.scatter(score.where(score > 0), measured["delta_nll"], s=12, alpha=0.7)
+        if (score > 0).any():
+            ax.set_xscale("log")
+        ax.set_xlabel(f"{m} score", fontsize=8)
+        ax.set_ylabel("ΔNLL when zeroed alone", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (for embedding), then closed."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def save(fig, path) -> None:
     fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -14,4 +14,11 @@ if ! .venv/bin/python -c "import deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/de
   DS_BUILD_SHM_COMM=1 .venv/bin/python -m pip install --quiet --no-cache-dir --no-build-isolation "deepspeed==0.19.8"
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# Debian's Chromium and its chromedriver, for the test that opens report.html in a real browser
+# (installed where this runs as root with apt; elsewhere that test is skipped, unless
+# CWA_DIST_REQUIRE_BROWSER=1, as in CI, makes it fail).
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null \
+    || echo "setup: could not install chromium (apt-get failed); the browser test will be skipped" >&2
+fi
 .venv/bin/python -m cwa_dist.smollm2 >/dev/null

@@ -36,7 +36,7 @@ def test_every_output_file_is_written(full_run):
         "config.json", "manifest.json", "experiment_summary.json", "rankings.parquet",
         "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
         "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "perturbation_results.jsonl",
-        "super_weights.csv", "super_weights.parquet",
+        "super_weights.csv", "super_weights.parquet", "report.html",
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
