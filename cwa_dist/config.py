@@ -106,6 +106,10 @@ class RunConfig:
     """GPUs per evaluation actor; default 1 on a GPU cluster. The model is split over them by blocks."""
     num_eval_actors: int | None = setting(None, section="perturbation", operational=True)
     """Evaluation actors in the pool; default one per free CPU (or GPU), at most one per experiment."""
+    replay_memory_gb: float = setting(1.0, section="perturbation", operational=True)
+    """Memory each evaluation actor may spend on kept block outputs, so an experiment recomputes only
+    from the first block it changes (same perplexity, bit for bit); 0 runs every experiment as a
+    full forward."""
     # -- sharded gradients
     num_workers: int = setting(1, section="sharded gradients")
     """Gradient workers (ranks of one process group); parameters are sharded across them."""
@@ -194,6 +198,8 @@ class RunConfig:
             raise UsageError(f"--stride {self.stride} is outside 1..--seq-len ({self.seq_len}); a window moves on by "
                              "at most its own length")
         _positive("--batch-size", self.batch_size)
+        if not (self.replay_memory_gb >= 0 and math.isfinite(self.replay_memory_gb)):
+            raise UsageError(f"--replay-memory-gb {self.replay_memory_gb} must be a number of GB, 0 or more")
         _positive("--fast-eval-chunks", self.fast_eval_chunks)
         _positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)
         if self.eval_limit is not None:
@@ -243,6 +249,10 @@ class RunConfig:
     @property
     def eval_actor_gpus(self) -> int:
         return self.gpus_per_eval_actor or 1
+
+    @property
+    def replay_budget_bytes(self) -> int:
+        return int(self.replay_memory_gb * 2**30)
 
     @property
     def max_k(self) -> int:

@@ -47,7 +47,7 @@ def dry_run(cfg: RunConfig, rep: Reporter) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing, offload_params=cfg.offload_params,
         offload_optimizer=cfg.offload_optimizer, max_live_parameters=cfg.zero_max_live_parameters,
         prefetch_bucket_size=cfg.zero_prefetch_bucket_size, reduce_bucket_size=cfg.zero_reduce_bucket_size,
-        per_window=FISHER in needed_inputs(cfg.metrics),
+        per_window=FISHER in needed_inputs(cfg.metrics), replay_budget_bytes=cfg.replay_budget_bytes,
     )
     gpu_bytes = int(cfg.gpu_memory_gb * 1e9) if cfg.gpu_memory_gb else (capacity.gpu_memory_bytes() if device == "cuda" else None)
     host_bytes = free["memory"] if device == "cpu" else None

@@ -255,7 +255,7 @@ MANIFEST_FIELDS = {
     "scored_parameters": "name → shape of every scored parameter",
     "stages": "per stage: status (done) and seconds",
     "stage_timings_s": "seconds of each stage, this try and earlier ones",
-    "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s)",
+    "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s, replay_blocks_kept, replay_bytes)",
     "summary": "the summary facts of finished stages, which a resumed run needs",
 }
 SUMMARY_FIELDS = {

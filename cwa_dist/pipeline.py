@@ -463,7 +463,8 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
             pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
-                            gpus_per_actor=cfg.eval_actor_gpus, batch_size=cfg.batch_size)
+                            gpus_per_actor=cfg.eval_actor_gpus, batch_size=cfg.batch_size,
+                            replay_budget_bytes=cfg.replay_budget_bytes)
             try:
                 described = pool.describe()
                 baselines = {round(b.value, 6) for _, b in described}

@@ -85,6 +85,7 @@ class Layout:
     prefetch_bucket_size: int
     reduce_bucket_size: int
     per_window: bool = False  # fisher/obd: float32 gradient sums and Fisher squares beside the gradients
+    replay_budget_bytes: int = 0  # each actor's kept block outputs, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,7 @@ def actor_need(m: ModelFacts, lay: Layout) -> Need:
     g = lay.gpus_per_eval_actor if lay.device == "cuda" else 0
     replica = m.num_parameters * lay.dtype_bytes
     parts = {"replica": math.ceil(replica / max(g, 1)), "activations (forward)": activation_bytes(m, lay, backward=False),
+             "kept block outputs (at most)": math.ceil(lay.replay_budget_bytes / max(g, 1)),
              "actor overhead (measured)": ACTOR_EXTRA_BYTES}
     resources = {"CPU": 1, **({"GPU": g} if g else {})}
     return _need("evaluation actor", lay.num_eval_actors, resources, sum(parts.values()), 0, parts, lay, gpus=g)

@@ -22,6 +22,7 @@ from cwa_dist.errors import last_line
 from cwa_dist.evaluate import Perplexity, perplexity
 from cwa_dist.memory import peak_device_bytes, peak_rss_bytes
 from cwa_dist.models import ModelRef, load_replica
+from cwa_dist.replay import BlockReplay
 from cwa_dist.superweights import Candidate, detect
 from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 
@@ -39,7 +40,7 @@ class ExperimentResult:
 
 class EvalActor:
     def __init__(self, model: ModelRef, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
-                 threads: int | None):
+                 threads: int | None, replay_budget_bytes: int = 0):
         if threads:
             torch.set_num_threads(threads)
         start = time.perf_counter()
@@ -51,7 +52,9 @@ class EvalActor:
         self.params = dict(self.model.named_parameters())
         self.chunks, self.batch_size = chunks, batch_size
         self.fingerprints = {n: fingerprint(p) for n, p in self.params.items()}
-        self.baseline = perplexity(self.model, chunks, batch_size)
+        # The baseline pass keeps block outputs, so each experiment recomputes from its first changed block.
+        self.replay = BlockReplay(self.model, replay_budget_bytes)
+        self.baseline = self.replay.capture(lambda: perplexity(self.model, chunks, batch_size), chunks, batch_size)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def describe(self) -> tuple[str, Perplexity]:
@@ -63,13 +66,15 @@ class EvalActor:
     def memory(self) -> dict:
         """This actor's measured peaks and load time, for the manifest."""
         return {"actor": self.name, "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
-                "load_s": round(self.load_s, 3)}
+                "load_s": round(self.load_s, 3), "replay_blocks_kept": len(self.replay.kept),
+                "replay_bytes": self.replay.kept_bytes}
 
     def run(self, spec: PerturbationSpec) -> ExperimentResult:
         start = time.perf_counter()
         saved = apply(self.params, spec.targets, spec.mode, spec.options)
         try:
-            perturbed = perplexity(self.model, self.chunks, self.batch_size)
+            with self.replay.from_block(self.replay.first_block(saved.values)):
+                perturbed = perplexity(self.model, self.chunks, self.batch_size)
         finally:
             restore(self.params, saved)
         exact = restored_exactly(self.params, saved) and all(
@@ -91,13 +96,14 @@ class EvalActor:
 
 
 class EvalPool:
-    def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str, gpus_per_actor: int, batch_size: int):
+    def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str, gpus_per_actor: int,
+                 batch_size: int, replay_budget_bytes: int = 0):
         gpus = gpus_per_actor if device == "cuda" else 0
         remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
         chunks_ref = ray.put(chunks)  # once, shared by every actor (and every replacement)
-        self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads)
+        self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads, replay_budget_bytes)
         self.actors = [self._new_actor() for _ in range(num_actors)]
 
     def describe(self) -> list[tuple[str, Perplexity]]:
