@@ -18,6 +18,7 @@ from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import batch_nll_sum, batches
 from cwa_dist.feature_norms import FeatureNorms
 from cwa_dist.metrics import Metric, get_metric, ranked_metrics
+from cwa_dist.scratch import Scratch
 from cwa_dist.statistics import ScoreStatistics
 from cwa_dist.topk import Candidates, NonFiniteScoreError, RunningTopK, merge
 
@@ -232,13 +233,16 @@ def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: i
     tops = {m.name: RunningTopK(k) for m in metrics}
     # The magnitude control only needs its ranking; a metric asked for also gets statistics.
     stats = {m.name: ScoreStatistics() for m in metrics if m.name in metric_names}
+    scratch = Scratch()  # one score buffer for every shard and metric, reused
     for shard in shards:
         # A parameter the loss never reached has no .grad: its gradient is zero.
         grad = shard.grad if shard.grad is not None else torch.zeros_like(shard.weight)
         norms = (feature_norms.expand(shard.name, shard.offset, shard.weight.numel()).to(shard.weight.device)
                  if feature_norms is not None else None)
+        dtype = torch.float64 if shard.weight.dtype == torch.float64 else torch.float32
         for m in metrics:
-            scores = m.score(grad, shard.weight, fisher=shard.fisher, feature_norm=norms)
+            out = scratch.get(shard.weight.numel(), dtype, shard.weight.device)
+            scores = m.score(grad, shard.weight, fisher=shard.fisher, feature_norm=norms, out=out)
             try:
                 tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
             except NonFiniteScoreError:
@@ -248,7 +252,7 @@ def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: i
                     raise NonFiniteGradientError(f"NaN/Inf gradients in {shard.name}; {_DTYPE_ADVICE}") from None
                 raise
             if m.name in stats:
-                stats[m.name].add_batch(shard.name, scores)
+                stats[m.name].add_batch(shard.name, scores, scratch)
     return ShardScores(
         candidates={name: t.best for name, t in tops.items()},
         statistics=stats,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cwa_dist.scratch import Scratch
+
 NUM_BINS = 256  # float32 biased exponents; 255 is Inf/NaN, which scoring refuses earlier
 EXP_BIAS = 127
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -29,7 +31,7 @@ class Moments:
     # counts of positive scores per power-of-two bin (see module docstring)
     histogram: list[int] = field(default_factory=lambda: [0] * NUM_BINS)
 
-    def add_batch(self, scores: torch.Tensor) -> None:
+    def add_batch(self, scores: torch.Tensor, scratch: Scratch | None = None) -> None:
         s = scores.reshape(-1).float()  # bins are float32 exponents
         if s.numel() == 0:
             return
@@ -44,7 +46,8 @@ class Moments:
         zeros = s.numel() - int(torch.count_nonzero(s))
         self.zeros += zeros
         # Scores are non-negative: the biased exponent field b puts x in [2**(b-127), 2**(b-126)).
-        counts = torch.bincount(s.view(torch.int32) >> 23, minlength=NUM_BINS)
+        exponents = scratch.get(s.numel(), torch.int32, s.device) if scratch is not None else None
+        counts = torch.bincount(torch.bitwise_right_shift(s.view(torch.int32), 23, out=exponents), minlength=NUM_BINS)
         counts[0] -= zeros  # zero has b = 0; it is counted in `zeros` instead
         self.histogram = [a + b for a, b in zip(self.histogram, counts.tolist())]
 
@@ -100,8 +103,8 @@ class ScoreStatistics:
     def __init__(self) -> None:
         self.per_param: dict[str, Moments] = {}
 
-    def add_batch(self, name: str, scores: torch.Tensor) -> None:
-        self.per_param.setdefault(name, Moments()).add_batch(scores)
+    def add_batch(self, name: str, scores: torch.Tensor, scratch: Scratch | None = None) -> None:
+        self.per_param.setdefault(name, Moments()).add_batch(scores, scratch)
 
     def merge(self, other: "ScoreStatistics") -> None:
         for name, m in other.per_param.items():

@@ -8,6 +8,7 @@ union of the shards' candidates is exactly the global top-K over all weights.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,15 @@ BLOCK = 1024  # largest block of the block-maximum prefilter
 MIN_BLOCK = 16  # below this, blocks filter too little to pay for themselves
 
 
-def shard_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of a 1-D score tensor as (indices, scores), best first, ties by lowest index.
+def shard_topk(scores: torch.Tensor, k: int, floor: float = -math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of a 1-D score tensor as (indices, scores), best first, ties by lowest index,
+    leaving out elements below `floor` (a running top-K's K-th score: nothing below it can enter).
 
-    For large tensors, a prefilter keeps only the blocks whose maximum reaches the k-th largest
-    block maximum: any block holding an element ≥ the k-th largest score passes (otherwise k
-    blocks would each hold a larger element), ties included, so the answer stays exact.
+    For large tensors, a prefilter keeps only the blocks whose maximum reaches both the floor and
+    the k-th largest block maximum: any block holding an element ≥ the k-th largest score passes
+    (otherwise k blocks would each hold a larger element), ties included, so the answer stays
+    exact. Once the running top-K is full, most parameters have no block above the floor and cost
+    one block-maximum pass.
     """
     scores = scores.reshape(-1)
     n = scores.numel()
@@ -70,26 +74,37 @@ def shard_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         return torch.empty(0, dtype=torch.int64), scores[:0]
     # At least 8k blocks, so the blocks that pass hold a small share of the elements.
     block = min(BLOCK, n // (8 * k))
-    if block >= MIN_BLOCK:
-        full = n // block
-        block_max = scores[: full * block].view(full, block).amax(1)
-        if n > full * block:
-            block_max = torch.cat([block_max, scores[full * block :].amax().reshape(1)])
-        best = torch.topk(block_max, k, sorted=False).values
-        if not bool(torch.isfinite(best).all()):
-            raise NonFiniteScoreError("scores contain NaN or Inf")
-        threshold = best.min()
-        blocks = torch.nonzero(block_max >= threshold).squeeze(1)
-        index = (blocks[:, None] * block + torch.arange(block)).reshape(-1)  # ascending
-        index = index[index < n]
-        local, top = _exact_topk(scores[index], k)
-        return index[local], top
-    return _exact_topk(scores, k)
+    if block < MIN_BLOCK:
+        if floor > -math.inf:
+            best = scores.amax()
+            if not bool(torch.isfinite(best)):
+                raise NonFiniteScoreError("scores contain NaN or Inf")
+            if best < floor:
+                return torch.empty(0, dtype=torch.int64), scores[:0]
+        return _exact_topk(scores, k)
+    full = n // block
+    block_max = scores[: full * block].view(full, block).amax(1)
+    if n > full * block:
+        block_max = torch.cat([block_max, scores[full * block :].amax().reshape(1)])
+    if not bool(torch.isfinite(block_max).all()):  # amax carries a NaN or Inf through
+        raise NonFiniteScoreError("scores contain NaN or Inf")
+    passing = block_max >= floor
+    if int(passing.sum()) > k:
+        threshold = max(torch.topk(block_max, k, sorted=False).values.min(), torch.tensor(floor, dtype=block_max.dtype))
+        passing = block_max >= threshold
+    blocks = torch.nonzero(passing).squeeze(1)
+    if blocks.numel() == 0:
+        return torch.empty(0, dtype=torch.int64), scores[:0]
+    index = (blocks[:, None] * block + torch.arange(block, device=scores.device)).reshape(-1)  # ascending
+    index = index[index < n]
+    local, top = _exact_topk(scores[index], k)
+    return index[local], top
 
 
 def _exact_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # torch.topk alone picks arbitrarily among ties at the k-th value: take every element above
     # it, then the lowest-indexed elements equal to it.
+    k = min(k, scores.numel())  # the blocks above a running floor may hold fewer than k
     values = torch.topk(scores, k, sorted=False).values
     if not bool(torch.isfinite(values).all()):  # topk ranks NaN and Inf first, so this sees them
         raise NonFiniteScoreError("scores contain NaN or Inf")
@@ -140,10 +155,13 @@ class RunningTopK:
         self, name: str, offset: int, scores: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor | None
     ) -> None:
         """Add a shard: `scores`, `weight`, `grad` are flat and start at element `offset` of `name`."""
+        floor = float(self.best.score[-1]) if len(self.best) >= self.k else -math.inf
         try:
-            index, top = shard_topk(scores, self.k)
+            index, top = shard_topk(scores, self.k, floor)
         except NonFiniteScoreError:
             raise NonFiniteScoreError(f"scores of {name} contain NaN or Inf") from None
+        if index.numel() == 0:
+            return
         g = grad.reshape(-1)[index].to(top.dtype) if grad is not None else torch.full_like(top, float("nan"))
         part = Candidates([name], torch.zeros_like(index), index + offset, top, weight.reshape(-1)[index].to(top.dtype), g)
         self.best = merge([self.best, part], self.k)

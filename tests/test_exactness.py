@@ -34,7 +34,8 @@ def float64_reference(net, chunks, names):
     inputs = {}  # Linear module → Σ x_j² over every token
 
     def record(module, args, _):
-        inputs[module] = inputs.get(module, 0) + args[0].reshape(-1, args[0].shape[-1]).square().sum(0)
+        x = args[0].detach()
+        inputs[module] = inputs.get(module, 0) + x.reshape(-1, x.shape[-1]).square().sum(0)
 
     hooks = [m.register_forward_hook(record) for m in ref.modules() if isinstance(m, torch.nn.Linear)]
     for c in chunks:

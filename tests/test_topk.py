@@ -78,3 +78,31 @@ def test_head_of_topk_is_topk_of_smaller_k():
     r.add_shard("p", 0, s, s, s)
     idx10, _ = shard_topk(s, 10)
     assert r.best.head(10).flat_index.tolist() == idx10.tolist()
+
+
+@pytest.mark.parametrize("k", [1, 40, 700])
+def test_running_topk_with_its_floor_equals_the_reference_over_many_shards(k):
+    """Once full, the running top-K passes its K-th score as a floor and most shards are skipped:
+    still the exact global order, ties at the floor included (scores from few values)."""
+    g = torch.Generator().manual_seed(k)
+    sizes = [BLOCK * 30 + 5, 17, 300, BLOCK * 9, 5000, 3, BLOCK * 64, 129, 20_011]
+    params = {f"p{i:02d}.weight": torch.randint(0, 12, (n,), generator=g).float() for i, n in enumerate(sizes)}
+    running = RunningTopK(k)
+    for name, s in params.items():
+        running.add_shard(name, 0, s, s, s)
+    names = [n for n, s in params.items() for _ in range(s.numel())]
+    flat = np.concatenate([np.arange(s.numel()) for s in params.values()])
+    score = np.concatenate([s.numpy() for s in params.values()])
+    order = reference_order(names, flat, score)[:k]
+    assert running.best.names() == [names[i] for i in order]
+    assert running.best.flat_index.tolist() == flat[order].tolist()
+
+
+@pytest.mark.parametrize("n", [100, BLOCK * 20])
+def test_a_non_finite_score_below_the_floor_is_still_refused(n):
+    running = RunningTopK(5)
+    running.add_shard("a", 0, torch.full((100,), 10.0), torch.ones(100), None)  # full: floor 10
+    scores = torch.rand(n)
+    scores[n // 3] = float("nan")
+    with pytest.raises(NonFiniteScoreError):
+        running.add_shard("b", 0, scores, scores, None)
