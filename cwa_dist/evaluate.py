@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,16 +66,72 @@ def batches(chunks: Sequence[Chunk], batch_size: int) -> Iterator[tuple[torch.Te
         yield ids, mask
 
 
+# Model types whose causal-LM forward is exactly `lm_head(base_model(...).last_hidden_state)`: no
+# logit scaling or soft-capping in between (each checked against the model's own forward in tests).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gpt2", "gpt_neox", "opt"})
+HEAD_CHUNK_TOKENS = 128  # tokens whose logits exist at once: 128 × vocab float32 (25 MB at 49,152)
+
+
+def plain_head(model: torch.nn.Module):
+    """(base model, LM head) when the model's logits are exactly its head applied to its base
+    model's last hidden state, else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not hasattr(model, "base_model"):
+        return None
+    base, head = model.base_model, model.get_output_embeddings()
+    if base is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return base, head
+
+
+def head_split(model: torch.nn.Module):
+    """`plain_head` of a model whose NLL may be computed from the hidden states chunk by chunk:
+    not a wrapper (DeepSpeed's engine, an FSDP2 root) whose own forward does the gathering."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or isinstance(model, FSDPModule):
+        return None
+    return plain_head(model)
+
+
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # F.linear, not a call of the module: the head's forward hooks (Wanda's input norms) would see
+    # chunks; they count the head's input from the base model's output instead (feature_norms.py).
+    # On a replica split over GPUs the head may sit on another GPU than the last block.
+    device = head.weight.device
+    logits = F.linear(hidden.to(device), head.weight, head.bias).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+    return nll.view(targets.shape).to(targets.device)
+
+
 def batch_nll_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL summed over the unpadded positions of each row of one batch: (B,), differentiable."""
+    """Next-token NLL summed over the unpadded positions of each row of one batch: (B,), differentiable.
+
+    Where the model allows (`head_split`), the LM head and the loss run on HEAD_CHUNK_TOKENS
+    positions at a time, each chunk recomputed in backward, so the B×T×V logits, their log-softmax
+    and their gradient never exist at once (the same values: only the order of the work changes)."""
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), attention_mask.to(device)
-    # use_cache=False: a KV cache is never reused here and would only hold memory.
-    logits = model(input_ids=input_ids, attention_mask=(mask != PAD).long(), use_cache=False).logits  # (B, T, V)
-    targets = input_ids[:, 1:]
-    keep = mask[:, 1:] == PREDICT
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return nll.view(targets.shape).masked_fill(~keep, 0.0).sum(dim=1)
+    attend, targets, keep = (mask != PAD).long(), input_ids[:, 1:], mask[:, 1:] == PREDICT
+    split = head_split(model)
+    if split is None:
+        # use_cache=False: a KV cache is never reused here and would only hold memory.
+        logits = model(input_ids=input_ids, attention_mask=attend, use_cache=False).logits  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+        return nll.view(targets.shape).masked_fill(~keep, 0.0).sum(dim=1)
+    base, head = split
+    hidden = base(input_ids=input_ids, attention_mask=attend, use_cache=False)[0][:, :-1]  # (B, T-1, H)
+    rows = []
+    for start in range(0, targets.shape[1], HEAD_CHUNK_TOKENS):
+        part = slice(start, start + HEAD_CHUNK_TOKENS)
+        if torch.is_grad_enabled():
+            nll = torch.utils.checkpoint.checkpoint(_chunk_nll, head, hidden[:, part], targets[:, part],
+                                                    use_reentrant=False)
+        else:
+            nll = _chunk_nll(head, hidden[:, part], targets[:, part])
+        rows.append(nll.masked_fill(~keep[:, part], 0.0).sum(dim=1))
+    return torch.stack(rows).sum(dim=0)
 
 
 def batch_nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

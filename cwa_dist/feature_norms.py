@@ -23,6 +23,8 @@ import torch
 
 from transformers.pytorch_utils import Conv1D
 
+from cwa_dist.evaluate import plain_head
+
 
 @dataclass(frozen=True, slots=True)
 class FeatureAxis:
@@ -71,7 +73,16 @@ class FeatureNorms:
         self._mask: torch.Tensor | None = None
         self._counted: set[str] = set()
         self._paused = False
-        self._handles = [model.register_forward_pre_hook(self._new_batch, with_kwargs=True)]
+        # The base model runs once per batch, also when the loss is computed from its hidden states.
+        root = getattr(model, "base_model", model)
+        self._handles = [root.register_forward_pre_hook(self._new_batch, with_kwargs=True)]
+        # A plain LM head's input is the base model's last hidden state, whole, even where the loss
+        # applies the head to chunks of it (evaluate.batch_nll_rows): counted there.
+        split = plain_head(model)
+        head_name = by_id.get(id(split[1].weight)) if split is not None else None
+        if head_name is not None and self._modules.get(head_name) is split[1]:
+            del self._modules[head_name]
+            self._handles.append(split[0].register_forward_hook(self._hook(head_name, output=True)))
         self._handles += [m.register_forward_hook(self._hook(n)) for n, m in self._modules.items()]
 
     def _new_batch(self, module, args, kwargs):
@@ -85,12 +96,14 @@ class FeatureNorms:
                 sq = self.squares[self._embedding]
                 sq += torch.bincount(ids[self._mask].reshape(-1).to(sq.device), minlength=sq.numel()).to(sq)
 
-    def _hook(self, name: str):
-        def record(module, inputs, output):
+    def _hook(self, name: str, output: bool = False):
+        """Counts the module's input (or, `output`, the first element of its output)."""
+
+        def record(module, inputs, out):
             if self._paused or name in self._counted:  # a checkpointed block's recompute: seen already
                 return
             self._counted.add(name)
-            x = inputs[0].detach()  # no autograd record: a recompute must save what the forward saved
+            x = (out[0] if output else inputs[0]).detach()  # no autograd record: a recompute must save what the forward saved
             mask = self._mask.to(x.device)
             rows = x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
             self.squares[name] += rows.float().square().sum(0).to(torch.float64)

@@ -78,7 +78,9 @@ class BlockReplay:
         self._used_after: set[str] = set()  # parameters whose modules ran only after the blocks
         for i, block in enumerate(self.blocks):
             block.forward = self._wrap(i, block.forward)
-        model.register_forward_pre_hook(self._new_batch)
+        # The base model runs once per batch whether the loss takes the logits from the whole
+        # model or computes them chunk by chunk from the hidden states (evaluate.head_split).
+        getattr(model, "base_model", model).register_forward_pre_hook(self._new_batch)
 
     def _new_batch(self, module, args) -> None:
         self._batch += 1
