@@ -69,7 +69,7 @@ def batches(chunks: Sequence[Chunk], batch_size: int) -> Iterator[tuple[torch.Te
 # Model types whose causal-LM forward is exactly `lm_head(base_model(...).last_hidden_state)`: no
 # logit scaling or soft-capping in between (each checked against the model's own forward in tests).
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gpt2", "gpt_neox", "opt"})
-HEAD_CHUNK_TOKENS = 128  # tokens whose logits exist at once: 128 × vocab float32 (25 MB at 49,152)
+HEAD_CHUNK_TOKENS = 1024  # tokens (of all rows together) whose logits exist at once: 200 MB at a 49,152 vocabulary
 
 
 def plain_head(model: torch.nn.Module):
@@ -101,7 +101,7 @@ def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     # On a replica split over GPUs the head may sit on another GPU than the last block.
     device = head.weight.device
     logits = F.linear(hidden.to(device), head.weight, head.bias).float()
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1), reduction="none")
     return nll.view(targets.shape).to(targets.device)
 
 
@@ -109,7 +109,7 @@ def batch_nll_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     """Next-token NLL summed over the unpadded positions of each row of one batch: (B,), differentiable.
 
     Where the model allows (`head_split`), the LM head and the loss run on HEAD_CHUNK_TOKENS
-    positions at a time, each chunk recomputed in backward, so the B×T×V logits, their log-softmax
+    tokens at a time, each chunk recomputed in backward, so the B×T×V logits, their log-softmax
     and their gradient never exist at once (the same values: only the order of the work changes)."""
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), attention_mask.to(device)
@@ -122,16 +122,21 @@ def batch_nll_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         return nll.view(targets.shape).masked_fill(~keep, 0.0).sum(dim=1)
     base, head = split
     hidden = base(input_ids=input_ids, attention_mask=attend, use_cache=False)[0][:, :-1]  # (B, T-1, H)
-    rows = []
-    for start in range(0, targets.shape[1], HEAD_CHUNK_TOKENS):
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    flat_keep = keep.reshape(-1)
+    row = torch.arange(targets.shape[0], device=device).repeat_interleave(targets.shape[1])
+    rows = torch.zeros(targets.shape[0], dtype=torch.float32, device=device)
+    # One chunk (the usual batch) needs no recompute: its logits live as they would anyway.
+    recompute = torch.is_grad_enabled() and flat_targets.numel() > HEAD_CHUNK_TOKENS
+    for start in range(0, flat_targets.numel(), HEAD_CHUNK_TOKENS):
         part = slice(start, start + HEAD_CHUNK_TOKENS)
-        if torch.is_grad_enabled():
-            nll = torch.utils.checkpoint.checkpoint(_chunk_nll, head, hidden[:, part], targets[:, part],
+        if recompute:
+            nll = torch.utils.checkpoint.checkpoint(_chunk_nll, head, flat_hidden[part], flat_targets[part],
                                                     use_reentrant=False)
         else:
-            nll = _chunk_nll(head, hidden[:, part], targets[:, part])
-        rows.append(nll.masked_fill(~keep[:, part], 0.0).sum(dim=1))
-    return torch.stack(rows).sum(dim=0)
+            nll = _chunk_nll(head, flat_hidden[part], flat_targets[part])
+        rows = rows.index_add(0, row[part], nll.masked_fill(~flat_keep[part], 0.0))
+    return rows
 
 
 def batch_nll_sum(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

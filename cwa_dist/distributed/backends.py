@@ -28,9 +28,9 @@ import torch
 
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.evaluate import batch_nll_sum
-from cwa_dist.models import ModelRef, buffer_keys, checkpoint_keys, empty_model, load_replica
 from cwa_dist.feature_norms import FeatureNorms
 from cwa_dist.metrics import FEATURE_NORM, FISHER
+from cwa_dist.models import ModelRef, buffer_keys, checkpoint_keys, empty_model, load_replica
 from cwa_dist.sensitivity import (
     GradientHooks,
     GradientSums,
