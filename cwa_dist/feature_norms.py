@@ -103,7 +103,8 @@ class FeatureNorms:
             if self._paused or name in self._counted:  # a checkpointed block's recompute: seen already
                 return
             self._counted.add(name)
-            x = (out[0] if output else inputs[0]).detach()  # no autograd record: a recompute must save what the forward saved
+            # Detached: no autograd record, so a recompute saves exactly what the forward saved.
+            x = (out[0] if output else inputs[0]).detach()
             mask = self._mask.to(x.device)
             rows = x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
             self.squares[name] += rows.float().square().sum(0).to(torch.float64)

@@ -52,7 +52,8 @@ def _table(df: pd.DataFrame) -> str:
 def _figure(fig, caption: str) -> str:
     data = base64.b64encode(plots.png_bytes(fig)).decode("ascii")
     alt = html.escape(caption, quote=True)
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _ratio(r: dict | pd.Series) -> str:

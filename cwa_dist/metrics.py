@@ -87,7 +87,8 @@ def grad_x_weight(x: ScoreInputs, out: torch.Tensor) -> torch.Tensor:
 
 
 @register_metric("grad_squared", needs=(GRAD,),
-                 description="g²: the square of the token-weighted mean gradient, (Σ_c (n_c/N)·g_c)²; not the Fisher (see fisher)")
+                 description="g²: the square of the token-weighted mean gradient, (Σ_c (n_c/N)·g_c)²; "
+                             "not the Fisher (see fisher)")
 def grad_squared(x: ScoreInputs, out: torch.Tensor) -> torch.Tensor:
     return torch.mul(x.grad, x.grad, out=out)
 
