@@ -67,8 +67,9 @@ class FeatureNorms:
         if self._embedding is not None:
             rows, cols = _shape(embed.weight)
             self.axes[self._embedding] = FeatureAxis(rows, cols, along_rows=True)
-        device = next(model.parameters()).device
-        self.squares = {n: torch.zeros(a.features, dtype=torch.float64, device=device) for n, a in self.axes.items()}
+        self._device = next(model.parameters()).device
+        self.squares = {n: torch.zeros(a.features, dtype=torch.float64, device=self._device)
+                        for n, a in self.axes.items()}
         self.tokens = 0.0
         self._mask: torch.Tensor | None = None
         self._counted: set[str] = set()
@@ -122,8 +123,8 @@ class FeatureNorms:
 
     def as_vector(self) -> torch.Tensor:
         """Everything counted, in one float64 vector (for a sum over ranks)."""
-        device = next(iter(self.squares.values())).device if self.squares else "cpu"
-        return torch.cat([torch.tensor([self.tokens], dtype=torch.float64, device=device), *self.squares.values()])
+        return torch.cat([torch.tensor([self.tokens], dtype=torch.float64, device=self._device),
+                          *self.squares.values()])
 
     def load_vector(self, vector: torch.Tensor) -> None:
         self.tokens = float(vector[0])
@@ -133,11 +134,12 @@ class FeatureNorms:
             at += sq.numel()
 
     def expand(self, name: str, offset: int, n: int) -> torch.Tensor:
-        """‖x_j‖₂ for elements [offset, offset + n) of the flattened parameter, float32."""
+        """‖x_j‖₂ for elements [offset, offset + n) of the flattened parameter, float32, on the
+        device the counts are on."""
         axis = self.axes.get(name)
         if axis is None:
-            return torch.full((n,), math.sqrt(self.tokens), dtype=torch.float32)
-        norms = self.squares[name].sqrt().float().cpu()
+            return torch.full((n,), math.sqrt(self.tokens), dtype=torch.float32, device=self._device)
+        norms = self.squares[name].sqrt().float()
         if axis.along_rows:  # each feature's norm repeated over its row
             first, last = offset // axis.cols, (offset + n - 1) // axis.cols
             block = norms[first : last + 1].repeat_interleave(axis.cols)
@@ -146,6 +148,14 @@ class FeatureNorms:
         start = offset % axis.cols  # the column norms, repeated row after row
         reps = -(-(start + n) // axis.cols)
         return norms.repeat(reps)[start : start + n]
+
+    def at(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """‖x_j‖₂ of chosen elements (flat indices into the parameter): `expand`'s values, without
+        building them for the whole parameter."""
+        axis = self.axes.get(name)
+        if axis is None:
+            return torch.full((flat.numel(),), math.sqrt(self.tokens), dtype=torch.float32, device=self._device)
+        return self.squares[name].sqrt().float()[axis.feature_of(flat.to(self._device))]
 
     def remove(self) -> None:
         for h in self._handles:

@@ -301,8 +301,7 @@ def values_at(shards: Iterable[ParamShard], wanted: dict[str, torch.Tensor],
             at = local[keep].to(shard.weight.device)
             nan = torch.full((int(keep.sum()),), math.nan, dtype=torch.float64)
             fisher = shard.fisher[at].double().cpu() if shard.fisher is not None else nan
-            norms = (feature_norms.expand(shard.name, shard.offset, shard.weight.numel())[at.cpu()].double()
-                     if feature_norms is not None else nan)
+            norms = feature_norms.at(shard.name, idx[keep]).double().cpu() if feature_norms is not None else nan
             found.setdefault(shard.name, []).append(
                 (idx[keep], shard.grad[at].double().cpu(), shard.weight[at].double().cpu(), fisher, norms))
     return {name: tuple(torch.cat(part) for part in zip(*parts)) for name, parts in found.items()}

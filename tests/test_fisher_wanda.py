@@ -127,6 +127,9 @@ def test_feature_norms_match_a_hand_count(family):
         start = p.numel() // 3 + 1
         torch.testing.assert_close(norms.expand(name, start, p.numel() // 2).double(),
                                    want[start : start + p.numel() // 2], rtol=1e-5, atol=1e-6)
+        # Chosen elements alone (what the ablation study reads back): the same values, bit for bit.
+        picked = torch.tensor([0, start, p.numel() - 1])
+        assert torch.equal(norms.at(name, picked), norms.expand(name, 0, p.numel())[picked])
 
 
 def test_paused_passes_and_vector_round_trip():

@@ -133,12 +133,15 @@ class Backend:
     def forward_backward(self, ids, mask, total_tokens: int, window_scale: float | None = None) -> float:
         """One micro-batch's backward. In per-window mode the micro-batch is one window (on one rank;
         the others pass a dummy) and `window_scale` = N / n_c, the same on every rank."""
-        loss = gradient_step(self.runner, ids, mask, total_tokens=total_tokens, world_size=self.world_size,
+        return gradient_step(self.runner, ids, mask, total_tokens=total_tokens, world_size=self.world_size,
                              backward=self._backward)
+
+    def end_window(self, window_scale: float | None) -> None:
+        """After a step's backward, real or dummy: in per-window mode, take this rank's slice of the
+        window's gradient into `sums`."""
         if self.per_window:
             self._collect_window(window_scale)
             self.sums.end_window()
-        return loss
 
     def _collect_window(self, scale: float | None) -> None:
         """Move this window's local gradients into `sums` and clear them (sharded backends)."""
@@ -158,14 +161,6 @@ class Backend:
                 self._backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
             else:
                 self.nll_sum(ids, mask)
-
-    def dummy_window(self, window_scale: float | None) -> None:
-        """A dummy backward in per-window mode: this rank adds nothing, but takes its slice of the
-        window another rank computed."""
-        self.dummy(backward=True)
-        if self.per_window:
-            self._collect_window(window_scale)
-            self.sums.end_window()
 
     def teardown(self) -> None:
         pass

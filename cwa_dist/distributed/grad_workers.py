@@ -109,10 +109,9 @@ class GradientWorker:
         if chunks:
             ((ids, mask),) = batches(chunks, len(chunks))
             self.loss += self.backend.forward_backward(ids, mask, total_tokens, window_scale)
-        elif self.backend.per_window:
-            self.backend.dummy_window(window_scale)
         else:
             self.backend.dummy(backward=True)
+        self.backend.end_window(window_scale)
         self.backward_s += time.perf_counter() - start
 
     def _reduce_feature_norms(self) -> None:
