@@ -37,6 +37,28 @@ def topk_by_layer(rankings: pd.DataFrame):
     return fig
 
 
+def _draw_controls(ax, finite: pd.DataFrame, column: str) -> None:
+    """The controls by weights perturbed: the random draws' mean with their min–max band, and the
+    largest-|W| control (one experiment per size)."""
+    random = finite[finite["metric"] == "random"].groupby("weights_masked")[column]
+    if random.ngroups:
+        mean = random.mean()
+        ax.plot(mean.index, mean.values, marker="^", linestyle=":", color="grey", label="random (control, mean)")
+        ax.fill_between(mean.index, random.min().values, random.max().values, color="grey", alpha=0.2,
+                        label="random (control, min–max)")
+    magnitude = finite[finite["metric"] == "magnitude"].groupby("weights_masked")[column].max()
+    if len(magnitude):
+        ax.plot(magnitude.index, magnitude.values, marker="s", linestyle="--", color="black",
+                label="largest |W| (control)")
+
+
+def _log_axes(ax, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights perturbed")
+    ax.set_ylabel(ylabel)
+
+
 def perplexity_vs_masked(results: pd.DataFrame, baseline_ppl: float, ax=None):
     """Perturbed perplexity against weights perturbed, metrics beside the controls."""
     fig = None
@@ -46,19 +68,9 @@ def perplexity_vs_masked(results: pd.DataFrame, baseline_ppl: float, ax=None):
     for metric, df in finite[~finite["is_control"]].groupby("metric", sort=True):
         pts = df.groupby("weights_masked")["perturbed_ppl"].max()
         ax.plot(pts.index, pts.values, marker="o", label=metric)
-    mag = finite[finite["metric"] == "magnitude"].groupby("weights_masked")["perturbed_ppl"].max()
-    if len(mag):
-        ax.plot(mag.index, mag.values, marker="s", linestyle="--", label="largest |W| (control)")
-    rnd = finite[finite["metric"] == "random"].groupby("weights_masked")["perturbed_ppl"]
-    if len(finite[finite["metric"] == "random"]):
-        mean, lo, hi = rnd.mean(), rnd.min(), rnd.max()
-        ax.plot(mean.index, mean.values, marker="^", linestyle=":", label="random (control, mean)")
-        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.2)
+    _draw_controls(ax, finite, "perturbed_ppl")
     ax.axhline(baseline_ppl, color="grey", linewidth=1, label=f"baseline {baseline_ppl:.2f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("weights perturbed")
-    ax.set_ylabel("perplexity")
+    _log_axes(ax, "perplexity")
     ax.set_title("perplexity after perturbing the most critical weights")
     ax.legend(fontsize=8)
     if fig is not None:
@@ -103,19 +115,9 @@ def ratio_curves(results: pd.DataFrame):
         pts = df.sort_values("weights_masked").groupby("weights_masked").first()
         err = np.vstack([pts["ppl_ratio"] - pts["ppl_ratio_ci_low"], pts["ppl_ratio_ci_high"] - pts["ppl_ratio"]])
         ax.errorbar(pts.index, pts["ppl_ratio"], yerr=np.clip(err, 0, None), marker="o", capsize=3, label=metric)
-    rnd = finite[finite["metric"] == "random"].groupby("weights_masked")["ppl_ratio"]
-    if len(finite[finite["metric"] == "random"]):
-        ax.plot(rnd.mean().index, rnd.mean().values, marker="^", linestyle=":", color="grey", label="random (mean)")
-        ax.fill_between(rnd.mean().index, rnd.min().values, rnd.max().values, color="grey", alpha=0.2,
-                        label="random (min–max)")
-    mag = finite[finite["metric"] == "magnitude"].groupby("weights_masked")["ppl_ratio"].first()
-    if len(mag):
-        ax.plot(mag.index, mag.values, marker="s", linestyle="--", color="black", label="largest |W|")
+    _draw_controls(ax, finite, "ppl_ratio")
     ax.axhline(1.0, color="grey", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("weights perturbed")
-    ax.set_ylabel("perplexity ratio (perturbed / baseline)")
+    _log_axes(ax, "perplexity ratio (perturbed / baseline)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
