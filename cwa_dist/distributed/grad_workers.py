@@ -258,7 +258,8 @@ class GradientGroup:
         return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
 
     def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Gradient and weight of chosen elements, each from the rank that owns it, after `sensitivity`."""
+        """Gradient, weight, Fisher and input norm of chosen elements, each from the rank that owns it,
+        after `sensitivity`."""
         merged: dict[str, list] = {}
         for part in self.call("values_at", wanted):
             for name, values in part.items():
