@@ -65,11 +65,10 @@ def llama600m(path: Path) -> None:
 
 def main() -> None:
     from cwa_dist.checkpoint import Checkpoint
-    from cwa_dist.data import load_texts, lockstep_batches, tokenize_chunks
+    from cwa_dist.data import load_texts, tokenize_chunks
     from cwa_dist.distributed.backends import ZeroSettings
     from cwa_dist.distributed.eval_actors import EvalPool
     from cwa_dist.distributed.grad_workers import GradientGroup
-    from cwa_dist.evaluate import predicted_tokens
     from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer, resolve_checkpoint, resolve_source
     from cwa_dist.sensitivity import select_parameters
     from cwa_dist.smollm2 import ensure_smollm2
@@ -130,10 +129,8 @@ def main() -> None:
                                           settings=ZeroSettings())
                     load_s = time.perf_counter() - start
                     try:
-                        group.call("begin", names, False)
-                        for step in lockstep_batches(chunks, world, 1):
-                            group.each("backward", step, total_tokens=predicted_tokens(chunks))
-                        reports = group.call("score", scored=names, metrics=["grad_x_weight"], k=100)
+                        reports = group.score_calibration(chunks, scored=names, metrics=["grad_x_weight"], k=100,
+                                                          batch_size=1)
                     finally:
                         group.shutdown()
                     peaks[world] = max(r.peak_rss_bytes for r in reports)

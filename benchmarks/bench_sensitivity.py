@@ -7,8 +7,9 @@ would reuse what the allocator kept from the first, hiding it), time from the se
 
   bare   what a user would write in plain PyTorch: the same parameters requiring grad as the stage
          (the scored matrices), use_cache=False, mean loss per batch, backward;
-  stage  cwa_dist's stage as one gradient worker runs it: accumulation of the token-weighted mean
-         NLL's gradient, then scoring and the exact local top-K of every scored weight.
+  stage  cwa_dist's stage as one gradient worker runs it (its backend, without Ray): accumulation of
+         the token-weighted mean NLL's gradient, each weight scored and the exact local top-K kept
+         inside the final step's backward, each gradient freed once scored.
 
 Prints, at the calibration set's tokens and at four times as many (each window four times):
   (a) stage seconds / bare seconds (target <= 1.10);
@@ -33,18 +34,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.evaluate import attention_mask, batches, predicted_tokens
-from cwa_dist.models import load_config, load_replica, load_tokenizer, resolve_checkpoint, resolve_source
-from cwa_dist.sensitivity import (
-    accumulate_gradients,
-    checkpoint_blocks,
-    full_shards,
-    prepare_gradients,
-    score_shards,
-    select_parameters,
-)
+from cwa_dist.distributed.backends import ReplicaBackend, ZeroSettings
+from cwa_dist.models import ModelRef, load_tokenizer, resolve_checkpoint, resolve_source
+from cwa_dist.sensitivity import checkpoint_blocks, prepare_gradients, select_parameters
 from cwa_dist.smollm2 import ensure_smollm2
 
 
@@ -70,25 +64,33 @@ def bare_pass(net, chunks, batch_size, scored):
         F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
 
 
-def stage_pass(net, chunks, batch_size, scored, k) -> float:
-    prepare_gradients(net, scored)
-    accumulate_gradients(net, chunks, batch_size=batch_size, total_tokens=predicted_tokens(chunks))
-    start = time.perf_counter()
-    score_shards(full_shards(net, scored), ["grad_x_weight"], k)
-    return time.perf_counter() - start
+def stage_pass(backend, chunks, batch_size, scored, k) -> float:
+    """The gradient stage exactly as a worker runs it (its backend, without Ray): every parameter
+    scored inside the final step's backward as its gradient completes, then freed. Returns the
+    seconds spent scoring."""
+    backend.prepare(scored, False, metrics=["grad_x_weight"], k=k, keep_gradients=False)
+    steps = list(batches(chunks, batch_size))
+    total = predicted_tokens(chunks)
+    for i, (ids, mask) in enumerate(steps):
+        backend.step_start(final=i == len(steps) - 1)
+        backend.forward_backward(ids, mask, total)
+        backend.step_end(None)
+    return backend.finish_scoring(["grad_x_weight"], k).seconds
 
 
 def side(args) -> None:
     """One side, one process; prints one JSON line."""
     torch.manual_seed(0)
     path = resolve_checkpoint(resolve_source(str(ensure_smollm2())), announce=lambda _: None)
-    net = load_replica(Checkpoint(path), load_config(path, trust_remote_code=False), dtype=torch.float32,
-                       trust_remote_code=False)
+    backend = ReplicaBackend()  # loads tensor by tensor from the checkpoint, as a worker does
+    backend.load(ModelRef(source=str(path), checkpoint_dir=str(path), dtype="float32"), device="cpu", rank=0,
+                 world_size=1, settings=ZeroSettings())
+    net = backend.model
     cal = split_documents(tokenize_documents(load_tokenizer(path, trust_remote_code=False), load_texts(None, None),
                                              args.seq_len), 0.5, seed=0).calibration * args.factor
     scored = select_parameters(net, include_bias=False, include_norm=False)
     if args.side == "stage" and args.gradient_checkpointing:
-        checkpoint_blocks(net)
+        checkpoint_blocks(net)  # prepare() would do the same
     params = dict(net.named_parameters())
     out = {"param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
            "grad_bytes": sum(params[n].numel() * params[n].element_size() for n in scored),
@@ -99,7 +101,7 @@ def side(args) -> None:
         _reset_peak()
         loaded = _status("VmRSS")
         start = time.perf_counter()
-        scoring = stage_pass(net, cal, args.batch_size, scored, args.k) if args.side == "stage" else 0.0
+        scoring = stage_pass(backend, cal, args.batch_size, scored, args.k) if args.side == "stage" else 0.0
         if args.side == "bare":
             bare_pass(net, cal, args.batch_size, scored)
         if attempt == "first":

@@ -19,10 +19,9 @@ import time
 import ray
 import torch
 
-from cwa_dist.data import load_texts, lockstep_batches, tokenize_chunks
+from cwa_dist.data import load_texts, tokenize_chunks
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
-from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.models import ModelRef, load_config, load_tokenizer, resolve_checkpoint, resolve_source
 from cwa_dist.models import empty_model
 from cwa_dist.sensitivity import select_parameters
@@ -43,11 +42,7 @@ def run(model, chunks, names, *, backend, world, k):
                           cpus_per_worker=max(1, 2 // world), gpus_per_worker=0, settings=ZeroSettings())
     try:
         start = time.perf_counter()
-        group.call("begin", names, False)
-        total = predicted_tokens(chunks)
-        for step in lockstep_batches(chunks, world, 1):
-            group.each("backward", step, total_tokens=total)
-        reports = group.call("score", scored=names, metrics=["grad_x_weight"], k=k)
+        reports = group.score_calibration(chunks, scored=names, metrics=["grad_x_weight"], k=k, batch_size=1)
         stage_s = time.perf_counter() - start
     finally:
         group.shutdown()

@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from cwa_dist.data import load_texts, lockstep_batches, split_documents, tokenize_documents
+from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
 from cwa_dist.evaluate import predicted_tokens
@@ -41,13 +41,11 @@ def main():
             group = GradientGroup(model, num_workers=1, backend=backend, device="cuda", cpus_per_worker=1,
                                   gpus_per_worker=1, settings=ZeroSettings())
             try:
-                group.call("begin", names, False)
                 start = time.perf_counter()
-                for step in lockstep_batches(cal, 1, args.batch_size):
-                    group.each("backward", step, total_tokens=predicted_tokens(cal))
-                backward_s = time.perf_counter() - start
-                (report,) = group.call("score", scored=names, metrics=["grad_x_weight"], k=args.k)
+                (report,) = group.score_calibration(cal, scored=names, metrics=["grad_x_weight"], k=args.k,
+                                                    batch_size=args.batch_size)
                 total_s = time.perf_counter() - start
+                backward_s = report.backward_s  # scoring inside the final backward included
             finally:
                 group.shutdown()
             top = merge_reports([report], args.k).candidates["grad_x_weight"]

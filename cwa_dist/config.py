@@ -88,6 +88,8 @@ class RunConfig:
     bit of the weights' dtype (30 in float32, 14 in bfloat16)."""
     random_seeds: int = setting(3, section="perturbation")
     """Random-K controls per (K, ratio)."""
+    no_magnitude_control: bool = setting(False, section="perturbation")
+    """Skip the largest-|W| control experiments (the |W| ranking is still written)."""
     bootstrap_samples: int = setting(1000, section="perturbation")
     """Resamples of the evaluation windows for each perplexity's 95% confidence interval."""
     super_weights: int = setting(3, section="perturbation")

@@ -23,7 +23,8 @@ def experiment_count(cfg: RunConfig) -> int:
         return 0
     # |w| asked for as a metric is run once, as the control it also is.
     targeted = len(set(cfg.metrics) - {MAGNITUDE.name})
-    return len(cfg.topk) * len(cfg.perturbation_ratios) * (targeted + cfg.random_seeds + 1)
+    controls = cfg.random_seeds + (0 if cfg.no_magnitude_control else 1)
+    return len(cfg.topk) * len(cfg.perturbation_ratios) * (targeted + controls)
 
 
 def dry_run(cfg: RunConfig, rep: Reporter) -> dict:

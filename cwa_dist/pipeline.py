@@ -320,6 +320,8 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
                     evaluation=split.evaluation, calibration=split.calibration, scored=scored,
                     metrics=list(cfg.metrics), k=cfg.max_k, batch_size=cfg.batch_size,
                     checkpointing=cfg.gradient_checkpointing,
+                    # The ablation study reads gradients back from the ranks after scoring.
+                    keep_gradients=bool(cfg.ablation_study and not cfg.no_perturbation),
                     on_baseline=lambda b: rep.line(f"📏 Baseline perplexity (evaluation chunks): {b.value:.4f}"),
                     on_step=bar.update,
                 )
@@ -351,6 +353,7 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
             "backend": backend,
             "workers": [
                 {"rank": r.rank, "node": r.node, "backward_s": r.backward_s, "scoring_s": r.scoring_s,
+                 "scored_in_backward": r.scored_in_backward,
                  "local_param_numel": r.local_param_numel, "local_grad_numel": r.local_grad_numel,
                  "peak_rss_bytes": r.peak_rss_bytes, "peak_device_bytes": r.peak_device_bytes}
                 for r in reports
@@ -432,8 +435,10 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
     with rep.stage("🎯 Perturbation Analysis", record.timings, "perturbation"):
         candidates = candidates_from_rankings(rankings)
         specs = plan_experiments(
-            rankings={m: candidates[m] for m in cfg.metrics if m != MAGNITUDE.name},  # the control covers it
+            # `magnitude` asked for as a metric runs once, as the control, unless the control is off.
+            rankings={m: candidates[m] for m in cfg.metrics if m != MAGNITUDE.name or cfg.no_magnitude_control},
             magnitude=candidates[MAGNITUDE.name],
+            magnitude_control=not cfg.no_magnitude_control,
             param_names=loaded.scored,
             numels=[numel(loaded.shapes[n]) for n in loaded.scored],
             topk=cfg.topk,

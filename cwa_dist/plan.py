@@ -35,9 +35,11 @@ def plan_experiments(
     seed: int,
     mode: str,
     options: ModeOptions = ModeOptions(),
+    magnitude_control: bool = True,
 ) -> list[PerturbationSpec]:
     """For each metric, K and ratio: the top ⌈ratio·K⌉ weights. For each K and ratio, controls
-    of the same size on the same parameters: `random_seeds` random draws and the largest |W|."""
+    of the same size on the same parameters: `random_seeds` random draws and (unless turned off)
+    the largest |W|."""
     sizes = {(k, r): weights_for(k, r) for k in topk for r in ratios}
     largest = max(sizes.values())
     # One nested draw per seed: the draw for n weights is the first n of the largest draw.
@@ -51,7 +53,8 @@ def plan_experiments(
             specs.append(_spec(metric, False, k, r, None, mode, ranked.head(n), options))
         for i, draw in enumerate(draws):
             specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n), options))
-        specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n), options))
+        if magnitude_control:
+            specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n), options))
     return specs
 
 

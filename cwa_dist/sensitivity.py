@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+import time
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -55,17 +56,21 @@ def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_nor
     return [n for n, p in model.named_parameters() if parameter_kind(n, p) in wanted]
 
 
+def full_shard(name: str, p: torch.Tensor, sums: "GradientSums | None" = None) -> ParamShard:
+    """A whole parameter as a shard: the single-process case of the sharded interface. `sums`
+    overrides `.grad` with its float32 sums (and gives the Fisher where it was kept)."""
+    g = sums.sums.get(name) if sums is not None else p.grad
+    grad = g.detach().reshape(-1) if g is not None else None
+    fisher = sums.fisher(name, p) if sums is not None and sums.per_window else None
+    return ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad, fisher=fisher)
+
+
 def full_shards(model: torch.nn.Module, names: Iterable[str],
                 sums: "GradientSums | None" = None) -> Iterator[ParamShard]:
-    """Whole parameters as shards: the single-process case of the sharded interface. `sums`
-    overrides `.grad` with its float32 sums (and gives the Fisher where it was kept)."""
+    """`full_shard` of each named parameter."""
     params = dict(model.named_parameters())
     for name in names:
-        p = params[name]
-        g = sums.sums.get(name) if sums is not None else p.grad
-        grad = g.detach().reshape(-1) if g is not None else None
-        fisher = sums.fisher(name, p) if sums is not None and sums.per_window else None
-        yield ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad, fisher=fisher)
+        yield full_shard(name, params[name], sums)
 
 
 def prepare_gradients(model: torch.nn.Module, scored: Sequence[str]) -> None:
@@ -162,11 +167,18 @@ class GradientSums:
         else:
             total.add_(g)
 
-    def end_window(self) -> None:
+    def start_window(self) -> None:
+        """Count a window before its gradient arrives, so a parameter can be scored the moment its
+        last window's gradient is added (inside that window's backward)."""
         self.windows += 1
 
+    def release(self, name: str) -> None:
+        """Free one parameter's sums once it has been scored."""
+        self.sums.pop(name, None)
+        self.squares.pop(name, None)
+
     def fisher(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """Σ_c g_c² / C over the windows seen, flat (zeros shaped as `like` for a parameter no
+        """Σ_c g_c² / C over the windows started, flat (zeros shaped as `like` for a parameter no
         window reached)."""
         squares = self.squares.get(name)
         if squares is None:
@@ -175,21 +187,28 @@ class GradientSums:
 
 
 class GradientHooks:
-    """Feeds each scored parameter's micro-batch gradient into `GradientSums` the moment autograd
-    has accumulated it, and frees the `.grad` at once, so a low-precision model never sums in
-    its own dtype and a per-window Fisher needs no second pass."""
+    """Runs the moment autograd (or FSDP2, for its sharded parameters) has accumulated a scored
+    parameter's micro-batch gradient. With `sums`, the gradient moves into them and `.grad` is
+    freed at once, so a low-precision model never sums in its own dtype and a per-window Fisher
+    needs no second pass. On the calibration pass's final step (`final`), `ready(name)` is called
+    next: the parameter's gradient is complete, so it can be scored and freed while backward goes
+    on through the blocks below it."""
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str], sums: GradientSums):
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], sums: "GradientSums | None" = None,
+                 ready: Callable[[str], None] | None = None):
         params = dict(model.named_parameters())
-        self.sums, self.scale = sums, None
-        self._handles = [params[n].register_post_accumulate_grad_hook(self._adder(n)) for n in names]
+        self.sums, self.ready, self.scale, self.final = sums, ready, None, False
+        self._handles = [params[n].register_post_accumulate_grad_hook(self._hook(n)) for n in names]
 
-    def _adder(self, name: str):
-        def add(p: torch.Tensor) -> None:
-            self.sums.add(name, p.grad, self.scale)
-            p.grad = None
+    def _hook(self, name: str):
+        def run(p: torch.Tensor) -> None:
+            if self.sums is not None:
+                self.sums.add(name, p.grad, self.scale)
+                p.grad = None
+            if self.final and self.ready is not None:
+                self.ready(name)
 
-        return add
+        return run
 
     def remove(self) -> None:
         for h in self._handles:
@@ -225,38 +244,56 @@ class ShardScores:
     statistics: dict[str, ScoreStatistics] = field(default_factory=dict)
 
 
-def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: int,
-                 feature_norms: FeatureNorms | None = None) -> ShardScores:
-    """Score every shard with every metric (plus the magnitude control) and keep the top-k of each.
-    `feature_norms` gives Wanda's input norms (needed only when `wanda` is asked for)."""
-    metrics: list[Metric] = [get_metric(m) for m in ranked_metrics(metric_names)]
-    tops = {m.name: RunningTopK(k) for m in metrics}
-    # The magnitude control only needs its ranking; a metric asked for also gets statistics.
-    stats = {m.name: ScoreStatistics() for m in metrics if m.name in metric_names}
-    scratch = Scratch()  # one score buffer for every shard and metric, reused
-    for shard in shards:
+class ShardScorer:
+    """Scores shards one at a time with every metric (plus the magnitude control), keeping only
+    each metric's running top-k and its statistics, so it can be fed from inside backward, a
+    parameter the moment its gradient is complete. `feature_norms` gives Wanda's input norms
+    (needed only when `wanda` is asked for); they must be final before the first `add`."""
+
+    def __init__(self, metric_names: Sequence[str], k: int, feature_norms: FeatureNorms | None = None):
+        self.metrics: list[Metric] = [get_metric(m) for m in ranked_metrics(metric_names)]
+        self.tops = {m.name: RunningTopK(k) for m in self.metrics}
+        # The magnitude control only needs its ranking; a metric asked for also gets statistics.
+        self.stats = {m.name: ScoreStatistics() for m in self.metrics if m.name in metric_names}
+        self.feature_norms = feature_norms
+        self.scratch = Scratch()  # one score buffer for every shard and metric, reused
+        self.done: set[str] = set()  # parameters scored
+        self.seconds = 0.0  # spent scoring, wherever it was called from
+
+    def add(self, shard: ParamShard) -> None:
+        start = time.perf_counter()
         # A parameter the loss never reached has no .grad: its gradient is zero.
         grad = shard.grad if shard.grad is not None else torch.zeros_like(shard.weight)
-        norms = (feature_norms.expand(shard.name, shard.offset, shard.weight.numel()).to(shard.weight.device)
-                 if feature_norms is not None else None)
+        norms = (self.feature_norms.expand(shard.name, shard.offset, shard.weight.numel()).to(shard.weight.device)
+                 if self.feature_norms is not None else None)
         dtype = torch.float64 if shard.weight.dtype == torch.float64 else torch.float32
-        for m in metrics:
-            out = scratch.get(shard.weight.numel(), dtype, shard.weight.device)
+        for m in self.metrics:
+            out = self.scratch.get(shard.weight.numel(), dtype, shard.weight.device)
             scores = m.score(grad, shard.weight, fisher=shard.fisher, feature_norm=norms, out=out)
             try:
-                tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
+                self.tops[m.name].add_shard(shard.name, shard.offset, scores, shard.weight, grad)
             except NonFiniteScoreError:
                 # The top-K sees every score, so a NaN/Inf gradient is found here, without a pass
                 # of its own; with finite weights (checked when they are loaded) it is an overflow.
                 if m.needs_grad and bool(torch.isfinite(shard.weight).all()):
                     raise NonFiniteGradientError(f"NaN/Inf gradients in {shard.name}; {_DTYPE_ADVICE}") from None
                 raise
-            if m.name in stats:
-                stats[m.name].add_batch(shard.name, scores, scratch)
-    return ShardScores(
-        candidates={name: t.best for name, t in tops.items()},
-        statistics=stats,
-    )
+            if m.name in self.stats:
+                self.stats[m.name].add_batch(shard.name, scores, self.scratch)
+        self.done.add(shard.name)
+        self.seconds += time.perf_counter() - start
+
+    def result(self) -> ShardScores:
+        return ShardScores(candidates={name: t.best for name, t in self.tops.items()}, statistics=self.stats)
+
+
+def score_shards(shards: Iterable[ParamShard], metric_names: Sequence[str], k: int,
+                 feature_norms: FeatureNorms | None = None) -> ShardScores:
+    """Score every shard with every metric (plus the magnitude control) and keep the top-k of each."""
+    scorer = ShardScorer(metric_names, k, feature_norms)
+    for shard in shards:
+        scorer.add(shard)
+    return scorer.result()
 
 
 def merge_scores(parts: Sequence[ShardScores], k: int) -> ShardScores:

@@ -43,12 +43,14 @@ class Moments:
         lo, hi = torch.aminmax(s)
         self.max = max(self.max, float(hi))
         self.min = min(self.min, float(lo))
-        zeros = s.numel() - int(torch.count_nonzero(s))
-        self.zeros += zeros
         # Scores are non-negative: the biased exponent field b puts x in [2**(b-127), 2**(b-126)).
         exponents = scratch.get(s.numel(), torch.int32, s.device) if scratch is not None else None
         counts = torch.bincount(torch.bitwise_right_shift(s.view(torch.int32), 23, out=exponents), minlength=NUM_BINS)
-        counts[0] -= zeros  # zero has b = 0; it is counted in `zeros` instead
+        # Zero has b = 0, as subnormals do; only where bin 0 holds anything is a pass needed to
+        # tell them apart (zeros are counted in `zeros`, not in the histogram).
+        zeros = s.numel() - int(torch.count_nonzero(s)) if int(counts[0]) else 0
+        counts[0] -= zeros
+        self.zeros += zeros
         self.histogram = [a + b for a, b in zip(self.histogram, counts.tolist())]
 
     def merge(self, other: "Moments") -> None:

@@ -30,9 +30,9 @@ def per_window_fisher(net, chunks, names):
     total = predicted_tokens(chunks)
     for (step, scale), window in zip(per_window_steps(chunks, 1, total), chunks):
         hooks.scale = scale
+        sums.start_window()
         ((ids, mask),) = batches(step[0], 1)
         gradient_step(net, ids, mask, total_tokens=total)
-        sums.end_window()
     hooks.remove()
     return {s.name: s for s in full_shards(net, names, sums)}
 

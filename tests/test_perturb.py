@@ -82,6 +82,14 @@ def test_plan_sizes_controls_and_prefixes():
     assert len(top5) == 5 and torch.equal(top5.flat_index, top20.flat_index[:5])
     assert len(by_key["random|k=10|r=0.5|seed=1"].targets) == 5
     assert by_key["magnitude|k=20|r=0.5"].is_control
+    # The original tool's workload: no random draws, the |W| control off: the metric's experiments only.
+    alone = plan_experiments(
+        rankings={"grad_x_weight": scores.candidates["grad_x_weight"]},
+        magnitude=scores.candidates["magnitude"],
+        param_names=names, numels=[dict(net.named_parameters())[n].numel() for n in names],
+        topk=[10, 20], ratios=[0.5, 1.0], random_seeds=0, seed=0, mode="zero", magnitude_control=False,
+    )
+    assert [s.key for s in alone] == [s.key for s in specs if s.method == "grad_x_weight"]
 
 
 # -- every mode -------------------------------------------------------------------------------

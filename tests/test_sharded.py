@@ -111,3 +111,55 @@ def test_zero3_memory_knobs_keep_the_ranking(ray_local, settings):
     merged, _ = sharded(ray_local, net, chunks, names, 2, settings=settings)
     for metric in METRICS:
         assert_same_ranking(merged.candidates[metric], ref.candidates[metric], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,world_size", [("none", 1), ("zero3", 1), ("zero3", 2), ("fsdp2", 2)])
+def test_every_parameter_is_scored_inside_the_final_backward(ray_local, backend, world_size):
+    """The path runs use: each rank scores a parameter from a hook the moment its last gradient has
+    arrived (autograd's, FSDP2's after its reduce-scatter, ZeRO-3's after a bucket's partitioning),
+    with the same ranking as one process scoring afterwards; freed gradients cannot be read back."""
+    from cwa_dist.distributed.grad_workers import GradientGroup
+
+    net = build_tiny_model("llama_tied")
+    chunks = calibration_chunks(5, 14, ragged=True)
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    ref = single_process(build_tiny_model("llama_tied"), chunks, names)
+    from conftest import saved_model
+
+    group = GradientGroup(saved_model(net), num_workers=world_size, backend=backend, device="cpu", cpus_per_worker=1,
+                          gpus_per_worker=0, settings=ZeroSettings())
+    try:
+        result = group.sensitivity(evaluation=chunks[:1], calibration=chunks, scored=names, metrics=METRICS, k=K,
+                                   batch_size=2, checkpointing=False)
+        with pytest.raises(RuntimeError, match="freed as they were scored"):
+            group.values_at({names[0]: torch.tensor([0])})
+    finally:
+        group.shutdown()
+    unscored = sum(p.numel() for n, p in net.named_parameters() if n not in names)  # norms: FSDP2 keeps theirs
+    for r in result.reports:
+        assert r.scored_in_backward == len(names), (r.rank, r.scored_in_backward)
+        if backend != "zero3":  # ZeRO-3's gradient partitions are one buffer, allocated up front
+            assert r.local_grad_numel <= unscored
+    for metric in METRICS:
+        assert_same_ranking(result.merged.candidates[metric], ref.candidates[metric], rtol=1e-5)
+
+
+def test_gradients_kept_for_reading_back_when_asked(ray_local):
+    from conftest import saved_model
+    from cwa_dist.distributed.grad_workers import GradientGroup
+
+    net = build_tiny_model("llama")
+    chunks = calibration_chunks(3, 12)
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    single_process(net, chunks, names)
+    want = dict(net.named_parameters())[names[1]].grad.reshape(-1)[:4]
+    group = GradientGroup(saved_model(net), num_workers=2, backend="zero3", device="cpu", cpus_per_worker=1,
+                          gpus_per_worker=0, settings=ZeroSettings())
+    try:
+        result = group.sensitivity(evaluation=chunks[:1], calibration=chunks, scored=names, metrics=METRICS, k=K,
+                                   batch_size=2, checkpointing=False, keep_gradients=True)
+        index, grad, *_ = group.values_at({names[1]: torch.arange(4)})[names[1]]
+    finally:
+        group.shutdown()
+    assert all(r.scored_in_backward > 0 for r in result.reports)
+    torch.testing.assert_close(grad.float(), want, rtol=1e-5, atol=1e-8)

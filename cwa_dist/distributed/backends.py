@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -35,8 +35,9 @@ from cwa_dist.sensitivity import (
     GradientHooks,
     GradientSums,
     ParamShard,
+    ShardScorer,
     checkpoint_blocks,
-    full_shards,
+    full_shard,
     gradient_step,
     prepare_gradients,
     transformer_blocks,
@@ -102,13 +103,21 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
 
 class Backend:
     """What every backend shares: the loss of a micro-batch, its backward, the per-window
-    accumulation the Fisher needs, the input-feature norms Wanda needs, and the dummy passes that
-    keep ranks without data in step. Subclasses set `model` (and `runner`, the module that forward
-    is called on, when it is a wrapper such as DeepSpeed's engine)."""
+    accumulation the Fisher needs, the input-feature norms Wanda needs, scoring each parameter as
+    soon as its gradient is complete, and the dummy passes that keep ranks without data in step.
+    Subclasses set `model` (and `runner`, the module that forward is called on, when it is a
+    wrapper such as DeepSpeed's engine) and say how to read (`shard`) and free (`_free`) the part
+    of one parameter this rank owns.
+
+    A step is one call of `step_start`, `forward_backward` or `dummy`, then `step_end`. With a
+    scorer (`start(..., metrics=...)`), the step marked final is the calibration pass's last: from
+    then on a parameter whose gradient has arrived is scored and, unless `keep_gradients`, freed."""
 
     world_size = 1
     sums: GradientSums | None = None
     feature_norms: FeatureNorms | None = None
+    scorer: ShardScorer | None = None
+    final = False
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -117,34 +126,97 @@ class Backend:
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def start(self, scored: list[str], inputs: frozenset[str]) -> None:
+    def start(self, scored: list[str], inputs: frozenset[str], metrics: Sequence[str] | None = None,
+              k: int = 0, keep_gradients: bool = True) -> None:
         """Fresh accumulators for what the metrics read: per-window sums for the Fisher, forward
-        hooks for the input-feature norms."""
+        hooks for the input-feature norms; with `metrics`, a scorer fed during the final backward."""
         self.scored = scored
         self.sums = GradientSums(per_window=True) if FISHER in inputs else None
         if self.feature_norms is not None:
             self.feature_norms.remove()
         self.feature_norms = FeatureNorms(self.model, scored) if FEATURE_NORM in inputs else None
+        self.scorer = ShardScorer(metrics, k, self.feature_norms) if metrics else None
+        self.keep_gradients = keep_gradients
+        self.freed: set[str] = set()
+        self.final = False
+        self._norms_reduced = False
 
     @property
     def per_window(self) -> bool:
         return self.sums is not None and self.sums.per_window
 
+    @property
+    def scoring_now(self) -> bool:
+        """True inside the final step: a gradient that arrives is complete."""
+        return self.final and self.scorer is not None
+
+    def step_start(self, final: bool = False) -> None:
+        self.final = final
+        if self.per_window:
+            self.sums.start_window()
+
     def forward_backward(self, ids, mask, total_tokens: int, window_scale: float | None = None) -> float:
         """One micro-batch's backward. In per-window mode the micro-batch is one window (on one rank;
         the others pass a dummy) and `window_scale` = N / n_c, the same on every rank."""
         return gradient_step(self.runner, ids, mask, total_tokens=total_tokens, world_size=self.world_size,
-                             backward=self._backward)
+                             backward=self._final_aware_backward)
 
-    def end_window(self, window_scale: float | None) -> None:
+    def _final_aware_backward(self, loss: torch.Tensor) -> None:
+        # Wanda's norms must be summed over ranks before the first parameter is scored, which in
+        # the final step is inside its backward; every rank gets here, with data or a dummy.
+        if self.scoring_now:
+            self.reduce_feature_norms()
+        self._backward(loss)
+
+    def step_end(self, window_scale: float | None) -> None:
         """After a step's backward, real or dummy: in per-window mode, take this rank's slice of the
         window's gradient into `sums`."""
         if self.per_window:
             self._collect_window(window_scale)
-            self.sums.end_window()
 
     def _collect_window(self, scale: float | None) -> None:
         """Move this window's local gradients into `sums` and clear them (sharded backends)."""
+
+    def reduce_feature_norms(self) -> None:
+        """Every rank counted the input features of its own windows: sum them over the group, once."""
+        if self.feature_norms is not None and self.world_size > 1 and not self._norms_reduced:
+            vector = self.feature_norms.as_vector()
+            torch.distributed.all_reduce(vector)
+            self.feature_norms.load_vector(vector)
+        self._norms_reduced = True
+
+    def score_ready(self, name: str) -> None:
+        """Score one parameter whose gradient is complete, then free that gradient."""
+        self.scorer.add(self.shard(name))
+        if not self.keep_gradients:
+            self._free(name)
+            self.freed.add(name)
+
+    def finish_scoring(self, metrics: Sequence[str], k: int) -> ShardScorer:
+        """Score what backward did not (everything, without a scorer from `start`; parameters the
+        loss never reached; per-window sums of sharded ranks) and return the scorer."""
+        self.reduce_feature_norms()
+        if self.scorer is None:
+            self.scorer = ShardScorer(metrics, k, self.feature_norms)
+        for name in self.scored:
+            if name not in self.scorer.done:
+                self.score_ready(name)
+        return self.scorer
+
+    def shard(self, name: str) -> ParamShard:
+        raise NotImplementedError
+
+    def _free(self, name: str) -> None:
+        if self.sums is not None:
+            self.sums.release(name)
+
+    def shards(self, scored: list[str]) -> Iterator[ParamShard]:
+        """The shards this rank owns, gradients included (refused for gradients freed as scored)."""
+        freed = sorted(set(scored) & self.freed)
+        if freed:
+            raise RuntimeError(f"the gradients of {freed[0]} (and {len(freed) - 1} more) were freed as they were "
+                               "scored; start with keep_gradients=True to read them afterwards")
+        return (self.shard(name) for name in scored)
 
     def nll_sum(self, ids, mask) -> float:
         with torch.no_grad():
@@ -158,7 +230,7 @@ class Backend:
         paused = self.feature_norms.paused() if self.feature_norms is not None else contextlib.nullcontext()
         with paused:
             if backward:
-                self._backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
+                self._final_aware_backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
             else:
                 self.nll_sum(ids, mask)
 
@@ -185,28 +257,42 @@ class ReplicaBackend(Backend):
         ckpt.close()
         self.hooks: GradientHooks | None = None
 
-    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
+    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(),
+                **scoring) -> None:
         if checkpointing:
             checkpoint_blocks(self.model)
         prepare_gradients(self.model, scored)
-        self.start(scored, inputs)
+        self.start(scored, inputs, **scoring)
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
         # Hooks take each micro-batch's gradient as it arrives: for the float32 sum of a
-        # low-precision model, and for the per-window squares of the Fisher.
-        if self.per_window or next(self.model.parameters()).dtype != torch.float32:
-            if self.sums is None:
-                self.sums = GradientSums()
-            self.hooks = GradientHooks(self.model, scored, self.sums)
+        # low-precision model, for the per-window squares of the Fisher, and to score a parameter
+        # (and free its gradient) as soon as the final step's backward has completed it.
+        low_precision = next(self.model.parameters()).dtype != torch.float32
+        if low_precision and self.sums is None:
+            self.sums = GradientSums()
+        if self.sums is not None or self.scorer is not None:
+            self.hooks = GradientHooks(self.model, scored, self.sums,
+                                       ready=self.score_ready if self.scorer is not None else None)
+        self.params = dict(self.model.named_parameters())
+
+    def step_start(self, final: bool = False) -> None:
+        super().step_start(final)
+        if self.hooks is not None:
+            self.hooks.final = final
 
     def forward_backward(self, ids, mask, total_tokens: int, window_scale: float | None = None) -> float:
         if self.hooks is not None:
             self.hooks.scale = window_scale
         return super().forward_backward(ids, mask, total_tokens, window_scale)
 
-    def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        return full_shards(self.model, scored, self.sums)
+    def shard(self, name: str) -> ParamShard:
+        return full_shard(name, self.params[name], self.sums)
+
+    def _free(self, name: str) -> None:
+        super()._free(name)
+        self.params[name].grad = None
 
     def local_numel(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.model.parameters())
@@ -268,15 +354,42 @@ class Zero3Backend(Backend):
         start = self.rank * partition
         return start, max(0, min(partition, p.ds_numel - start))
 
-    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
+    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(),
+                **scoring) -> None:
         # Every parameter keeps requires_grad: ZeRO-3's gradient partitions are laid out for the
         # parameters the optimizer was built with.
         if checkpointing:
             checkpoint_blocks(self.model)
         self.model.eval()
-        self.start(scored, inputs)
+        self.start(scored, inputs, **scoring)
+        self.params = dict(self.model.named_parameters())
+        self._watch_partitions()
         # A fresh start: the next backward overwrites the gradient partitions instead of adding.
         self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def _watch_partitions(self) -> None:
+        """ZeRO-3's equivalent of a post-accumulate-grad hook: DeepSpeed reduce-scatters gradients
+        in buckets during backward and calls `partition_grads` with each bucket's parameters once
+        their partitions are summed into its float32 buffer; in the final step each of those
+        parameters is scored there, while backward goes on. (Its gradient partitions live in one
+        buffer DeepSpeed allocates up front, so scoring frees nothing here.)"""
+        optimizer = self.engine.optimizer
+        original = getattr(optimizer, "_cwa_partition_grads", None) or optimizer.partition_grads
+        optimizer._cwa_partition_grads = original
+        wanted = set(self.scored)
+
+        def partition_grads(params_to_release, grad_partitions):
+            out = original(params_to_release, grad_partitions)
+            if self.scoring_now and not self.per_window:
+                for p in params_to_release:
+                    name = getattr(p, "_cwa_name", None)
+                    if name in wanted and self._span(p)[1] > 0:
+                        self.score_ready(name)
+            return out
+
+        for name, p in self.params.items():
+            p._cwa_name = name
+        optimizer.partition_grads = partition_grads
 
     def _local_grad(self, p) -> torch.Tensor | None:
         from deepspeed.utils import safe_get_local_grad
@@ -301,13 +414,11 @@ class Zero3Backend(Backend):
     def _backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        params = dict(self.model.named_parameters())
-        for name in scored:
-            p = params[name]
-            start, length = self._span(p)
-            weight = p.ds_tensor.detach().reshape(-1)[:length]  # the loaded values themselves
-            yield _shard(name, start, weight, self._local_grad(p), self.sums if self.per_window else None)
+    def shard(self, name: str) -> ParamShard:
+        p = self.params[name]
+        start, length = self._span(p)
+        weight = p.ds_tensor.detach().reshape(-1)[:length]  # the loaded values themselves
+        return _shard(name, start, weight, self._local_grad(p), self.sums if self.per_window else None)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
@@ -370,12 +481,32 @@ class Fsdp2Backend(Backend):
         start = min(self.rank * per_rank, p.shape[0])
         return start, min(per_rank, p.shape[0] - start)
 
-    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
+    def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(),
+                **scoring) -> None:
         if checkpointing:
             # Recomputing a block outside FSDP's own hooks would see the resharded parameters.
             raise ValueError("--gradient-checkpointing is not supported with --shard-backend fsdp2; use zero3")
         self.model.eval()
-        self.start(scored, inputs)
+        self.start(scored, inputs, **scoring)
+        # The root unit stays unsharded after a forward (the baseline's): reshard every unit, so
+        # the modules hold the sharded DTensors that FSDP2 assigns reduced gradients to.
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        self.params = dict(self.model.named_parameters())
+        if getattr(self, "hooks", None) is not None:
+            self.hooks.remove()
+        # FSDP2 runs a sharded parameter's post-accumulate-grad hooks itself, right after its
+        # unit's reduce-scatter has summed the rank's slice: there, in the final step, it is scored.
+        self.hooks = (GradientHooks(self.model, scored, ready=self.score_ready)
+                      if self.scorer is not None and not self.per_window else None)
+
+    def step_start(self, final: bool = False) -> None:
+        super().step_start(final)
+        if self.hooks is not None:
+            self.hooks.final = final
 
     def _collect_window(self, scale: float | None) -> None:
         params = dict(self.model.named_parameters())
@@ -385,14 +516,16 @@ class Fsdp2Backend(Backend):
                 self.sums.add(name, p.grad.to_local().reshape(-1), scale)
                 p.grad = None
 
-    def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        params = dict(self.model.named_parameters())
-        for name in scored:
-            p = params[name]
-            start, _ = self._rows(p)
-            grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
-            yield _shard(name, start * (p.numel() // p.shape[0]), p.to_local().detach().reshape(-1), grad,
-                         self.sums if self.per_window else None)
+    def shard(self, name: str) -> ParamShard:
+        p = self.params[name]
+        start, _ = self._rows(p)
+        grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
+        return _shard(name, start * (p.numel() // p.shape[0]), p.to_local().detach().reshape(-1), grad,
+                      self.sums if self.per_window else None)
+
+    def _free(self, name: str) -> None:
+        super()._free(name)
+        self.params[name].grad = None
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():

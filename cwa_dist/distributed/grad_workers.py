@@ -33,7 +33,6 @@ from cwa_dist.sensitivity import (
     corrupt_weights_message,
     merge_scores,
     non_finite_tensors,
-    score_shards,
     values_at,
 )
 
@@ -50,8 +49,9 @@ class WorkerReport:
     node: str
     scores: ShardScores
     loss: float  # this rank's share of the calibration mean NLL
-    backward_s: float
-    scoring_s: float
+    backward_s: float  # forward and backward passes, scoring inside the final backward included
+    scoring_s: float  # scoring and the local top-K, inside backward or after it
+    scored_in_backward: int  # parameters scored inside the final backward (the rest after it)
     peak_rss_bytes: int
     local_param_numel: int  # parameter elements this rank holds at rest
     local_grad_numel: int  # gradient elements this rank holds
@@ -97,43 +97,43 @@ class GradientWorker:
         total = sum(self.backend.nll_sum(ids, mask) for ids, mask in batches(chunks, batch_size))
         return total, predicted_tokens(chunks)
 
-    def begin(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset()) -> None:
-        """Start accumulating; `inputs` is what the metrics read besides gradient and weight."""
-        self.backend.prepare(scored, checkpointing, inputs)
+    def begin(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(), *,
+              metrics: list[str] | None = None, k: int = 0, keep_gradients: bool = True) -> None:
+        """Start accumulating; `inputs` is what the metrics read besides gradient and weight. With
+        `metrics`, the step marked final scores each parameter inside its backward (and frees its
+        gradient unless `keep_gradients`); without, `score` scores everything afterwards."""
+        self.backend.prepare(scored, checkpointing, inputs, metrics=metrics, k=k, keep_gradients=keep_gradients)
         self.loss = self.backward_s = 0.0
 
-    def backward(self, chunks: list[torch.Tensor], *, total_tokens: int, window_scale: float | None = None) -> None:
+    def backward(self, chunks: list[torch.Tensor], *, total_tokens: int, window_scale: float | None = None,
+                 final: bool = False) -> None:
         """One forward/backward over these chunks as one batch, its NLL divided by total_tokens.
-        In per-window mode (the Fisher) one rank has the window and `window_scale` is N / n_c."""
+        In per-window mode (the Fisher) one rank has the window and `window_scale` is N / n_c.
+        `final`: the calibration pass's last step, every gradient complete once it is done."""
         start = time.perf_counter()
+        self.backend.step_start(final)
         if chunks:
             ((ids, mask),) = batches(chunks, len(chunks))
             self.loss += self.backend.forward_backward(ids, mask, total_tokens, window_scale)
         else:
             self.backend.dummy(backward=True)
-        self.backend.end_window(window_scale)
+        self.backend.step_end(window_scale)
         self.backward_s += time.perf_counter() - start
 
-    def _reduce_feature_norms(self) -> None:
-        """Every rank counted the input features of its own windows: sum them over the group."""
-        norms = self.backend.feature_norms
-        if norms is not None and self.world_size > 1:
-            vector = norms.as_vector()
-            torch.distributed.all_reduce(vector)
-            norms.load_vector(vector)
-
     def score(self, *, scored: list[str], metrics: list[str], k: int) -> WorkerReport:
-        start = time.perf_counter()
-        self._reduce_feature_norms()
-        result = score_shards(self.backend.shards(scored), metrics, k, self.backend.feature_norms)
+        """Each metric's local top-K: what the final backward scored, plus whatever it did not."""
+        early = self.backend.scorer
+        in_backward = len(early.done) if early is not None else 0
+        scorer = self.backend.finish_scoring(metrics, k)
         params, grads = self.backend.local_numel()
         return WorkerReport(
             rank=self.rank,
             node=self.node,
-            scores=result,
+            scores=scorer.result(),
             loss=self.loss,
             backward_s=self.backward_s,
-            scoring_s=time.perf_counter() - start,
+            scoring_s=scorer.seconds,
+            scored_in_backward=in_backward,
             peak_rss_bytes=peak_rss_bytes(),
             local_param_numel=params,
             local_grad_numel=grads,
@@ -229,33 +229,46 @@ class GradientGroup:
         return len(self.workers)
 
     def sensitivity(self, *, evaluation: list[torch.Tensor], calibration: list[torch.Tensor], scored: list[str],
-                    metrics: list[str], k: int, batch_size: int, checkpointing: bool,
+                    metrics: list[str], k: int, batch_size: int, checkpointing: bool, keep_gradients: bool = False,
                     on_baseline: Callable[[Perplexity], None] = lambda _: None,
                     on_step: Callable[[int], None] = lambda _: None) -> SensitivityResult:
         """The whole stage: baseline perplexity of `evaluation`, the gradient of the mean NLL over
         `calibration` (every rank a share, in lockstep), each rank's scoring of what it owns, and
-        the exact merge. `on_step` gets the number of chunks each lockstep step processed."""
+        the exact merge. `on_step` gets the number of chunks each lockstep step processed.
+        Gradients are freed as they are scored unless `keep_gradients` (for `values_at`)."""
         nll, tokens = 0.0, 0
         for step in lockstep_batches(evaluation, self.world_size, batch_size):
             for n, t in self.each("nll", step, batch_size=batch_size):
                 nll, tokens = nll + n, tokens + t
         baseline = Perplexity(nll, tokens)
         on_baseline(baseline)
+        reports = self.score_calibration(calibration, scored=scored, metrics=metrics, k=k, batch_size=batch_size,
+                                         checkpointing=checkpointing, keep_gradients=keep_gradients, on_step=on_step)
+        return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
+
+    def score_calibration(self, calibration: list[torch.Tensor], *, scored: list[str], metrics: list[str], k: int,
+                          batch_size: int, checkpointing: bool = False, keep_gradients: bool = False,
+                          on_step: Callable[[int], None] = lambda _: None) -> list[WorkerReport]:
+        """The gradient of the mean NLL over `calibration` (every rank a share, in lockstep) and each
+        rank's scoring of what it owns, inside the final step's backward: one report per rank."""
         total_tokens = predicted_tokens(calibration)
         inputs = needed_inputs(metrics)
-        self.call("begin", scored, checkpointing, inputs)
+        # Each parameter is scored inside the final step's backward, as soon as its gradient is
+        # complete, and its gradient freed unless `keep_gradients` (values_at reads them later).
+        self.call("begin", scored, checkpointing, inputs, metrics=metrics, k=k, keep_gradients=keep_gradients)
         if FISHER in inputs:
             # The Fisher squares each window's own gradient, so a step is one window (on one rank;
             # the reduce-scatter adds the others' zeros), and the ranks no longer split the windows.
-            for step, scale in per_window_steps(calibration, self.world_size, total_tokens):
-                self.each("backward", step, total_tokens=total_tokens, window_scale=scale)
+            steps = per_window_steps(calibration, self.world_size, total_tokens)
+            for i, (step, scale) in enumerate(steps):
+                self.each("backward", step, total_tokens=total_tokens, window_scale=scale, final=i == len(steps) - 1)
                 on_step(1)
         else:
-            for step in lockstep_batches(calibration, self.world_size, batch_size):
-                self.each("backward", step, total_tokens=total_tokens)
+            steps = lockstep_batches(calibration, self.world_size, batch_size)
+            for i, step in enumerate(steps):
+                self.each("backward", step, total_tokens=total_tokens, final=i == len(steps) - 1)
                 on_step(sum(len(s) for s in step))
-        reports = self.call("score", scored=scored, metrics=metrics, k=k)
-        return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
+        return self.call("score", scored=scored, metrics=metrics, k=k)
 
     def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
         """Gradient, weight, Fisher and input norm of chosen elements, each from the rank that owns it,
