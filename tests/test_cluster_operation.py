@@ -255,6 +255,7 @@ def test_ray_job_submit_with_a_relative_output_warns_and_keeps_the_results(clust
             kept.parent.rmdir()
 
 
+@pytest.mark.extended
 def test_ray_job_to_s3_stopped_mid_run_then_resumed_from_s3(cluster, tiny_model_dir):
     run = ["python", "-m", "cwa_dist.run", "--model", str(tiny_model_dir["llama"]), *map(str, SMALL_RUN),
            "--topk", "5", "10", "20", "--perturbation-ratios", "0.2", "0.4", "0.6", "0.8", "1.0",

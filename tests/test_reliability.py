@@ -120,6 +120,7 @@ PERTURB = ["--topk", "10", "40", "--perturbation-ratios", "0.25", "0.5", "1.0", 
            "--num-eval-actors", "1"]
 
 
+@pytest.mark.extended
 def test_driver_killed_mid_perturbation_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
     common = ["--model", str(tiny_model_dir["llama"]), *SMALL, *PERTURB, "--output", str(tmp_path)]
     # The driver in its own session, so SIGKILL to the group also takes the local Ray it started.
@@ -209,6 +210,7 @@ def test_overflowing_perplexity_is_a_value():
     assert Perplexity(nll_sum=1e6, tokens=10).value == float("inf")
 
 
+@pytest.mark.extended
 def test_token_never_reaches_outputs_and_runs_are_deterministic(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     token = "hf_cwaDistFakeToken1234567890abcdef"
     monkeypatch.setenv("HF_TOKEN", token)

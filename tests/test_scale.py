@@ -54,6 +54,7 @@ def _llama_dir(path, hidden, layers, tokenizer_dir):
     return sum(p.numel() * 4 for p in net.parameters())
 
 
+@pytest.mark.extended
 def test_driver_does_not_hold_the_model(tiny_model_dir, tmp_path):
     """A whole run (gradients, ranking, perturbations) on a 300+ MB checkpoint: the driver's peak
     RSS exceeds that of the same run on a 10 MB model by less than 20% of the checkpoint."""

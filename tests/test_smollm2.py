@@ -49,6 +49,7 @@ def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, t
     assert not rows & set(tok.all_special_ids), rows
 
 
+@pytest.mark.extended
 def test_the_gguf_is_converted_once_reused_and_rebuilt_when_corrupt(smollm2_path, tmp_path, monkeypatch):
     """The real .gguf: dequantised into a safetensors cache once (in a child process), reused
     without converting, and converted again when a byte of the cached weights is damaged."""

@@ -56,6 +56,7 @@ def test_malformed_sweep_files_are_refused_before_anything_runs(tmp_path, capsys
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.extended
 def test_sweep_runs_two_at_a_time_survives_a_failure_compares_and_resumes(ray_local, tiny_model_dir, tmp_path,
                                                                            capsys):
     import datetime as dt
