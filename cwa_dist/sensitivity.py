@@ -1,15 +1,16 @@
 """Gradients of the calibration loss and per-shard scoring: pure torch, no Ray.
 
-The gradient stage (a Ray worker; later a ZeRO-3 rank) calls `accumulate_gradients`, then hands
-its `ParamShard`s to `score_shards`, which keeps only each metric's top-K and its statistics.
-Nothing here ever concatenates the scores of the whole model.
+A gradient rank (one process, or a ZeRO-3/FSDP2 rank) hands each `ParamShard` it owns to a
+`ShardScorer` as soon as the shard's gradient is complete, from `GradientHooks` inside the final
+backward; the scorer keeps only each metric's running top-K and its statistics. `score_shards` is
+the same over shards already computed. Nothing here ever concatenates the scores of the whole model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch

@@ -1,8 +1,10 @@
 """Sharding backends of the gradient workers.
 
-Each backend loads the model on one rank, runs forward/backward on micro-batches, and yields the
-`ParamShard`s that rank owns: (parameter name, flat offset, local weights, local gradient). Nothing
-above this interface knows which backend ran; the scoring and top-K code is the same for all.
+Each backend loads the model on one rank, runs forward/backward on micro-batches, and gives the
+`ParamShard` that rank owns of each parameter (`shard`): (parameter name, flat offset, local
+weights, local gradient), handed to the scorer from inside the final backward as each gradient
+completes. Nothing above this interface knows which backend ran; the scoring and top-K code is the
+same for all.
 
 - `none`: one process holds the whole model (world size 1 only).
 - `zero3`: DeepSpeed ZeRO-3. Parameters are created partitioned (`deepspeed.zero.Init`); rank r
