@@ -121,12 +121,15 @@ def test_fisher_obd_wanda_magnitude_match_float64_reference(ray_local, wide, bac
     input-feature norms (summed over ranks that each saw their own windows) and |w|."""
     net, chunks, names, loaded, ref = wide
     metrics = ["fisher", "obd", "wanda", "magnitude"]
-    merged, _ = run_gradient_group(ray_local, net, chunks[:5], names, world_size=world_size, backend=backend,
-                                   metrics=metrics, k=K, batch_size=2)
+    merged, reports = run_gradient_group(ray_local, net, chunks[:5], names, world_size=world_size, backend=backend,
+                                         metrics=metrics, k=K, batch_size=2)
     ref5 = float64_reference(build_wide_llama(), chunks[:5], names)
     for metric in metrics:
         assert_matches_reference(merged.candidates[metric], ref5, metric, loaded, rtol=1e-5)
     assert set(merged.statistics) == set(metrics)
+    # One process scores inside the last window's backward, from its hooks; sharded ranks square
+    # each window's slice after its reduce-scatter, so they score the sums after the last window.
+    assert [r.scored_in_backward for r in reports] == [len(names) if backend == "none" else 0] * world_size
 
 
 def naive_bf16_grads(net, chunks, names):
@@ -150,8 +153,10 @@ def test_bfloat16_run_accumulates_in_float32(ray_local, backend, world_size):
     names = select_parameters(net, include_bias=False, include_norm=False)
     loaded = {n: p.detach().clone() for n, p in net.named_parameters()}
     ref = float64_reference(build_wide_llama(seed=1, dtype=torch.bfloat16), chunks, names)
-    merged, _ = run_gradient_group(ray_local, net, chunks, names, world_size=world_size, backend=backend,
-                                   metrics=["grad_x_weight"], k=K, batch_size=1)
+    merged, reports = run_gradient_group(ray_local, net, chunks, names, world_size=world_size, backend=backend,
+                                         metrics=["grad_x_weight"], k=K, batch_size=1)
+    # Scored inside the 64th micro-batch's backward, from the float32 sums (one process's hooks).
+    assert all(r.scored_in_backward == len(names) for r in reports)
     cand = merged.candidates["grad_x_weight"]
     got_names, flat = cand.names(), cand.flat_index.tolist()
     expected_w = torch.stack([loaded[n].reshape(-1)[i] for n, i in zip(got_names, flat)])
