@@ -119,6 +119,7 @@ class Backend:
     sums: GradientSums | None = None
     feature_norms: FeatureNorms | None = None
     scorer: ShardScorer | None = None
+    hooks: GradientHooks | None = None  # per-parameter gradient hooks, where the backend has them
     final = False
 
     @property
@@ -133,6 +134,10 @@ class Backend:
         """Fresh accumulators for what the metrics read: per-window sums for the Fisher, forward
         hooks for the input-feature norms; with `metrics`, a scorer fed during the final backward."""
         self.scored = scored
+        self.params = dict(self.model.named_parameters())
+        if self.hooks is not None:  # a second stage on the same rank: the subclass adds fresh ones
+            self.hooks.remove()
+            self.hooks = None
         self.sums = GradientSums(per_window=True) if FISHER in inputs else None
         if self.feature_norms is not None:
             self.feature_norms.remove()
@@ -154,6 +159,8 @@ class Backend:
 
     def step_start(self, final: bool = False) -> None:
         self.final = final
+        if self.hooks is not None:
+            self.hooks.final = final
         if self.per_window:
             self.sums.start_window()
 
@@ -209,6 +216,9 @@ class Backend:
         raise NotImplementedError
 
     def _free(self, name: str) -> None:
+        # A ZeRO-3 parameter's .grad is already None (its gradient lives in DeepSpeed's partition
+        # buffer), so only the replica's and FSDP2's shards lose memory here.
+        self.params[name].grad = None
         if self.sums is not None:
             self.sums.release(name)
 
@@ -257,7 +267,6 @@ class ReplicaBackend(Backend):
         self.model = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
                                   device=device, gpus=1 if device == "cuda" else 0)
         ckpt.close()
-        self.hooks: GradientHooks | None = None
 
     def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(),
                 **scoring) -> None:
@@ -265,9 +274,6 @@ class ReplicaBackend(Backend):
             checkpoint_blocks(self.model)
         prepare_gradients(self.model, scored)
         self.start(scored, inputs, **scoring)
-        if self.hooks is not None:
-            self.hooks.remove()
-            self.hooks = None
         # Hooks take each micro-batch's gradient as it arrives: for the float32 sum of a
         # low-precision model, for the per-window squares of the Fisher, and to score a parameter
         # (and free its gradient) as soon as the final step's backward has completed it.
@@ -277,12 +283,6 @@ class ReplicaBackend(Backend):
         if self.sums is not None or self.scorer is not None:
             self.hooks = GradientHooks(self.model, scored, self.sums,
                                        ready=self.score_ready if self.scorer is not None else None)
-        self.params = dict(self.model.named_parameters())
-
-    def step_start(self, final: bool = False) -> None:
-        super().step_start(final)
-        if self.hooks is not None:
-            self.hooks.final = final
 
     def forward_backward(self, ids, mask, total_tokens: int, window_scale: float | None = None) -> float:
         if self.hooks is not None:
@@ -291,10 +291,6 @@ class ReplicaBackend(Backend):
 
     def shard(self, name: str) -> ParamShard:
         return full_shard(name, self.params[name], self.sums)
-
-    def _free(self, name: str) -> None:
-        super()._free(name)
-        self.params[name].grad = None
 
     def local_numel(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.model.parameters())
@@ -364,7 +360,6 @@ class Zero3Backend(Backend):
             checkpoint_blocks(self.model)
         self.model.eval()
         self.start(scored, inputs, **scoring)
-        self.params = dict(self.model.named_parameters())
         self._watch_partitions()
         # A fresh start: the next backward overwrites the gradient partitions instead of adding.
         self.engine.optimizer.zero_grad(set_to_none=True)
@@ -402,9 +397,8 @@ class Zero3Backend(Backend):
     def _collect_window(self, scale: float | None) -> None:
         # After the reduce-scatter, this rank's partition holds its slice of the window's
         # gradient (the other ranks added zeros): square it, then start the next window afresh.
-        params = dict(self.model.named_parameters())
         for name in self.scored:
-            grad = self._local_grad(params[name])
+            grad = self._local_grad(self.params[name])
             if grad is not None:
                 self.sums.add(name, grad, scale)
         self.engine.optimizer.zero_grad(set_to_none=True)
@@ -489,31 +483,23 @@ class Fsdp2Backend(Backend):
             # Recomputing a block outside FSDP's own hooks would see the resharded parameters.
             raise ValueError("--gradient-checkpointing is not supported with --shard-backend fsdp2; use zero3")
         self.model.eval()
-        self.start(scored, inputs, **scoring)
         # The root unit stays unsharded after a forward (the baseline's): reshard every unit, so
-        # the modules hold the sharded DTensors that FSDP2 assigns reduced gradients to.
+        # the modules hold (and `start` records) the sharded DTensors that FSDP2 assigns reduced
+        # gradients to.
         from torch.distributed.fsdp import FSDPModule
 
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-        self.params = dict(self.model.named_parameters())
-        if getattr(self, "hooks", None) is not None:
-            self.hooks.remove()
+        self.start(scored, inputs, **scoring)
         # FSDP2 runs a sharded parameter's post-accumulate-grad hooks itself, right after its
         # unit's reduce-scatter has summed the rank's slice: there, in the final step, it is scored.
         self.hooks = (GradientHooks(self.model, scored, ready=self.score_ready)
                       if self.scorer is not None and not self.per_window else None)
 
-    def step_start(self, final: bool = False) -> None:
-        super().step_start(final)
-        if self.hooks is not None:
-            self.hooks.final = final
-
     def _collect_window(self, scale: float | None) -> None:
-        params = dict(self.model.named_parameters())
         for name in self.scored:
-            p = params[name]
+            p = self.params[name]
             if p.grad is not None:
                 self.sums.add(name, p.grad.to_local().reshape(-1), scale)
                 p.grad = None
@@ -524,10 +510,6 @@ class Fsdp2Backend(Backend):
         grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
         return _shard(name, start * (p.numel() // p.shape[0]), p.to_local().detach().reshape(-1), grad,
                       self.sums if self.per_window else None)
-
-    def _free(self, name: str) -> None:
-        super()._free(name)
-        self.params[name].grad = None
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
