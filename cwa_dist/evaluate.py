@@ -99,8 +99,11 @@ def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     # F.linear, not a call of the module: the head's forward hooks (Wanda's input norms) would see
     # chunks; they count the head's input from the base model's output instead (feature_norms.py).
     # On a replica split over GPUs the head may sit on another GPU than the last block.
-    device = head.weight.device
-    logits = F.linear(hidden.to(device), head.weight, head.bias).float()
+    # A bfloat16 replica's head runs in float32 (its weights widened exactly): logits rounded to
+    # bfloat16 before the float32 loss would lose ~3 significant digits of every log-probability.
+    device, dtype = head.weight.device, torch.promote_types(head.weight.dtype, torch.float32)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    logits = F.linear(hidden.to(device, dtype), head.weight.to(dtype), bias)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(device).reshape(-1), reduction="none")
     return nll.view(targets.shape).to(targets.device)
 
@@ -116,6 +119,7 @@ def batch_nll_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     attend, targets, keep = (mask != PAD).long(), input_ids[:, 1:], mask[:, 1:] == PREDICT
     split = head_split(model)
     if split is None:
+        # The model's own forward makes the logits, in its dtype (some scale or soft-cap them there).
         # use_cache=False: a KV cache is never reused here and would only hold memory.
         logits = model(input_ids=input_ids, attention_mask=attend, use_cache=False).logits  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")

@@ -90,7 +90,7 @@ def shard_topk(scores: torch.Tensor, k: int, floor: float = -math.inf) -> tuple[
         raise NonFiniteScoreError("scores contain NaN or Inf")
     passing = block_max >= floor
     if int(passing.sum()) > k:
-        threshold = max(torch.topk(block_max, k, sorted=False).values.min(), torch.tensor(floor, dtype=block_max.dtype))
+        threshold = max(float(torch.topk(block_max, k, sorted=False).values.min()), floor)
         passing = block_max >= threshold
     blocks = torch.nonzero(passing).squeeze(1)
     if blocks.numel() == 0:
@@ -162,6 +162,10 @@ class RunningTopK:
             raise NonFiniteScoreError(f"scores of {name} contain NaN or Inf") from None
         if index.numel() == 0:
             return
+        # Gathered where the shard lives, then brought to the CPU: candidates are a few entries,
+        # and every running top-K, merge and result stays on the CPU whatever device scored.
         g = grad.reshape(-1)[index].to(top.dtype) if grad is not None else torch.full_like(top, float("nan"))
-        part = Candidates([name], torch.zeros_like(index), index + offset, top, weight.reshape(-1)[index].to(top.dtype), g)
+        w = weight.reshape(-1)[index].to(top.dtype)
+        index, top, w, g = (t.cpu() for t in (index, top, w, g))
+        part = Candidates([name], torch.zeros_like(index), index + offset, top, w, g)
         self.best = merge([self.best, part], self.k)

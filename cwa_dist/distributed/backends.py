@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 import torch
 
 from cwa_dist.checkpoint import Checkpoint
+from cwa_dist.devices import colocated, compute_device
 from cwa_dist.evaluate import batch_nll_sum
 from cwa_dist.feature_norms import FeatureNorms
 from cwa_dist.metrics import FEATURE_NORM, FISHER
@@ -66,7 +67,12 @@ def refuse_float16_gradients(dtype: torch.dtype) -> None:
         raise ValueError("float16 gradients underflow without loss scaling; compute them in bfloat16 or float32")
 
 
-def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
+def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype, device: str) -> dict:
+    """DeepSpeed's config for a rank computing on `device` (the same on the driver, which records
+    it, as on the ranks: so it says nothing of the driver's own lack of GPUs)."""
+    # Offloaded partitions are pinned where there is a GPU to copy them to: the pinned allocator
+    # keeps large blocks at their size (see grad_workers.exact_pinned_blocks).
+    pin = device == "cuda"
     zero: dict = {
         "stage": 3,
         "reduce_bucket_size": settings.reduce_bucket_size,
@@ -78,10 +84,10 @@ def deepspeed_config(settings: ZeroSettings, dtype: torch.dtype) -> dict:
         "overlap_comm": False,  # nothing to overlap with: no optimizer step ever runs
     }
     if settings.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     if settings.offload_optimizer:
         # Moves DeepSpeed's fp32 master partitions and fp32 gradient partitions to CPU memory.
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     refuse_float16_gradients(dtype)
     return {
         "train_micro_batch_size_per_gpu": 1,
@@ -116,6 +122,7 @@ class Backend:
     then on a parameter whose gradient has arrived is scored and, unless `keep_gradients`, freed."""
 
     world_size = 1
+    device = torch.device("cpu")  # where this rank computes, and scores
     sums: GradientSums | None = None
     feature_norms: FeatureNorms | None = None
     scorer: ShardScorer | None = None
@@ -260,12 +267,14 @@ class ReplicaBackend(Backend):
 
     name = "none"
 
-    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings,
+             local_index: int = 0) -> None:
         if world_size != 1:
             raise ValueError("--shard-backend none runs one worker; use zero3 or fsdp2 for more")
+        self.device = compute_device(device, local_index)
         ckpt, config = model.open()
         self.model = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
-                                  device=device, gpus=1 if device == "cuda" else 0)
+                                  device=device, gpus=1 if device == "cuda" else 0, first_gpu=local_index)
         ckpt.close()
 
     def prepare(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(),
@@ -302,16 +311,18 @@ class ReplicaBackend(Backend):
 class Zero3Backend(Backend):
     name = "zero3"
 
-    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings,
+             local_index: int = 0) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
         self.rank, self.world_size = rank, world_size
+        self.device = compute_device(device, local_index)
         dtype = model.torch_dtype
         ckpt, config = model.open()
-        self.config = deepspeed_config(settings, dtype)
+        self.config = deepspeed_config(settings, dtype, device)
         build = lambda: AutoModelForCausalLM.from_config(  # noqa: E731
             config, dtype=dtype, trust_remote_code=model.trust_remote_code
         )
@@ -337,7 +348,7 @@ class Zero3Backend(Backend):
                 p.ds_tensor.view(-1)[:length].copy_(ckpt.read_flat(keys[name], start, length, dtype))
             # Buffers are not partitioned; zero.Init may have created them in the wrong dtype
             # (rotary tables), so the skeleton's (and the checkpoint's persistent ones) go in.
-            _put_buffers(net, skeleton, ckpt, device)
+            _put_buffers(net, skeleton, ckpt, self.device)
         ckpt.close()
         # ZeRO keeps partitioned gradients only under an optimizer; this one never steps.
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
@@ -369,23 +380,25 @@ class Zero3Backend(Backend):
         in buckets during backward and calls `partition_grads` with each bucket's parameters once
         their partitions are summed into its float32 buffer; in the final step each of those
         parameters is scored there, while backward goes on. (Its gradient partitions live in one
-        buffer DeepSpeed allocates up front, so scoring frees nothing here.)"""
+        buffer DeepSpeed allocates up front, so scoring frees nothing here.) `partition_grads` is
+        a private method: its signature is checked before it is wrapped."""
         optimizer = self.engine.optimizer
         original = getattr(optimizer, "_cwa_partition_grads", None) or optimizer.partition_grads
+        check_wrapped_signature(original, PARTITION_GRADS_PARAMETERS)
         optimizer._cwa_partition_grads = original
         wanted = set(self.scored)
+        # The backend's own table, not an attribute on DeepSpeed's parameter objects.
+        names = {id(p): name for name, p in self.params.items()}
 
         def partition_grads(params_to_release, grad_partitions):
             out = original(params_to_release, grad_partitions)
             if self.scoring_now and not self.per_window:
                 for p in params_to_release:
-                    name = getattr(p, "_cwa_name", None)
+                    name = names.get(id(p))
                     if name in wanted and self._span(p)[1] > 0:
                         self.score_ready(name)
             return out
 
-        for name, p in self.params.items():
-            p._cwa_name = name
         optimizer.partition_grads = partition_grads
 
     def _local_grad(self, p) -> torch.Tensor | None:
@@ -414,7 +427,9 @@ class Zero3Backend(Backend):
         p = self.params[name]
         start, length = self._span(p)
         weight = p.ds_tensor.detach().reshape(-1)[:length]  # the loaded values themselves
-        return _shard(name, start, weight, self._local_grad(p), self.sums if self.per_window else None)
+        # With --offload-params the partition is in host memory, with --offload-optimizer the
+        # gradient is: _shard brings both to this rank's device.
+        return _shard(name, start, weight, self._local_grad(p), self.sums if self.per_window else None, self.device)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
@@ -434,11 +449,13 @@ class Zero3Backend(Backend):
 class Fsdp2Backend(Backend):
     name = "fsdp2"
 
-    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings) -> None:
+    def load(self, model: ModelRef, *, device: str, rank: int, world_size: int, settings: ZeroSettings,
+             local_index: int = 0) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.rank, self.world_size = rank, world_size
+        self.device = compute_device(device, local_index)
         mesh = init_device_mesh(device, (world_size,))
         dtype = model.torch_dtype
         ckpt, config = model.open()
@@ -460,7 +477,7 @@ class Fsdp2Backend(Backend):
         for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(net, mesh=mesh, mp_policy=policy)
-        net.to_empty(device=_device(device))
+        net.to_empty(device=self.device)
         with torch.no_grad():
             for name, p in net.named_parameters():
                 local = p.to_local()
@@ -468,7 +485,7 @@ class Fsdp2Backend(Backend):
                 per_row = p.numel() // p.shape[0]
                 local.copy_(ckpt.read_flat(keys[name], start * per_row, local.numel(), torch.float32).view(local.shape))
             # to_empty left the buffers uninitialised; the skeleton's (in the model's dtype) go in.
-            _put_buffers(net, skeleton, ckpt, device)
+            _put_buffers(net, skeleton, ckpt, self.device)
         ckpt.close()
         self.model = net.eval()
 
@@ -509,7 +526,7 @@ class Fsdp2Backend(Backend):
         start, _ = self._rows(p)
         grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
         return _shard(name, start * (p.numel() // p.shape[0]), p.to_local().detach().reshape(-1), grad,
-                      self.sums if self.per_window else None)
+                      self.sums if self.per_window else None, self.device)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
@@ -523,12 +540,47 @@ class Fsdp2Backend(Backend):
 
 
 def _shard(name: str, offset: int, weight: torch.Tensor, grad: torch.Tensor | None,
-           sums: GradientSums | None) -> ParamShard:
-    """A rank's shard; in per-window mode its gradient and Fisher come from `sums`."""
+           sums: GradientSums | None, device: torch.device) -> ParamShard:
+    """A rank's shard, every tensor on `device`; in per-window mode its gradient and Fisher come
+    from `sums`."""
+    fisher = None
     if sums is not None:
-        grad = sums.sums.get(name)
-        return ParamShard(name, offset, weight, grad, sums.fisher(name, weight))
-    return ParamShard(name, offset, weight, grad)
+        grad, fisher = sums.sums.get(name), sums.fisher(name, weight)
+    return ParamShard(name, offset, *colocated(device, weight, grad, fisher))
+
+
+PARTITION_GRADS_PARAMETERS = ("self", "params_to_release", "grad_partitions")
+"""DeepSpeed 0.19's DeepSpeedZeroOptimizer_Stage3.partition_grads(self, params_to_release, grad_partitions)."""
+
+
+def _innermost(fn):
+    """The function under decorators: `__wrapped__` where functools.wraps left it, else the `func`
+    a closure wraps (DeepSpeed's instrument_w_nvtx keeps no __wrapped__)."""
+    fn = getattr(fn, "__func__", fn)
+    while True:
+        if hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+            continue
+        code = getattr(fn, "__code__", None)
+        cells = dict(zip(code.co_freevars, fn.__closure__ or ())) if code is not None else {}
+        inner = cells["func"].cell_contents if "func" in cells else None
+        if not callable(inner):
+            return fn
+        fn = inner
+
+
+def check_wrapped_signature(method, expected: tuple[str, ...]) -> None:
+    """Refuse, in one line, to wrap a private DeepSpeed method whose parameters changed."""
+    import inspect
+
+    import deepspeed
+
+    got = tuple(inspect.signature(_innermost(method)).parameters)
+    if got != expected:
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__}: {getattr(method, '__qualname__', method)} takes ({', '.join(got)}), "
+            f"not ({', '.join(expected)}) as the ZeRO-3 backend expects; install the tested deepspeed==0.19.8 "
+            "(pyproject.toml bounds it) or use --shard-backend fsdp2")
 
 
 def _drop_master_copy(zero_optimizer) -> None:
@@ -550,7 +602,7 @@ def check_parameter_dtype(net: torch.nn.Module, dtype: torch.dtype, dtype_of=lam
                            "loading the weights into them would change their values")
 
 
-def _put_buffers(net: torch.nn.Module, skeleton: torch.nn.Module, ckpt: Checkpoint, device: str) -> None:
+def _put_buffers(net: torch.nn.Module, skeleton: torch.nn.Module, ckpt: Checkpoint, device: torch.device) -> None:
     """Give `net` the buffers of `skeleton` (an `empty_model`, whose buffers are real), or the
     checkpoint's where it stores them. Every buffer is replaced: one left alone could be
     uninitialised memory or in the wrong dtype."""
@@ -559,12 +611,7 @@ def _put_buffers(net: torch.nn.Module, skeleton: torch.nn.Module, ckpt: Checkpoi
     for name, _ in list(net.named_buffers()):
         value = ckpt.read(stored[name], source[name].dtype) if name in stored else source[name]
         owner, _, leaf = name.rpartition(".")
-        net.get_submodule(owner)._buffers[leaf] = value.to(_device(device))
-
-
-def _device(device: str) -> torch.device:
-    # A GPU worker sees only its own GPU(s) (Ray sets CUDA_VISIBLE_DEVICES): index 0 is its own.
-    return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        net.get_submodule(owner)._buffers[leaf] = value.to(device)
 
 
 BACKENDS = {"none": ReplicaBackend, "zero3": Zero3Backend, "fsdp2": Fsdp2Backend}

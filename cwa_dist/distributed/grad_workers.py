@@ -21,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
+from cwa_dist.devices import shared_visibility, to_cpu
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
 from cwa_dist.errors import UsageError, last_line
 from cwa_dist.data import lockstep_batches, per_window_steps
@@ -74,18 +75,31 @@ class GradientWorker:
         """host:pid of this rank, for error messages and for tests that kill it."""
         return self.node
 
+    def gpus(self) -> tuple[str, list[str]]:
+        """(Ray node id, the ids of the GPUs Ray gave this rank)."""
+        return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
+
+    def see_gpus(self, visible: str, local_index: int) -> str:
+        """Show this rank every GPU of its node's ranks (before CUDA starts in this process) and
+        compute on GPU `local_index` among them; returns what CUDA_VISIBLE_DEVICES now says."""
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        self.local_index = local_index
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
     def setup(self, model: ModelRef, *, rank: int, world_size: int, address: str, port: int, backend: str,
               device: str, settings: ZeroSettings) -> list[str]:
         """Join the process group and load this rank's part of the model; returns the names of
         the tensors this rank holds that are not finite (a corrupt checkpoint)."""
         self.rank, self.world_size = rank, world_size
+        local_index = getattr(self, "local_index", 0)
         if device == "cuda":
-            torch.cuda.set_device(0)  # Ray shows each worker only the GPU(s) it was given
+            torch.cuda.set_device(local_index)  # its own GPU among those of its node's ranks
         init_group(rank=rank, world_size=world_size, address=address, port=port,
-                   backend="nccl" if device == "cuda" else "gloo")
+                   backend="nccl" if device == "cuda" else "gloo", local_rank=local_index)
         # Each rank reads its own partition from the checkpoint files on its node.
         self.backend = BACKENDS[backend]()
-        self.backend.load(model, device=device, rank=rank, world_size=world_size, settings=settings)
+        self.backend.load(model, device=device, rank=rank, world_size=world_size, settings=settings,
+                          local_index=local_index)
         self.loss = self.backward_s = 0.0
         return non_finite_tensors(self.backend.local_tensors())
 
@@ -126,7 +140,7 @@ class GradientWorker:
         in_backward = len(early.done) if early is not None else 0
         scorer = self.backend.finish_scoring(metrics, k)
         params, grads = self.backend.local_numel()
-        return WorkerReport(
+        return to_cpu(WorkerReport(
             rank=self.rank,
             node=self.node,
             scores=scorer.result(),
@@ -139,10 +153,10 @@ class GradientWorker:
             local_grad_numel=grads,
             peak_device_bytes=peak_device_bytes(),
             live_tensor_bytes=live_tensor_bytes("cuda" if torch.cuda.is_available() else "cpu"),
-        )
+        ))  # to_cpu: a driver without GPUs must be able to unpickle it
 
     def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-        return values_at(self.backend.shards(list(wanted)), wanted, self.backend.feature_norms)
+        return to_cpu(values_at(self.backend.shards(list(wanted)), wanted, self.backend.feature_norms))
 
     def teardown(self) -> None:
         self.backend.teardown()
@@ -182,26 +196,49 @@ def _check_capacity(bundle: dict, num_workers: int, autoscaling: bool) -> None:
             )
 
 
+def placement_strategy(num_workers: int, gpus_per_worker: int, node_gpus: int | None) -> str:
+    """STRICT_PACK (every rank on one node, their collectives over its own links) where the ranks'
+    GPUs fit one GPU node; PACK, which fills nodes one after the other, where they need more."""
+    if gpus_per_worker and node_gpus and num_workers * gpus_per_worker <= node_gpus:
+        return "STRICT_PACK"
+    return "PACK"
+
+
+def _wait_placed(pg, what: str, timeout_s: float, on_wait: Callable[[str], None], every_s: float = 30.0) -> None:
+    """Wait for the placement group, saying every `every_s` what it waits for (an autoscaler may be
+    starting nodes); past `timeout_s`, remove it and refuse."""
+    start = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(every_s, left)))
+        if ready:
+            return
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            remove_placement_group(pg)
+            raise UsageError(
+                f"the Ray cluster cannot place {what} within {timeout_s:.0f}s (it has {ray.cluster_resources()}); "
+                "lower --num-workers or the resources per worker, grow the cluster, or wait longer with "
+                "--placement-timeout-s")
+        on_wait(f"⏳ waiting {waited:.0f}s of {timeout_s:.0f}s for the cluster to place {what} "
+                f"(free now: {ray.available_resources()})")
+
+
 class GradientGroup:
     """N gradient workers as Ray actors in one placement group, with one process group."""
 
     def __init__(self, model: ModelRef, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
                  gpus_per_worker: int, settings: ZeroSettings, autoscaling: bool = False,
-                 placement_timeout_s: float = 600.0, call_timeout_s: float | None = None):
+                 placement_timeout_s: float = 600.0, call_timeout_s: float | None = None,
+                 on_wait: Callable[[str], None] = lambda _: None, node_gpus: int | None = None):
         self.call_timeout_s = call_timeout_s
         if backend == "none" and num_workers != 1:
             raise UsageError("--shard-backend none runs a single worker; use --shard-backend zero3 for more")
         bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         _check_capacity(bundle, num_workers, autoscaling)
-        self.pg = placement_group([bundle] * num_workers, strategy="PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise UsageError(
-                f"the Ray cluster cannot place {num_workers} gradient worker(s) of {bundle} within "
-                f"{placement_timeout_s:.0f}s (it has {ray.cluster_resources()}); lower --num-workers or the "
-                "resources per worker, or grow the cluster"
-            )
+        self.pg = placement_group([bundle] * num_workers,
+                                  strategy=placement_strategy(num_workers, gpus_per_worker, node_gpus))
+        _wait_placed(self.pg, f"{num_workers} gradient worker(s) of {bundle}", placement_timeout_s, on_wait)
         remote = ray.remote(GradientWorker)
         self.workers = [
             remote.options(
@@ -213,6 +250,8 @@ class GradientGroup:
         ]
         self.nodes = ["?"] * num_workers  # host:pid of each rank, once they answer
         self.nodes = self._gather([w.where.remote() for w in self.workers])
+        if gpus_per_worker:
+            self.visible_gpus = self.share_gpus()
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
         bad = self._gather([
             w.setup.remote(model, rank=i, world_size=num_workers, address=address, port=port,
@@ -223,6 +262,13 @@ class GradientGroup:
         if bad:
             self.shutdown(graceful=False)
             raise UsageError(corrupt_weights_message(bad))
+
+    def share_gpus(self) -> list[str]:
+        """Every rank sees the GPUs of all ranks on its node (see devices.shared_visibility);
+        returns each rank's CUDA_VISIBLE_DEVICES."""
+        assigned = self._gather([w.gpus.remote() for w in self.workers])
+        return self._gather([w.see_gpus.remote(visible, index)
+                             for w, (visible, index) in zip(self.workers, shared_visibility(assigned))])
 
     @property
     def world_size(self) -> int:

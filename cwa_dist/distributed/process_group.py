@@ -20,10 +20,13 @@ def rendezvous_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def init_group(*, rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: int = 1800) -> None:
-    # DeepSpeed and FSDP read these too.
+def init_group(*, rank: int, world_size: int, address: str, port: int, backend: str, local_rank: int = 0,
+               timeout_s: int = 1800) -> None:
+    # DeepSpeed and FSDP read these too; DeepSpeed sets its device from LOCAL_RANK, so it is the
+    # index of this rank's own GPU among those the process sees.
     os.environ.update(
-        MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0"
+        MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local_rank),
     )
     dist.init_process_group(
         backend,
