@@ -58,31 +58,57 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise UsageError(f"{path} has a corrupt safetensors header ({e})") from None
 
 
+def read_into(f, buffer: memoryview) -> int:
+    """Fill `buffer` from the unbuffered file `f`; returns the bytes read (fewer only at the end of
+    the file). One readinto is one read(2), which Linux caps at 2,147,479,552 bytes, and which
+    may return less than asked for anyway: loop until full or at the end of the file."""
+    done = 0
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
 class Checkpoint:
     """The tensors of a directory of safetensors files (one file, or shards with an index)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, headers: dict[str, dict] | None = None):
+        """The checkpoint in directory `path`, its headers read from its files; or, with `headers`
+        (file name → its safetensors header, as the Hub serves them to range requests), the
+        tensors those describe, for a process that only needs names, shapes and dtypes."""
         self.path = Path(path)
-        files = self._files()
         self.tensors: dict[str, TensorInfo] = {}
-        for file in files:
+        self._open: dict[str, object] = {}
+        if headers is not None:
+            for file, header in headers.items():
+                self._add(file, header, data_start=0, size=None)
+            return
+        for file in self._files():
             path = self.path / file
             if not path.is_file():
                 raise UsageError(f"{path} is missing (the checkpoint's index names it)")
             header, data_start = _read_header(path)
-            size = path.stat().st_size
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _DTYPES.get(meta["dtype"])
-                if dtype is None:
-                    raise UsageError(f"{path}: tensor {name} has dtype {meta['dtype']}, which cwa_dist cannot read")
-                begin, end = meta["data_offsets"]
-                info = TensorInfo(tuple(meta["shape"]), dtype, file, data_start + begin)
-                if end - begin != info.nbytes or data_start + end > size:
-                    raise UsageError(f"{path} is truncated or corrupt: tensor {name} does not fit its byte range")
-                self.tensors[name] = info
-        self._open: dict[str, object] = {}
+            self._add(file, header, data_start, path.stat().st_size)
+
+    def _add(self, file: str, header: dict, data_start: int, size: int | None) -> None:
+        where = self.path / file
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise UsageError(f"{where}: tensor {name} has dtype {meta['dtype']}, which cwa_dist cannot read")
+            begin, end = meta["data_offsets"]
+            info = TensorInfo(tuple(meta["shape"]), dtype, file, data_start + begin)
+            if end - begin != info.nbytes or (size is not None and data_start + end > size):
+                raise UsageError(f"{where} is truncated or corrupt: tensor {name} does not fit its byte range")
+            self.tensors[name] = info
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({t.file for t in self.tensors.values()})
 
     def _files(self) -> list[str]:
         index = self.path / INDEX
@@ -122,7 +148,7 @@ class Checkpoint:
         if length:
             f = self._file(info.file)
             f.seek(info.offset + start * info.dtype.itemsize)
-            if f.readinto(raw.numpy()) != raw.numel():
+            if read_into(f, memoryview(raw.numpy())) != raw.numel():
                 raise UsageError(f"{self.path / info.file} ended early while reading {key}")
         out = raw.view(info.dtype)
         return out if dtype is None or out.dtype == dtype else out.to(dtype)
