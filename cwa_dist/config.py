@@ -43,6 +43,9 @@ class RunConfig:
     dtype: str = setting("auto", section="model")
     """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU). float16 is refused: its
     gradients underflow without loss scaling; float32 holds a float16 checkpoint exactly."""
+    revision: str | None = setting(None, section="model")
+    """A Hub model's branch, tag or commit (default: the main branch's head). The driver resolves it to
+    one commit, recorded in config.json, and every node reads the weights at that commit."""
     trust_remote_code: bool = setting(False, section="model")
     """Allow the model repository to run its own Python code."""
     # -- analysis
@@ -105,7 +108,8 @@ class RunConfig:
     no_perturbation: bool = setting(False, section="perturbation")
     """Stop after the ranking."""
     gpus_per_eval_actor: int | None = setting(None, section="perturbation", operational=True)
-    """GPUs per evaluation actor; default 1 on a GPU cluster. The model is split over them by blocks."""
+    """GPUs per evaluation actor; default on a GPU cluster: as many as one replica needs (1 when the GPUs'
+    memory is unknown). The model is split over them by blocks."""
     num_eval_actors: int | None = setting(None, section="perturbation", operational=True)
     """Evaluation actors in the pool; default one per free CPU (or GPU), at most one per experiment."""
     replay_memory_gb: float = setting(1.0, section="perturbation", operational=True)
@@ -113,8 +117,9 @@ class RunConfig:
     from the first block it changes (same perplexity, bit for bit); 0 runs every experiment as a
     full forward."""
     # -- sharded gradients
-    num_workers: int = setting(1, section="sharded gradients")
-    """Gradient workers (ranks of one process group); parameters are sharded across them."""
+    num_workers: int | None = setting(None, section="sharded gradients", operational=True)
+    """Gradient workers (ranks of one process group); parameters are sharded across them. Default:
+    1 on CPU; on a GPU cluster one GPU node's GPUs, or as many more as the model needs to fit."""
     shard_backend: str = setting("auto", section="sharded gradients")
     """zero3 (DeepSpeed ZeRO-3), fsdp2 (PyTorch FSDP2), none (one worker holding the whole model),
     or auto: none for a single CPU worker without offload, else zero3."""
@@ -161,8 +166,14 @@ class RunConfig:
     process's memory, check it against the cluster's devices, print the plan and exit; a plan that
     cannot fit is refused with the flags that would make it fit."""
     gpu_memory_gb: float | None = setting(None, section="run", operational=True)
-    """Memory of one GPU, for --dry-run's check on a cluster whose GPU nodes do not exist yet; default:
-    asked of a GPU of the cluster."""
+    """Memory of one GPU in GB, for the plan's check on a cluster whose GPU nodes do not exist yet (or
+    a --cluster file); default: asked of a GPU of the cluster."""
+    cluster: str | None = setting(None, section="run", operational=True)
+    """With --dry-run: plan against this Ray autoscaler cluster file (`ray up`'s, e.g. cluster.yaml)
+    instead of a running cluster: its node types' GPUs, CPUs and `memory`; nothing is started."""
+    placement_timeout_s: float | None = setting(None, section="run", operational=True)
+    """How long the gradient workers wait to be placed (progress is printed meanwhile); default 600 s
+    on a fixed cluster, 3600 s where the autoscaler may first have to start GPU nodes."""
     verbose: bool = setting(False, section="run", operational=True)
     """More console output (per-process memory and timings), Ray's worker logs, tracebacks on errors."""
 
@@ -213,11 +224,12 @@ class RunConfig:
         _non_negative("--ablation-study", self.ablation_study)
         _non_negative("--super-weights", self.super_weights)
         _non_negative("--random-seeds", self.random_seeds)
-        _positive("--num-workers", self.num_workers)
+        if self.num_workers is not None:
+            _positive("--num-workers", self.num_workers)
         _one_of("--shard-backend", self.shard_backend, CHOICES["shard_backend"])
         if self.shard_backend == "fsdp2" and self.gradient_checkpointing:
             raise UsageError("--gradient-checkpointing works with --shard-backend zero3 or none, not fsdp2")
-        if self.shard_backend == "none" and self.num_workers > 1:
+        if self.shard_backend == "none" and (self.num_workers or 1) > 1:
             raise UsageError("--shard-backend none runs one worker; use --shard-backend zero3 with --num-workers > 1")
         if self.cpus_per_worker is not None:
             _positive("--cpus-per-worker", self.cpus_per_worker)
@@ -231,6 +243,11 @@ class RunConfig:
             _positive(flag, v)
         if self.gpus_per_eval_actor is not None:
             _positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
+        if self.cluster is not None and not self.dry_run:
+            raise UsageError("--cluster plans against a cluster file and needs --dry-run; a run uses the cluster it "
+                             "joins (--ray-address, RAY_ADDRESS, or ray job submit)")
+        if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
+            raise UsageError(f"--placement-timeout-s {self.placement_timeout_s} must be a positive number of seconds")
         if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
             raise UsageError(f"--gpu-memory-gb {self.gpu_memory_gb} must be a positive number of GB")
         if self.num_eval_actors is not None:
@@ -249,10 +266,6 @@ class RunConfig:
         return bool(self.gpus_per_worker) or self.gpus_per_eval_actor is not None
 
     @property
-    def eval_actor_gpus(self) -> int:
-        return self.gpus_per_eval_actor or 1
-
-    @property
     def replay_budget_bytes(self) -> int:
         return int(self.replay_memory_gb * 2**30)
 
@@ -260,13 +273,14 @@ class RunConfig:
     def max_k(self) -> int:
         return max(self.topk)
 
-    def backend_for(self, device: str) -> str:
-        """The backend `auto` stands for. One CPU worker gains nothing from sharding and ZeRO-3's
-        hooks cost it 1.5-2x in time (measured on SmolLM2), so it runs the plain replica; anything
-        that shards or offloads runs ZeRO-3."""
+    def backend_for(self, device: str, num_workers: int | None = None) -> str:
+        """The backend `auto` stands for with `num_workers` (default --num-workers, else 1). One CPU
+        worker gains nothing from sharding and ZeRO-3's hooks cost it 1.5-2x in time (measured on
+        SmolLM2), so it runs the plain replica; anything that shards or offloads runs ZeRO-3."""
         if self.shard_backend != "auto":
             return self.shard_backend
-        single_cpu = self.num_workers == 1 and device == "cpu" and not (self.offload_params or self.offload_optimizer)
+        workers = num_workers or self.num_workers or 1
+        single_cpu = workers == 1 and device == "cpu" and not (self.offload_params or self.offload_optimizer)
         return "none" if single_cpu else "zero3"
 
     def mode_options(self):

@@ -9,6 +9,7 @@ each process reads what it needs from the files (`load_replica`, or a backend's 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -24,13 +25,6 @@ from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.errors import UsageError, one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' is float32 on CPU (fast and exact there) and bfloat16 on GPUs."""
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +73,11 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         socket.setdefaulttimeout(old)
 
 
-HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
-                "*.txt"]
-"""What a node downloads of a Hub repository: safetensors weights, configs and tokenizer files."""
+HUB_METADATA_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+"""What the driver downloads of a Hub repository: configs (the safetensors index among them) and
+tokenizer files; the tensors' headers it reads with range requests."""
+HUB_PATTERNS = ["*.safetensors", *HUB_METADATA_PATTERNS]
+"""What a node whose processes read weights downloads: the safetensors files too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +90,7 @@ class ModelRef:
     checkpoint_dir: str
     dtype: str  # "float32" | "bfloat16"
     trust_remote_code: bool = False
+    revision: str | None = None  # a Hub source's commit, resolved once on the driver: every node reads it
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -102,7 +99,9 @@ class ModelRef:
     def open(self) -> tuple[Checkpoint, object]:
         """(checkpoint, transformers config) on this node."""
         path = Path(self.checkpoint_dir)
-        if not path.is_dir():  # another node than the driver's: resolve the source here
+        if self.revision is not None:  # this node's own Hub cache, at the driver's commit
+            path = _hub_snapshot(self.source, self.revision)
+        elif not path.is_dir():  # another node than the driver's: resolve the source here
             if Path(self.source).is_absolute() and not Path(self.source).exists():
                 raise UsageError(
                     f"--model {self.source}: the path does not exist on node {socket.gethostname()}, where a worker "
@@ -128,20 +127,105 @@ def resolve_checkpoint(source: ModelSource, *, announce: Callable[[str], None]) 
     return _hub_snapshot(source.location)
 
 
-def _hub_snapshot(repo: str) -> Path:
+def _hub_snapshot(repo: str, revision: str | None = None, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """The files of `repo` at `revision` that match `patterns`, in this node's Hugging Face cache
+    (downloaded once per node: the Hub client locks each file while it downloads)."""
     from huggingface_hub import snapshot_download
 
     offline = not hub_reachable()
     try:
-        path = Path(snapshot_download(repo_id=repo, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+        path = Path(snapshot_download(repo_id=repo, revision=revision, allow_patterns=patterns,
+                                      local_files_only=offline))
     except Exception as e:  # RepositoryNotFoundError, GatedRepoError, LocalEntryNotFoundError, HTTP errors...
         raise UsageError(_explain_load_failure(repo, ModelSource("hub", repo), {"local_files_only": offline}, e)) from e
+    if patterns is not HUB_PATTERNS:
+        return path
     if not any(path.glob("*.safetensors")):
         raise UsageError(
             f"{repo!r} has no safetensors weights on the Hub; cwa_dist does not download pickle checkpoints "
             "(unpickling can run code). Save it with save_pretrained and pass the directory to --model"
         )
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a run's weights come from, resolved once on the driver and recorded: the directory
+    the driver reads config and tokenizer from, the checkpoint's headers, and what identifies the
+    weights (a Hub commit, or a digest of a local checkpoint's headers)."""
+
+    kind: str  # hub | local | gguf
+    directory: Path
+    checkpoint: Checkpoint  # headers only: the driver never reads a weight
+    revision: str | None  # the Hub commit
+    headers_sha256: str  # headers_digest: every tensor's name, file, dtype and shape
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "directory": str(self.directory), "revision": self.revision,
+                "headers_sha256": self.headers_sha256, "files": len(self.checkpoint.files),
+                "bytes": self.checkpoint.nbytes()}
+
+    @property
+    def identity(self) -> str:
+        """What a resumed run must find again: the commit, else the headers' digest."""
+        return self.revision or self.headers_sha256
+
+
+def resolve_origin(source: ModelSource, *, revision: str | None, announce: Callable[[str], None]) -> Origin:
+    """The driver's view of the weights. A Hub id: its commit at `revision` (the branch head by
+    default), its configs and tokenizer downloaded, its tensors' headers read with range requests
+    (or from this node's cache, where the weights already are); no weight is downloaded here. A
+    local directory or .gguf: the safetensors directory (converted once), its headers read."""
+    if source.kind != "hub":
+        if revision is not None:
+            raise UsageError(f"--revision {revision} names a Hub commit or branch, but --model {source.location} "
+                             "is local")
+        path = resolve_checkpoint(source, announce=announce)
+        ckpt = Checkpoint(path)
+        return Origin(source.kind, path, ckpt, None, headers_digest(ckpt))
+    path = _hub_snapshot(source.location, revision, patterns=HUB_METADATA_PATTERNS)
+    commit = path.name  # snapshot_download answers with .../snapshots/<commit>
+    ckpt = _hub_headers(source.location, commit, path)
+    return Origin("hub", path, ckpt, commit, headers_digest(ckpt))
+
+
+def _hub_headers(repo: str, commit: str, path: Path) -> Checkpoint:
+    index = path / "model.safetensors.index.json"
+    import json
+
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in path.glob("*.safetensors")] or [None]  # one unsharded file, if any
+    if all(f is not None and (path / f).is_file() for f in files):
+        return Checkpoint(path)  # this node has the weights already: their headers are local
+    if not hub_reachable():
+        raise UsageError(f"cannot read the tensor headers of {repo!r} at {commit[:12]}: the Hugging Face Hub is "
+                         "unreachable (offline?) and its weights are not in the local cache; connect to the network, "
+                         "or pass a local directory to --model")
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        meta = get_safetensors_metadata(repo, revision=commit)
+    except Exception as e:
+        raise UsageError(
+            f"{repo!r} has no safetensors weights on the Hub ({one_line(e)}); cwa_dist does not download pickle "
+            "checkpoints (unpickling can run code). Save it with save_pretrained and pass the directory to --model"
+        ) from e
+    headers = {file: {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+                      for name, t in m.tensors.items()} for file, m in meta.files_metadata.items()}
+    return Checkpoint(path, headers=headers)
+
+
+def headers_digest(ckpt: Checkpoint) -> str:
+    """sha256 of every tensor's name, file, dtype and shape: changes when the checkpoint's layout
+    does, cheap (no weight is read), the same whether the headers came from local files or the Hub."""
+    import json
+
+    digest = hashlib.sha256()
+    for name, t in sorted(ckpt.tensors.items()):
+        digest.update(json.dumps([name, t.file, list(t.shape), str(t.dtype)]).encode())
+    return digest.hexdigest()
 
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool):
@@ -178,6 +262,26 @@ def read_config(source: ModelSource, *, trust_remote_code: bool):
     except Exception as e:
         name = str(Path(source.location) / source.gguf_file) if source.gguf_file else source.location
         raise UsageError(_explain_load_failure(name, source, kwargs, e)) from e
+
+
+def stored_dtype(source: ModelSource, config) -> torch.dtype | None:
+    """The dtype the checkpoint stores its weights in: a local directory's safetensors headers (the
+    floating dtype holding the most bytes), float32 for a .gguf (converted by dequantising), else
+    the config's `dtype` (what the Hub's config.json says); None where nothing says."""
+    if source.kind == "gguf":
+        return torch.float32
+    if source.kind == "local" and any(Path(source.location).glob("*.safetensors")):
+        ckpt = Checkpoint(source.location)
+        by_dtype: dict[torch.dtype, int] = {}
+        for t in ckpt.tensors.values():
+            if t.dtype.is_floating_point:
+                by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+        return max(by_dtype, key=by_dtype.get) if by_dtype else None
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "dtype", None) or getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
 
 
 def empty_model(config, *, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
@@ -244,10 +348,11 @@ def buffer_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
 
 
 def load_replica(ckpt: Checkpoint, config, *, dtype: torch.dtype, trust_remote_code: bool, device: str = "cpu",
-                 gpus: int = 0) -> torch.nn.Module:
+                 gpus: int = 0, first_gpu: int = 0) -> torch.nn.Module:
     """The whole model, built empty and filled one tensor at a time from the checkpoint (no random
-    initialisation, no second copy). On several GPUs, split by whole blocks with accelerate's
-    device_map; a model that does not fit them is refused instead of spilling to the CPU."""
+    initialisation, no second copy). On one GPU, GPU `first_gpu` of those the process sees; on
+    several, split by whole blocks with accelerate's device_map; a model that does not fit them is
+    refused instead of spilling to the CPU."""
     from accelerate.utils import set_module_tensor_to_device
 
     net = empty_model(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -257,7 +362,7 @@ def load_replica(ckpt: Checkpoint, config, *, dtype: torch.dtype, trust_remote_c
         if device != "cuda":
             return "cpu"
         if device_map is None:
-            return 0
+            return first_gpu
         return next(d for prefix, d in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
                     if prefix == "" or name == prefix or name.startswith(prefix + "."))
 

@@ -250,6 +250,10 @@ MANIFEST_FIELDS = {
     "git": "the cwa_dist commit (and whether the tree was dirty)",
     "host": "host name, platform, CPU count",
     "device": "the resolved device: cpu or cuda",
+    "plan": "the plan made before any stage: device, dtype, dtype_note (why the weights are rounded, or null), "
+            "backend, workers and actors with their resources, estimated peak bytes per process",
+    "checkpoint": "where the weights came from: kind (hub, local, gguf), directory, revision (the Hub commit every "
+                  "node read), headers_sha256 (every tensor's name, file, dtype and shape), files, bytes",
     "ray": "the Ray cluster's resources when the run started",
     "model_class": "the transformers class of the model",
     "scored_parameters": "name → shape of every scored parameter",

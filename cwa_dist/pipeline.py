@@ -18,11 +18,10 @@ from cwa_dist import ablation, html_report, plots
 from cwa_dist.config import RunConfig
 from cwa_dist.data import Split, load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import deepspeed_config
-from cwa_dist.dry_run import dry_run
+from cwa_dist.dry_run import cluster_view, dry_run, plan_run
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.runtime import (
-    available_cpus,
     cluster_resources,
     settled_free_resources,
     start_ray,
@@ -30,7 +29,6 @@ from cwa_dist.distributed.runtime import (
 )
 from cwa_dist.errors import UsageError, last_line
 from cwa_dist.evaluate import bootstrap_intervals, predicted_tokens, window_tokens
-from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.memory import peak_rss_bytes
 from cwa_dist.metrics import MAGNITUDE, ranked_metrics
 from cwa_dist.models import (
@@ -39,8 +37,8 @@ from cwa_dist.models import (
     empty_model,
     load_config,
     load_tokenizer,
-    resolve_checkpoint,
-    resolve_dtype,
+    Origin,
+    resolve_origin,
     resolve_source,
 )
 from cwa_dist.outputs import (
@@ -53,7 +51,8 @@ from cwa_dist.outputs import (
     topk_csv_frame,
 )
 from cwa_dist.perturb import PerturbationSpec, flip_bit_index, random_targets
-from cwa_dist.placement import actor_count, resolve_device, worker_cpus, worker_gpus
+from cwa_dist.placement import actor_count
+from cwa_dist.run_plan import RunPlan, refusal
 from cwa_dist.plan import (
     ABLATION,
     SUPER_WEIGHT,
@@ -75,9 +74,12 @@ class Context:
 
     cfg: RunConfig
     rep: Reporter
-    device: str
-    device_reason: str
+    plan: RunPlan  # device, dtype, backend, workers and actors: resolved once, before any stage
     joined_cluster: bool  # an existing cluster may autoscale; a local Ray cannot grow
+
+    @property
+    def device(self) -> str:
+        return self.plan.device
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class LoadedModel:
     model_class: str
     num_parameters: int
     model_bytes: int  # the parameters' bytes in the run's dtype
+    origin: Origin  # where the weights come from (commit, directory, headers' digest)
 
 
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
@@ -99,7 +102,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     earlier try of the same run finished."""
     rep = rep or Reporter(cfg.verbose)
     if cfg.dry_run:
-        started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
+        started_ray = not cfg.cluster and start_ray(cfg.ray_address, verbose=cfg.verbose)
         try:
             dry_run(cfg, rep)
             return None
@@ -119,18 +122,24 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
         return RunDirectory(run_path, where=where)
     started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
-        device, why = resolve_device(cfg)
-        ctx = Context(cfg=cfg, rep=rep, device=device, device_reason=why,
-                      joined_cluster=bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")))
-        dtype = resolve_dtype(cfg.dtype, ctx.device)
+        # The same plan as --dry-run's, from the model's config: refused here, before any stage
+        # starts a worker, when a process would not fit its GPU or its node.
+        plan = plan_run(cfg, cluster_view(cfg))
+        if not plan.fit.ok:
+            raise UsageError(refusal(plan))
+        joined = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        ctx = Context(cfg=cfg, rep=rep, plan=plan, joined_cluster=joined)
+        dtype = plan.dtype
         if cfg.perturbation_mode == "bit_flip":
             flip_bit_index(dtype, cfg.perturbation_bit)  # a bit the weights' dtype has, checked before any work
-        identity = run_identity(texts, dtype)
+        timings: dict[str, float] = {}
+        # The weights' origin: a Hub id's commit (pinned for every node), or the local checkpoint.
+        origin = resolve_origin(resolve_source(cfg.model), revision=cfg.revision, announce=rep.line)
+        identity = run_identity(texts, dtype, origin.identity)
         if previous:
             _check_identity(run_path, where, identity)
         _header(ctx, where, len(texts))
-        timings: dict[str, float] = {}
-        loaded = _load(ctx, timings)
+        loaded = _load(ctx, timings, origin)
         split, data_facts = _prepare_data(ctx, texts, loaded.tokenizer)
         run_dir = RunDirectory.create(run_path, on_write=output.uploader(experiment_id), where=where,
                                       exists_ok=bool(previous))
@@ -175,6 +184,16 @@ def _experiment_id(cfg: RunConfig, output: Output) -> str:
 
 def _config_record(cfg: RunConfig, experiment_id: str, device: str) -> dict:
     return {**cfg.to_dict(), "experiment_id": experiment_id, "device": device}
+
+
+def _plan_line(plan: RunPlan) -> str:
+    lay = plan.layout
+    gpus = f" and {lay.gpus_per_worker} GPU(s)" if lay.gpus_per_worker else ""
+    actors = ""
+    if lay.num_eval_actors:
+        each = f" of {lay.gpus_per_eval_actor} GPU(s)" if plan.device == "cuda" else ""
+        actors = f"; {lay.num_eval_actors} evaluation actor(s){each}"
+    return f"🧭 Plan: {lay.num_workers} gradient worker(s) of {lay.cpus_per_worker} CPU(s){gpus}{actors}; it fits"
 
 
 def _previous_run(cfg: RunConfig, path: Path, where: str, experiment_id: str) -> dict | None:
@@ -223,7 +242,9 @@ def _open_record(ctx: Context, run_dir: RunDirectory, experiment_id: str, previo
         model_class=loaded.model_class,
         scored_parameters={n: list(s) for n, s in loaded.shapes.items()},
     )
-    record.run_dir.write_json("config.json", {**_config_record(cfg, experiment_id, ctx.device), **identity})
+    record.set(plan=ctx.plan.record(), checkpoint=loaded.origin.record())
+    record.run_dir.write_json("config.json", {**_config_record(cfg, experiment_id, ctx.device), **identity,
+                                              "plan": ctx.plan.record(), "checkpoint": loaded.origin.record()})
     return record
 
 
@@ -233,7 +254,10 @@ def _header(ctx: Context, where: str, n_texts: int) -> None:
     rep.rule()
     rep.line(f"📅 Started: {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
     rep.line(f"🤖 Model: {cfg.model}")
-    rep.line(f"🔧 Device: {ctx.device} ({ctx.device_reason})")
+    rep.line(f"🔧 Device: {ctx.device} ({ctx.plan.device_reason}); dtype {ctx.plan.dtype_name}")
+    if ctx.plan.dtype_note:
+        rep.line(f"⚠️  {ctx.plan.dtype_note}")
+    rep.line(_plan_line(ctx.plan))
     rep.line(f"📊 Metrics: {', '.join(cfg.metrics)}")
     rep.line(f"🏆 Top-K values: {list(cfg.topk)}")
     rep.line(f"📚 Evaluation texts: {n_texts}")
@@ -241,17 +265,15 @@ def _header(ctx: Context, where: str, n_texts: int) -> None:
     rep.rule()
 
 
-def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
-    """Resolve the checkpoint and read what the driver needs of it: config, tokenizer, and the
-    parameters' names and shapes (from an empty model on the meta device). No weight is read here:
-    workers and actors read them from the files."""
+def _load(ctx: Context, timings: dict[str, float], origin: Origin) -> LoadedModel:
+    """Read what the driver needs of the checkpoint: config, tokenizer, and the parameters' names
+    and shapes (from an empty model on the meta device, checked against the tensors' headers). No
+    weight is read (or, from the Hub, downloaded) here: workers and actors read them on their nodes."""
     cfg, rep = ctx.cfg, ctx.rep
     with rep.stage("🤖 Loading Model", timings, "model"):
-        dtype = resolve_dtype(cfg.dtype, ctx.device)
+        dtype = ctx.plan.dtype
         rep.line(f"🔄 Loading {cfg.model} ...")
-        source = resolve_source(cfg.model)
-        path = resolve_checkpoint(source, announce=rep.line)
-        ckpt = Checkpoint(path)
+        path, ckpt = origin.directory, origin.checkpoint
         config = load_config(path, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         skeleton = empty_model(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -261,10 +283,11 @@ def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
         shapes = {n: tuple(params[n].shape) for n in scored}
         n_params = sum(p.numel() for p in params.values())
         n_scored = sum(numel(s) for s in shapes.values())
-        files = len({t.file for t in ckpt.tensors.values()})
-        rep.line(f"✅ Model: {type(skeleton).__name__} ({source.kind}), dtype {str(dtype).removeprefix('torch.')}")
-        rep.line(f"✅ Checkpoint: {path} ({ckpt.nbytes() / 2**30:.2f} GiB in {files} safetensors file(s); "
-                 "each worker reads its own part)")
+        files = len(ckpt.files)
+        rep.line(f"✅ Model: {type(skeleton).__name__} ({origin.kind}), dtype {str(dtype).removeprefix('torch.')}")
+        at = f" at commit {origin.revision}" if origin.revision else ""
+        rep.line(f"✅ Checkpoint: {path}{at} ({ckpt.nbytes() / 2**30:.2f} GiB in {files} safetensors file(s); "
+                 "each worker reads its own part" + (", downloaded on its node" if origin.revision else "") + ")")
         rep.line(f"✅ Parameters: {n_params:,}")
         rep.line(f"✅ Scored: {len(scored)} tensors, {n_scored:,} weights")
         if cfg.max_k > n_scored:
@@ -273,12 +296,12 @@ def _load(ctx: Context, timings: dict[str, float]) -> LoadedModel:
                 "lower K or score more parameters (--include-bias, --include-norm)"
             )
         # Local sources travel as absolute paths: a worker's working directory may be another.
-        where = cfg.model if source.kind == "hub" else str(Path(cfg.model).expanduser().resolve())
+        where = cfg.model if origin.kind == "hub" else str(Path(cfg.model).expanduser().resolve())
         model = ModelRef(source=where, checkpoint_dir=str(path), dtype=str(dtype).removeprefix("torch."),
-                         trust_remote_code=cfg.trust_remote_code)
+                         trust_remote_code=cfg.trust_remote_code, revision=origin.revision)
     return LoadedModel(model=model, tokenizer=tokenizer, scored=scored, shapes=shapes,
                        model_class=type(skeleton).__name__, num_parameters=n_params,
-                       model_bytes=n_params * dtype.itemsize)
+                       model_bytes=n_params * dtype.itemsize, origin=origin)
 
 
 def _prepare_data(ctx: Context, texts: list[str], tokenizer) -> tuple[Split, dict]:
@@ -303,17 +326,17 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
     cfg, rep, scored = ctx.cfg, ctx.rep, loaded.scored
     with rep.stage("🧮 Computing Sensitivity Metrics", record.timings, "sensitivity"):
         settings = cfg.zero_settings()
-        backend = cfg.backend_for(ctx.device)
+        lay, backend = ctx.plan.layout, ctx.plan.backend
         if backend == "zero3":
-            record.run_dir.write_json("deepspeed_config.json",
-                                      deepspeed_config(settings, resolve_dtype(cfg.dtype, ctx.device)))
-        gpus = worker_gpus(cfg, ctx.device)
-        cpus = worker_cpus(cfg, available_cpus())
-        rep.line(f"🔄 {cfg.num_workers} gradient worker(s), backend {backend}, "
+            record.run_dir.write_json("deepspeed_config.json", deepspeed_config(settings, ctx.plan.dtype, ctx.device))
+        gpus, cpus = lay.gpus_per_worker, lay.cpus_per_worker
+        rep.line(f"🔄 {lay.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
-        group = GradientGroup(loaded.model, num_workers=cfg.num_workers, backend=backend, device=ctx.device,
+        group = GradientGroup(loaded.model, num_workers=lay.num_workers, backend=backend, device=ctx.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
-                              autoscaling=ctx.joined_cluster, call_timeout_s=cfg.stage_timeout_s)
+                              autoscaling=ctx.joined_cluster, call_timeout_s=cfg.stage_timeout_s,
+                              placement_timeout_s=_placement_timeout_s(ctx), on_wait=rep.line,
+                              node_gpus=ctx.plan.view.gpu_node.gpus if ctx.plan.view.gpu_node else None)
         try:
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
                 result = group.sensitivity(
@@ -361,6 +384,14 @@ def _sensitivity(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Sp
         })
     record.mark("sensitivity")
     return merged
+
+
+def _placement_timeout_s(ctx: Context) -> float:
+    """--placement-timeout-s, else 600 s, or an hour where the autoscaler may have to start GPU
+    nodes first (a cold GPU node runs its setup commands before it joins)."""
+    if ctx.cfg.placement_timeout_s:
+        return ctx.cfg.placement_timeout_s
+    return 3600.0 if ctx.joined_cluster and ctx.plan.view.gpus_possible else 600.0
 
 
 def _study_weights(ctx: Context, record: RunRecord, loaded: LoadedModel, group: GradientGroup,
@@ -464,11 +495,12 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
         study = pd.read_parquet(record.run_dir.path / "ablation_weights.parquet") if need_ablation else None
         if todo or need_super or need_ablation:
             n_extra = cfg.super_weights + (len(study) if need_ablation else 0)
-            n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources())
+            n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources(),
+                                   gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor)
             rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
                      f"{len(chunks)} evaluation chunk(s) each")
             pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
-                            gpus_per_actor=cfg.eval_actor_gpus, batch_size=cfg.batch_size,
+                            gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor, batch_size=cfg.batch_size,
                             replay_budget_bytes=cfg.replay_budget_bytes)
             try:
                 described = pool.describe()

@@ -16,23 +16,26 @@ OPERATIONAL = operational_settings()
 
 # What a run was computed on, beyond its settings: recorded in config.json once the device is known,
 # and checked before a resume (a run begun on CPU in float32 must not continue on GPUs in bfloat16).
-IDENTITY = ("resolved_dtype", "data_sha256")
+IDENTITY = ("resolved_dtype", "data_sha256", "weights")
+# What config.json records beside the settings, for the reader: not compared on resume.
+RECORDED = ("plan", "checkpoint")
 
 
-def run_identity(texts: list[str], dtype) -> dict:
-    """The resolved dtype and a hash of the texts the run reads."""
+def run_identity(texts: list[str], dtype, weights: str) -> dict:
+    """The resolved dtype, a hash of the texts the run reads, and what identifies its weights (a Hub
+    commit, or a digest of the checkpoint's headers)."""
     digest = hashlib.sha256()
     for t in texts:
         digest.update(t.encode())
         digest.update(b"\0")
-    return {"resolved_dtype": str(dtype).removeprefix("torch."), "data_sha256": digest.hexdigest()}
+    return {"resolved_dtype": str(dtype).removeprefix("torch."), "data_sha256": digest.hexdigest(), "weights": weights}
 
 
 def differing_identity(stored: dict, identity: dict) -> list[str]:
     out = []
     for key in IDENTITY:
-        if stored.get(key) != identity[key]:
-            what = "the texts" if key == "data_sha256" else key
+        if key in stored and stored[key] != identity[key]:  # a run recorded before a key existed passes it
+            what = {"data_sha256": "the texts", "weights": "the weights (Hub commit or checkpoint layout)"}.get(key, key)
             out.append(f"{what} differ (stored {str(stored.get(key))[:16]!r}, now {identity[key][:16]!r})")
     return out
 
@@ -41,7 +44,7 @@ def differing_settings(stored: dict, current: dict) -> list[str]:
     """Names of result-affecting settings whose values differ, with both values."""
     out = []
     for key in sorted(set(stored) | set(current)):
-        if key in OPERATIONAL or key in IDENTITY:
+        if key in OPERATIONAL or key in IDENTITY or key in RECORDED:
             continue
         a, b = _normal(stored.get(key)), _normal(current.get(key))
         if a != b:

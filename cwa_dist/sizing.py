@@ -200,43 +200,61 @@ REMEDIES = (
 
 
 def check_fit(m: ModelFacts, lay: Layout, *, gpu_bytes: int | None, host_bytes: int | None,
-              gpus_total: int = 0) -> Fit:
-    """Whether every process fits its device (`gpu_bytes` per GPU) and the CPU plan fits `host_bytes`
-    (the cluster's memory for tasks); if not, the first remedy that would make it fit."""
-    problems = _problems(m, lay, gpu_bytes, host_bytes)
+              gpus_total: int = 0, node_memory_bytes: int | None = None, node_gpus: int | None = None) -> Fit:
+    """Whether every process fits its device (`gpu_bytes` per GPU), the CPU plan fits `host_bytes`
+    (the cluster's memory for tasks), and on GPUs the processes one node holds at once fit its host
+    memory (`node_memory_bytes`, a node of `node_gpus` GPUs); if not, the first remedy that would
+    make it fit."""
+    node = (node_memory_bytes, node_gpus)
+    problems = _problems(m, lay, gpu_bytes, host_bytes, node=node)
     if not problems:
         return Fit(True, [], None)
     fixes = []
     rank_fails = any(p.startswith("gradient rank") for p in problems)
     actor_fails = any(p.startswith("evaluation actor") for p in problems)
-    if rank_fails:
+    if rank_fails and lay.backend == "zero3":
+        options = []
         for flags, change in REMEDIES:
-            if lay.backend == "zero3" and not _problems(m, replace(lay, **change), gpu_bytes, host_bytes,
-                                                        roles=("gradient rank",)):
-                fixes.append(flags)
+            if not _problems(m, replace(lay, **change), gpu_bytes, host_bytes, roles=("gradient rank",), node=node):
+                options.append(flags)
                 break
-        else:
-            if lay.device == "cuda" and gpu_bytes and lay.backend == "zero3":
-                for n in range(lay.num_workers + 1, max(gpus_total, lay.num_workers) + 1):
-                    if not _problems(m, replace(lay, num_workers=n), gpu_bytes, host_bytes, roles=("gradient rank",)):
-                        fixes.append(f"--num-workers {n}")
-                        break
+        if lay.device == "cuda" and gpu_bytes:
+            for n in range(lay.num_workers + 1, max(gpus_total, lay.num_workers) + 1):
+                if not _problems(m, replace(lay, num_workers=n), gpu_bytes, host_bytes, roles=("gradient rank",),
+                                 node=node):
+                    options.append(f"--num-workers {n}")
+                    break
+        if options:
+            fixes.append(options[0] if len(options) == 1 else f"{options[0]} (or {options[1]})")
     if actor_fails and lay.device == "cuda" and gpu_bytes:
         for g in range(lay.gpus_per_eval_actor + 1, max(gpus_total, lay.gpus_per_eval_actor) + 1):
-            if not _problems(m, replace(lay, gpus_per_eval_actor=g), gpu_bytes, host_bytes, roles=("evaluation actor",)):
+            if not _problems(m, replace(lay, gpus_per_eval_actor=g), gpu_bytes, host_bytes, roles=("evaluation actor",),
+                             node=node):
                 fixes.append(f"--gpus-per-eval-actor {g}")
                 break
     return Fit(False, problems, " ".join(fixes) or None)
 
 
-def _problems(m, lay, gpu_bytes, host_bytes, roles=("gradient rank", "evaluation actor")) -> list[str]:
+def per_node(need: Need, lay: Layout, node_gpus: int | None) -> int:
+    """How many processes of `need` one GPU node holds at once."""
+    gpus = need.resources.get("GPU", 0)
+    return min(need.count, node_gpus // gpus) if gpus and node_gpus else need.count
+
+
+def _problems(m, lay, gpu_bytes, host_bytes, roles=("gradient rank", "evaluation actor"),
+              node=(None, None)) -> list[str]:
     out = []
+    node_memory, node_gpus = node
     for need in (rank_need(m, lay), actor_need(m, lay)):
         if need.role not in roles:
             continue
         if lay.device == "cuda" and gpu_bytes and need.device_bytes > gpu_bytes:
             out.append(f"{need.role}: {need.device_bytes / GiB:.1f} GiB per GPU, over the {gpu_bytes / GiB:.1f} GiB "
                        "each GPU has")
+        together = per_node(need, lay, node_gpus)
+        if lay.device == "cuda" and node_memory and need.count and together * need.host_bytes > node_memory:
+            out.append(f"{need.role}: {together} per node × {need.host_bytes / GiB:.1f} GiB of host memory, over "
+                       f"the {node_memory / GiB:.0f} GiB each GPU node offers")
         if lay.device == "cpu" and host_bytes and need.host_bytes * need.count > host_bytes:
             out.append(f"{need.role}: {need.count} × {need.host_bytes / GiB:.1f} GiB, over the cluster's "
                        f"{host_bytes / GiB:.1f} GiB of memory for tasks")

@@ -81,7 +81,7 @@ def default_concurrency(configs: list[RunConfig], joined_cluster: bool) -> int:
         return len(configs)
     from cwa_dist.distributed.runtime import available_cpus
 
-    widest = max(c.num_workers * (c.cpus_per_worker or 1) for c in configs)
+    widest = max((c.num_workers or 1) * (c.cpus_per_worker or 1) for c in configs)
     return max(1, min(len(configs), available_cpus() // widest))
 
 
@@ -93,7 +93,7 @@ def share_the_machine(configs: list[RunConfig], concurrent: int) -> None:
     free = available_cpus()
     for cfg in configs:
         if cfg.cpus_per_worker is None:
-            cfg.cpus_per_worker = max(1, free // (concurrent * cfg.num_workers))
+            cfg.cpus_per_worker = max(1, free // (concurrent * (cfg.num_workers or 1)))
         if cfg.num_eval_actors is None:
             cfg.num_eval_actors = max(1, free // concurrent)
 

@@ -131,3 +131,72 @@ def test_pickle_checkpoint_is_converted_once_reused_and_rebuilt_when_corrupt(tin
     assert json.loads((first / "cwa_dist_conversion.json").read_text())["converter_version"] == 1
     with torch.no_grad():
         assert torch.equal(_replica(first)(input_ids=ids).logits, net(input_ids=ids).logits)
+
+
+def _hub_cache(root, model_dir, *, repo="cwa-test--tiny-llama", weights=True,
+               revision="0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face cache holding one repository at one commit, as the Hub client lays it out."""
+    snapshot = root / "hub" / f"models--{repo}" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if weights or not f.name.endswith(".safetensors"):
+            shutil.copy(f, snapshot / f.name)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(revision)
+    return snapshot, revision
+
+
+def _use_hub_cache(monkeypatch, cache):
+    """This process's Hub client reads its cache from `cache`, offline (it read the environment when
+    imported, so its constant is what changes)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_a_hub_model_is_pinned_to_one_commit_and_the_driver_reads_only_headers(tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    from cwa_dist.models import ModelRef, headers_digest, resolve_origin
+
+    snapshot, commit = _hub_cache(tmp_path, tiny_model_dir["llama"])
+    _use_hub_cache(monkeypatch, tmp_path / "hub")
+    origin = resolve_origin(resolve_source("cwa-test/tiny-llama"), revision=None, announce=print)
+    assert origin.kind == "hub" and origin.revision == commit and origin.directory == snapshot
+    local = resolve_origin(resolve_source(str(tiny_model_dir["llama"])), revision=None, announce=print)
+    assert origin.headers_sha256 == local.headers_sha256 == headers_digest(Checkpoint(tiny_model_dir["llama"]))
+    assert origin.identity == commit and local.identity == local.headers_sha256 and local.revision is None
+    # A worker on another node resolves the same commit in its own cache.
+    ref = ModelRef(source="cwa-test/tiny-llama", checkpoint_dir="/elsewhere", dtype="float32", revision=commit)
+    ckpt, config = ref.open()
+    assert ckpt.path == snapshot and config.model_type == "llama"
+    ckpt.close()
+    with pytest.raises(UsageError, match="names a Hub commit or branch"):
+        resolve_origin(resolve_source(str(tiny_model_dir["llama"])), revision="main", announce=print)
+
+
+def test_a_hub_checkpoint_whose_weights_are_not_cached_offline_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    from cwa_dist.models import resolve_origin
+
+    # Configs and tokenizer cached (what the driver downloads), the weights not: reading their
+    # headers needs the Hub.
+    _hub_cache(tmp_path, tiny_model_dir["llama"], weights=False)
+    _use_hub_cache(monkeypatch, tmp_path / "hub")
+    with pytest.raises(UsageError, match="cannot read the tensor headers of 'cwa-test/tiny-llama' at 0123456789ab"):
+        resolve_origin(resolve_source("cwa-test/tiny-llama"), revision=None, announce=print)
+    with pytest.raises(UsageError, match="Hub is unreachable"):
+        resolve_origin(resolve_source("cwa-test/tiny-llama"), revision="v2", announce=print)  # not cached
+
+
+def test_the_checkpoints_headers_alone_describe_its_tensors(tiny_model_dir):
+    """The driver's view of a Hub checkpoint is built from headers (as range requests return them);
+    it names the same tensors, shapes and dtypes as the files."""
+    files = Checkpoint(tiny_model_dir["gpt2"])
+    headers = {}
+    for f in files.files:
+        raw = (tiny_model_dir["gpt2"] / f).read_bytes()
+        headers[f] = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    remote = Checkpoint("/not/here", headers=headers)
+    assert {n: (t.shape, t.dtype, t.file) for n, t in remote.tensors.items()} == \
+        {n: (t.shape, t.dtype, t.file) for n, t in files.tensors.items()}
+    assert remote.nbytes() == files.nbytes()

@@ -9,12 +9,15 @@ from pathlib import Path
 import ray
 import yaml
 
+from cwa_dist.run_plan import ClusterView, NodeShape, autoscaler_gpus, gpu_node, worker_types
+
 
 @dataclass(frozen=True, slots=True)
 class Outlook:
     gpus_now: int
     gpus_possible: int  # more GPUs the autoscaler may add (0 without an autoscaler or GPU node types)
     source: str  # where gpus_possible was read
+    addable: tuple[NodeShape, ...] = ()  # node types the autoscaler can add, where its config says
 
 
 def outlook() -> Outlook:
@@ -24,9 +27,11 @@ def outlook() -> Outlook:
     --autoscaling-config=...` names it), which is where a `ray job submit` driver runs."""
     now = int(ray.cluster_resources().get("GPU", 0))
     possible, source = _from_gcs()
-    if not possible:
-        possible, source = _from_autoscaling_config()
-    return Outlook(gpus_now=now, gpus_possible=max(0, possible - now), source=source)
+    config = _autoscaling_config()
+    addable = tuple(s for s, count in worker_types(config) if count) if config else ()
+    if not possible and config:
+        possible, source = autoscaler_gpus(config), f"autoscaling config {autoscaling_config_path()}"
+    return Outlook(gpus_now=now, gpus_possible=max(0, possible - now), source=source, addable=addable)
 
 
 def _from_gcs() -> tuple[int, str]:
@@ -38,32 +43,15 @@ def _from_gcs() -> tuple[int, str]:
     return gpus, "the cluster config the autoscaler reported" if gpus else ""
 
 
-def _from_autoscaling_config() -> tuple[int, str]:
+def _autoscaling_config() -> dict | None:
     path = autoscaling_config_path()
     if path is None:
-        return 0, ""
+        return None
     try:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return 0, ""
-    return autoscaler_gpus(config), f"autoscaling config {path}"
-
-
-def autoscaler_gpus(config: dict) -> int:
-    """The most GPUs the worker node types of an autoscaler config can add (resources × max_workers,
-    capped by the cluster's max_workers nodes in all)."""
-    head = config.get("head_node_type")
-    per_type = []
-    for name, node_type in (config.get("available_node_types") or {}).items():
-        gpus = int((node_type.get("resources") or {}).get("GPU", 0))
-        if name != head and gpus:
-            per_type.append((gpus, int(node_type.get("max_workers", 0))))
-    cap = int(config.get("max_workers", 1 << 20))
-    total, nodes = 0, 0
-    for gpus, count in sorted(per_type, reverse=True):
-        take = max(0, min(count, cap - nodes))
-        total, nodes = total + gpus * take, nodes + take
-    return total
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def autoscaling_config_path() -> str | None:
@@ -84,17 +72,45 @@ def autoscaling_config_path() -> str | None:
 
 
 def gpu_memory_bytes() -> int | None:
-    """Memory of one of the cluster's GPUs, asked of a GPU there; None when it has none yet."""
+    """Memory of one of the cluster's GPUs, asked of a GPU there; None when it has none yet, or
+    none that answers (Ray's logical GPUs on a machine without one)."""
     if not ray.cluster_resources().get("GPU"):
         return None
 
     @ray.remote(num_gpus=1, num_cpus=0)
-    def total_memory() -> int:
+    def total_memory() -> int | None:
         import torch
 
-        return torch.cuda.get_device_properties(0).total_memory
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
-    return int(ray.get(total_memory.remote(), timeout=120))
+    try:
+        memory = ray.get(total_memory.remote(), timeout=120)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        return None
+    return int(memory) if memory else None
+
+
+def live_nodes() -> list[NodeShape]:
+    """The shapes of the cluster's alive nodes, from Ray's view of each."""
+    out = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources") or {}
+        out.append(NodeShape(node.get("NodeManagerAddress", "?"), int(res.get("CPU", 0)), int(res.get("GPU", 0)),
+                             int(res["memory"]) if res.get("memory") else None))
+    return out
+
+
+def live_view(*, gpu_memory_gb: float | None) -> ClusterView:
+    """The cluster this process is connected to: its GPUs now and those its autoscaler could add, its
+    free CPUs, memory for tasks, the memory of one GPU (--gpu-memory-gb, else asked of one), and the
+    GPU node shape (an alive GPU node, else the GPU node type the autoscaler would add)."""
+    o = outlook()
+    gpu_bytes = int(gpu_memory_gb * 1e9) if gpu_memory_gb else gpu_memory_bytes()
+    return ClusterView(gpus_now=o.gpus_now, gpus_possible=o.gpus_possible, source=o.source,
+                       free_cpus=int(ray.available_resources().get("CPU", 0)), task_memory_bytes=task_memory_bytes(),
+                       gpu_bytes=gpu_bytes, gpu_node=gpu_node(live_nodes()) or gpu_node(list(o.addable)))
 
 
 def task_memory_bytes() -> int:
