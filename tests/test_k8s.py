@@ -82,3 +82,22 @@ def test_broken_copies_fail(path):
     for bad in _broken(doc, doc["kind"]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema(MANIFESTS[path]))
+
+
+@pytest.mark.parametrize("path", MANIFESTS)
+def test_every_pod_has_a_memory_backed_dev_shm(path):
+    """NCCL and Ray's object store use /dev/shm, 64 MiB in a pod unless a volume replaces it."""
+    spec = manifest(path)["spec"]
+    cluster = spec.get("rayClusterSpec", spec)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert "/dev/shm" in mounts, group.get("groupName", "head")
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_rayjob_runs_the_documented_command_without_hand_tuned_workers():
+    entry = manifest("k8s/rayjob.yaml")["spec"]["entrypoint"]
+    for flag in ("--num-workers", "--gpus-per-worker", "--gpus-per-eval-actor"):
+        assert flag not in entry
