@@ -18,6 +18,7 @@ from typing import Callable
 import ray
 import torch
 
+from cwa_dist.devices import to_cpu
 from cwa_dist.errors import last_line
 from cwa_dist.evaluate import Perplexity, perplexity
 from cwa_dist.memory import peak_device_bytes, peak_rss_bytes
@@ -58,10 +59,10 @@ class EvalActor:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def describe(self) -> tuple[str, Perplexity]:
-        return self.name, self.baseline
+        return to_cpu((self.name, self.baseline))
 
     def super_weights(self, prompts: list[torch.Tensor], max_candidates: int) -> list[Candidate]:
-        return detect(self.model, prompts, batch_size=self.batch_size, max_candidates=max_candidates)
+        return to_cpu(detect(self.model, prompts, batch_size=self.batch_size, max_candidates=max_candidates))
 
     def memory(self) -> dict:
         """This actor's measured peaks and load time, for the manifest."""
@@ -77,10 +78,11 @@ class EvalActor:
                 perturbed = perplexity(self.model, self.chunks, self.batch_size)
         finally:
             restore(self.params, saved)
-        exact = restored_exactly(self.params, saved) and all(
-            fingerprint(self.params[n]) == self.fingerprints[n] for n in saved.values
-        )
-        return ExperimentResult(
+        # Checked where the weights live and only where they changed: apply and restore write at
+        # the saved indices and nowhere else (hashing each touched tensor on the host instead cost
+        # minutes per experiment at 70B); the whole model is fingerprinted once, at the end.
+        exact = restored_exactly(self.params, saved)
+        return to_cpu(ExperimentResult(
             key=spec.key,
             perturbed=perturbed,
             baseline=self.baseline,
@@ -88,7 +90,7 @@ class EvalActor:
             wall_s=time.perf_counter() - start,
             restored_exact=exact,
             actor=self.name,
-        )
+        ))
 
     def all_weights_intact(self) -> bool:
         """Every parameter still has the bytes it was built with."""
@@ -126,9 +128,14 @@ class EvalPool:
         queue = deque((spec, 0) for spec in specs)
         idle = list(self.actors)
         in_flight: dict = {}  # ref -> (actor, spec, tries, deadline)
+        # A replacement loads the model and measures its baseline first (minutes for a large model):
+        # it takes a spec, and its experiment's deadline starts, only once it has answered.
+        starting: dict = {}  # ref of its first answer -> actor
+        lost_while_loading = 0
 
         def retry(actor, spec, tries, what: str, detail: str) -> None:
-            idle.append(self._replace(actor))
+            fresh = self._replace(actor)
+            starting[fresh.describe.remote()] = fresh
             if tries < max_retries:
                 queue.append((spec, tries + 1))
             else:
@@ -142,7 +149,20 @@ class EvalPool:
                 in_flight[actor.run.remote(spec)] = (actor, spec, tries, deadline)
             deadlines = [d for *_, d in in_flight.values() if d is not None]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+            ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=wait_s)
+            if ready and ready[0] in starting:
+                actor = starting.pop(ready[0])
+                try:
+                    ray.get(ready[0])
+                except ray.exceptions.RayActorError as e:
+                    lost_while_loading += 1
+                    if lost_while_loading > max_retries + len(self.actors):
+                        raise RuntimeError(f"evaluation actors keep dying while they load the model ({last_line(e)})")
+                    fresh = self._replace(actor)
+                    starting[fresh.describe.remote()] = fresh
+                    continue
+                idle.append(actor)
+                continue
             if not ready:
                 now = time.monotonic()
                 for ref, (actor, spec, tries, deadline) in list(in_flight.items()):
