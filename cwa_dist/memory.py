@@ -5,6 +5,7 @@
   walking the garbage collector's objects (each storage counted once, however many views).
   A rank that kept a whole copy of the model shows it here, whatever the bookkeeping says.
 - `peak_device_bytes`: torch's peak GPU allocation (0 without CUDA).
+- `peak_pinned_bytes`: torch's peak of pinned host memory (0 without CUDA).
 """
 
 from __future__ import annotations
@@ -43,3 +44,11 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
 
 def peak_device_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def peak_pinned_bytes() -> int:
+    """Torch's peak of pinned host memory (its caching host allocator's blocks, as rounded), 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    stats = torch.cuda.host_memory_stats()
+    return int(stats.get("allocated_bytes.peak", stats.get("allocated_bytes.all.peak", 0)))

@@ -5,7 +5,11 @@ no weights.
 The per-byte figures come from measurements (README, "Memory of every process"; docs/scaling.md):
 a ZeRO-3 rank peaks while `deepspeed.initialize` runs, holding its parameter partition, DeepSpeed's
 flat copy of it, the float32 master clone and the float32 gradient partition at once; afterwards
-the master clone is freed. An evaluation actor holds its replica plus about half a GiB.
+the master clone is freed. Under --offload-optimizer DeepSpeed keeps 12 bytes per parameter of the
+rank's share on the host (master, flat gradient partition, the master's gradient buffer;
+benchmarks/bench_offload_host.py), 8 once the master is freed. Pinned blocks are kept at their size
+(grad_workers.exact_pinned_blocks), not rounded up to a power of two. An evaluation actor holds its
+replica plus about half a GiB.
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ def rank_need(m: ModelFacts, lay: Layout) -> Need:
         states = host if lay.offload_optimizer else dev
         states["fp32 master at initialisation"] = share * 4
         states["fp32 gradient partition"] = share * 4
+        if lay.offload_optimizer:  # measured (bench_offload_host.py): the master's own gradient buffer
+            host["fp32 gradient buffer of the master"] = share * 4
         dev["gathered parameters"] = min(lay.max_live_parameters, 2 * m.largest_block) * b \
             + lay.prefetch_bucket_size * b + 2 * lay.reduce_bucket_size * 4
     elif lay.backend == "fsdp2":

@@ -224,3 +224,24 @@ def test_the_stand_in_cases_in_a_process_of_their_own():
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-1000:]
 
 METRICS = ["grad_x_weight", "grad_squared", "fisher", "obd", "wanda"]
+
+
+def test_gradient_workers_keep_pinned_blocks_at_their_size(monkeypatch):
+    """Torch rounds pinned blocks to a power of two unless told otherwise; a worker tells it, and keeps
+    whatever allocator configuration the user gave."""
+    from cwa_dist.distributed.grad_workers import PINNED_ROUNDING, exact_pinned_blocks
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    exact_pinned_blocks()
+    assert os.environ["PYTORCH_ALLOC_CONF"] == PINNED_ROUNDING
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    exact_pinned_blocks()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == f"expandable_segments:True,{PINNED_ROUNDING}"
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+    # Torch itself reads the setting (a fresh process: it reads the environment once).
+    code = "import torch; print(torch._C._accelerator_getAllocatorSettings())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTORCH_ALLOC_CONF": PINNED_ROUNDING})
+    assert PINNED_ROUNDING in out.stdout

@@ -26,7 +26,7 @@ from cwa_dist.distributed.process_group import destroy_group, init_group, rendez
 from cwa_dist.errors import UsageError, last_line
 from cwa_dist.data import lockstep_batches, per_window_steps
 from cwa_dist.evaluate import Perplexity, batches, predicted_tokens
-from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_rss_bytes
+from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_pinned_bytes, peak_rss_bytes
 from cwa_dist.metrics import FISHER, needed_inputs
 from cwa_dist.models import ModelRef
 from cwa_dist.sensitivity import (
@@ -58,12 +58,31 @@ class WorkerReport:
     local_grad_numel: int  # gradient elements this rank holds
     peak_device_bytes: int  # peak GPU memory allocated by torch (0 on CPU)
     live_tensor_bytes: int  # bytes of the tensors this rank holds after scoring, measured
+    peak_pinned_bytes: int = 0  # peak pinned host memory (offloaded buffers on a GPU rank; 0 on CPU)
+
+
+PINNED_ROUNDING = "pinned_max_round_threshold_mb:64"
+
+
+def exact_pinned_blocks() -> None:
+    """Keep pinned host blocks over 64 MB at their size. Torch's pinned allocator rounds every
+    block up to a power of two by default, which turns ZeRO-3's offloaded 34.5 GB gradient buffer
+    of a 70B rank into 64 GiB. Set before CUDA starts in this process; an allocator configuration
+    the user gave is kept and only extended."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        given = os.environ.get(name)
+        if given:
+            if "pinned_max_round_threshold_mb" not in given:
+                os.environ[name] = f"{given},{PINNED_ROUNDING}"
+            return
+    os.environ["PYTORCH_ALLOC_CONF"] = PINNED_ROUNDING
 
 
 class GradientWorker:
     """One rank. The driver calls its methods on all ranks together (collectives need that)."""
 
     def __init__(self, threads: int | None):
+        exact_pinned_blocks()
         if threads:
             torch.set_num_threads(threads)
         self.node = f"{socket.gethostname()}:{os.getpid()}"
@@ -153,6 +172,7 @@ class GradientWorker:
             local_grad_numel=grads,
             peak_device_bytes=peak_device_bytes(),
             live_tensor_bytes=live_tensor_bytes("cuda" if torch.cuda.is_available() else "cpu"),
+            peak_pinned_bytes=peak_pinned_bytes(),
         ))  # to_cpu: a driver without GPUs must be able to unpickle it
 
     def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
