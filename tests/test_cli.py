@@ -298,3 +298,20 @@ def test_more_workers_than_the_cluster_holds_is_refused_at_once(ray_local, tiny_
     assert code == 2
     assert "need 9 CPU in all, but the Ray cluster has 4" in capsys.readouterr().err
     assert not (tmp_path / "big" / "experiment_summary.json").exists()
+
+
+def test_the_plan_and_the_checkpoint_are_recorded(full_run, tiny_model_dir):
+    from cwa_dist.checkpoint import Checkpoint
+    from cwa_dist.models import headers_digest
+
+    run_dir, proc = full_run
+    config = json.loads((run_dir / "config.json").read_text())
+    plan = config["plan"]
+    assert plan["device"] == "cpu" and plan["dtype"] == "float32" and plan["dtype_note"] is None
+    assert plan["num_workers"] == 1 and plan["backend"] == "none" and plan["num_eval_actors"] >= 1
+    assert "🧭 Plan: 1 gradient worker(s)" in proc.stdout
+    checkpoint = config["checkpoint"]
+    assert checkpoint["kind"] == "local" and checkpoint["revision"] is None
+    assert checkpoint["headers_sha256"] == headers_digest(Checkpoint(tiny_model_dir["llama"])) == config["weights"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["plan"] == plan and manifest["checkpoint"] == checkpoint

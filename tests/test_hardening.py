@@ -210,7 +210,11 @@ def test_hf_token_in_the_hub_cache_path_never_reaches_outputs(ray_local, tiny_mo
     assert len(files) > 8
     for f in files:
         assert token.encode() not in f.read_bytes(), f
-    assert json.loads((out / "hub" / "config.json").read_text())["model"] == "cwa-test/tiny-llama"
+    config = json.loads((out / "hub" / "config.json").read_text())
+    assert config["model"] == "cwa-test/tiny-llama"
+    # The driver resolved the branch to its commit, which is recorded and what the workers read.
+    assert config["checkpoint"]["revision"] == config["weights"] == revision
+    assert f"at commit {revision}" in proc.stdout
 
 
 def test_a_replica_that_does_not_fit_its_gpus_is_refused(monkeypatch):

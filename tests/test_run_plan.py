@@ -20,6 +20,7 @@ import torch
 from cwa_dist.config import RunConfig
 from cwa_dist.distributed.grad_workers import placement_strategy
 from cwa_dist.dry_run import plan_run
+from cwa_dist.errors import UsageError
 from cwa_dist.run_plan import (
     ClusterView,
     NodeShape,
@@ -149,8 +150,8 @@ def test_a_cluster_file_plan_starts_nothing(configs, tmp_path):
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert "8 more GPU" not in accepted.stdout and "up to 16 more from the autoscaler" in accepted.stdout
     assert "✅ The plan fits" in accepted.stdout
-    no_dry = cli("--model", configs["70b"], "--cluster", REPO / "cluster.yaml")
-    assert no_dry.returncode == 2 and "needs --dry-run" in no_dry.stderr
+    with pytest.raises(UsageError, match="needs --dry-run"):
+        RunConfig(model=configs["70b"], cluster=str(REPO / "cluster.yaml"))
 
 
 def test_a_cpu_run_whose_plan_cannot_fit_is_refused_before_any_worker(configs, tmp_path):
@@ -221,14 +222,3 @@ def test_a_gpu_run_whose_plan_cannot_fit_is_refused_before_its_workers_start(gpu
     status = subprocess.run([str(VENV_BIN / "ray"), "status", "--address", gpu_head], capture_output=True,
                             text=True, env={**os.environ, **HEAD_ENV})
     assert "0.0/8.0 GPU" in status.stdout, status.stdout
-
-
-def test_the_plan_is_recorded_in_config_json(tiny_model_dir, tmp_path):
-    proc = cli("--model", tiny_model_dir["llama"], "--seq-len", 32, "--eval-limit", 4, "--topk", 5,
-               "--no-perturbation", "--output", tmp_path, "--experiment-id", "p")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    config = json.loads((tmp_path / "p" / "config.json").read_text())
-    plan = config["plan"]
-    assert plan["device"] == "cpu" and plan["dtype"] == "float32" and plan["dtype_note"] is None
-    assert plan["num_workers"] == 1 and plan["backend"] == "none"
-    assert "🧭 Plan: 1 gradient worker(s)" in proc.stdout
