@@ -251,8 +251,6 @@ def step_evaluation(args) -> dict:
 
 
 def step_big_tensor(args) -> dict:
-    import torch
-
     from cwa_dist.checkpoint import Checkpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

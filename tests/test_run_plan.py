@@ -4,7 +4,6 @@ runs refused before any worker starts. Clusters with GPUs are Ray's logical GPUs
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

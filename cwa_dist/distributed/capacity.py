@@ -28,7 +28,7 @@ def outlook() -> Outlook:
     now = int(ray.cluster_resources().get("GPU", 0))
     possible, source = _from_gcs()
     config = _autoscaling_config()
-    addable = tuple(s for s, count in worker_types(config) if count) if config else ()
+    addable = tuple(s for s, count in worker_types(config) if count) if config else _gcs_node_types()
     if not possible and config:
         possible, source = autoscaler_gpus(config), f"autoscaling config {autoscaling_config_path()}"
     return Outlook(gpus_now=now, gpus_possible=max(0, possible - now), source=source, addable=addable)
@@ -41,6 +41,23 @@ def _from_gcs() -> tuple[int, str]:
         return 0, ""
     gpus = int(min(limits.get("GPU", 0), 1 << 20))
     return gpus, "the cluster config the autoscaler reported" if gpus else ""
+
+
+def _gcs_node_types() -> tuple[NodeShape, ...]:
+    """The node groups the autoscaler reported to the GCS (autoscaler v2, KubeRay), as shapes."""
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # an older GCS without the call
+        return ()
+    if config is None:
+        return ()
+    out = []
+    for group in config.node_group_configs:
+        res = dict(group.resources)
+        if group.max_count != 0:
+            out.append(NodeShape(group.name or "?", int(res.get("CPU", 0)), int(res.get("GPU", 0)),
+                                 int(res["memory"]) if res.get("memory") else None))
+    return tuple(out)
 
 
 def _autoscaling_config() -> dict | None:
