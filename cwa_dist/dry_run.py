@@ -37,8 +37,7 @@ def plan_run(cfg: RunConfig, view: ClusterView) -> RunPlan:
                                        config)
         return facts[dtype]
 
-    plan = make_plan(cfg, facts_for, stored=stored_dtype(source, config), view=view)
-    return plan
+    return make_plan(cfg, facts_for, stored=stored_dtype(source, config), view=view)
 
 
 def print_plan(cfg: RunConfig, plan: RunPlan, rep: Reporter) -> None:

@@ -21,6 +21,7 @@ import torch
 from cwa_dist.config import RunConfig
 from cwa_dist.errors import UsageError
 from cwa_dist.metrics import FISHER, MAGNITUDE, needed_inputs
+from cwa_dist.placement import actor_count
 from cwa_dist.sizing import GiB, Fit, Layout, ModelFacts, Need, actor_need, check_fit, device_for, rank_need
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -135,8 +136,8 @@ def _plan_in(cfg: RunConfig, facts: ModelFacts, dtype: torch.dtype, device: str,
     n_specs = experiment_count(cfg)
     node = view.gpu_node if device == "cuda" else None
     gpus_per_worker = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if device == "cuda" else 0)
-    base = Layout(
-        device=device, dtype_bytes=dtype.itemsize, backend="zero3", num_workers=cfg.num_workers or 1,
+    lay = Layout(
+        device=device, dtype_bytes=dtype.itemsize, backend=cfg.backend_for(device), num_workers=cfg.num_workers or 1,
         gpus_per_worker=gpus_per_worker, cpus_per_worker=1, num_eval_actors=0,
         gpus_per_eval_actor=cfg.gpus_per_eval_actor or 1, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
         gradient_checkpointing=cfg.gradient_checkpointing, offload_params=cfg.offload_params,
@@ -144,7 +145,6 @@ def _plan_in(cfg: RunConfig, facts: ModelFacts, dtype: torch.dtype, device: str,
         prefetch_bucket_size=cfg.zero_prefetch_bucket_size, reduce_bucket_size=cfg.zero_reduce_bucket_size,
         per_window=FISHER in needed_inputs(cfg.metrics), replay_budget_bytes=cfg.replay_budget_bytes,
     )
-    lay = replace(base, backend=cfg.backend_for(device))
     gpu_bytes = view.gpu_bytes
     if device == "cuda":
         node_gpus = node.gpus if node and node.gpus else max(view.gpus_total, 1)
@@ -155,8 +155,10 @@ def _plan_in(cfg: RunConfig, facts: ModelFacts, dtype: torch.dtype, device: str,
             lay = replace(lay, gpus_per_eval_actor=_default_actor_gpus(facts, lay, gpu_bytes, node_gpus))
     cpus = cfg.cpus_per_worker or _default_worker_cpus(lay, node, view.free_cpus)
     lay = replace(lay, cpus_per_worker=cpus)
-    if n_specs:
-        lay = replace(lay, num_eval_actors=_planned_actors(cfg, lay, facts, view, n_specs))
+    if n_specs:  # the same count the run makes once the gradient stage has freed the cluster
+        free = {"CPU": view.free_cpus, "GPU": view.gpus_total, "memory": view.task_memory_bytes}
+        lay = replace(lay, num_eval_actors=actor_count(cfg, device, n_specs, facts.num_parameters * lay.dtype_bytes,
+                                                       free, gpus_per_actor=lay.gpus_per_eval_actor))
     host_bytes = view.task_memory_bytes if device == "cpu" else None
     fit = check_fit(facts, lay, gpu_bytes=gpu_bytes, host_bytes=host_bytes, gpus_total=view.gpus_total,
                     node_memory_bytes=node.memory_bytes if node else None,
@@ -189,16 +191,6 @@ def _default_worker_cpus(lay: Layout, node: NodeShape | None, free_cpus: int) ->
     if lay.device == "cuda" and node and node.gpus:
         return max(1, node.cpus * lay.gpus_per_worker // node.gpus)
     return max(1, free_cpus // lay.num_workers)
-
-
-def _planned_actors(cfg: RunConfig, lay: Layout, facts: ModelFacts, view: ClusterView, n_specs: int) -> int:
-    if cfg.num_eval_actors:
-        return cfg.num_eval_actors
-    if lay.device == "cuda":
-        return max(1, min(n_specs, view.gpus_total // lay.gpus_per_eval_actor))
-    model_bytes = facts.num_parameters * lay.dtype_bytes
-    by_memory = int(view.task_memory_bytes // (3 * model_bytes)) if model_bytes and view.task_memory_bytes else n_specs
-    return max(1, min(n_specs, max(view.free_cpus, 1), by_memory))
 
 
 def refusal(plan: RunPlan) -> str:
