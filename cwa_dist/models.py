@@ -10,12 +10,13 @@ each process reads what it needs from the files (`load_replica`, or a backend's 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -191,7 +192,6 @@ def resolve_origin(source: ModelSource, *, revision: str | None, announce: Calla
 
 def _hub_headers(repo: str, commit: str, path: Path) -> Checkpoint:
     index = path / "model.safetensors.index.json"
-    import json
 
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -220,8 +220,6 @@ def _hub_headers(repo: str, commit: str, path: Path) -> Checkpoint:
 def headers_digest(ckpt: Checkpoint) -> str:
     """sha256 of every tensor's name, file, dtype and shape: changes when the checkpoint's layout
     does, cheap (no weight is read), the same whether the headers came from local files or the Hub."""
-    import json
-
     digest = hashlib.sha256()
     for name, t in sorted(ckpt.tensors.items()):
         digest.update(json.dumps([name, t.file, list(t.shape), str(t.dtype)]).encode())
@@ -240,10 +238,35 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool):
 def load_config(path: Path, *, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    if not trust_remote_code and (path / "config.json").is_file():
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            raw = {}  # transformers says what is wrong with it, below
+        _refuse_remote_code(str(path), raw.get("auto_map") if isinstance(raw, dict) else None)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UsageError(f"cannot read the model configuration in {path}: {one_line(e)}") from e
+    if not trust_remote_code:
+        _refuse_remote_code(str(path), getattr(config, "auto_map", None))
+    return config
+
+
+def _refuse_remote_code(model: str, auto_map) -> None:
+    """A config with an `auto_map` names classes shipped as Python code beside the weights. Without
+    --trust-remote-code, transformers would refuse some of them with a long message, and silently
+    build its own class for others (a known model_type): both are one clear refusal here."""
+    if not auto_map:
+        return
+    if isinstance(auto_map, dict):
+        classes = auto_map.get("AutoModelForCausalLM") or next(iter(auto_map.values()))
+    else:
+        classes = auto_map
+    raise UsageError(
+        f"model {model} runs its own code ({classes}, from its config's auto_map); cwa_dist does not run a "
+        "model's code unless asked: read that code, then pass --trust-remote-code"
+    )
 
 
 def read_config(source: ModelSource, *, trust_remote_code: bool):
@@ -257,11 +280,16 @@ def read_config(source: ModelSource, *, trust_remote_code: bool):
         kwargs["gguf_file"] = source.gguf_file
     else:
         kwargs["local_files_only"] = not hub_reachable()
+    name = str(Path(source.location) / source.gguf_file) if source.gguf_file else source.location
     try:
-        return AutoConfig.from_pretrained(source.location, **kwargs)
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
     except Exception as e:
-        name = str(Path(source.location) / source.gguf_file) if source.gguf_file else source.location
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            _refuse_remote_code(name, "classes transformers does not have")
         raise UsageError(_explain_load_failure(name, source, kwargs, e)) from e
+    if not trust_remote_code:
+        _refuse_remote_code(name, getattr(config, "auto_map", None))
+    return config
 
 
 def stored_dtype(source: ModelSource, config) -> torch.dtype | None:

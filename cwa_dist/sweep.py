@@ -126,8 +126,12 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
             share_the_machine(configs, concurrent)
 
         def done(o) -> None:
-            print(f"  {'✅' if o.error is None else '❌'} {o.experiment_id}: " + (o.where if o.error is None else o.error),
-                  flush=True)
+            if o.error is not None:
+                print(f"  ❌ {o.experiment_id}: {o.error}", flush=True)
+            elif o.where is None:
+                print(f"  📝 {o.experiment_id}: planned (dry run; the plan is in {output.local / 'logs'})", flush=True)
+            else:
+                print(f"  ✅ {o.experiment_id}: {o.where}", flush=True)
 
         outcomes = run_all(configs, max_concurrent=concurrent, log_dir=output.local / "logs", on_done=done)
     finally:
@@ -135,7 +139,7 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
             stop_ray()
     order = {cfg.experiment_id: i for i, cfg in enumerate(configs)}
     outcomes = sorted(outcomes, key=lambda o: order[o.experiment_id])  # the file's order, not the finishing order
-    finished = [o for o in outcomes if o.error is None]
+    finished = [o for o in outcomes if o.error is None and o.where is not None]  # dry runs have no results
     for o in finished:
         output.pull(o.experiment_id)  # a run stored under a URI: its files, for the comparison
     if finished:

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import FAMILIES, build_tiny_model, saved_model
+
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.errors import UsageError
 from cwa_dist.models import load_config, load_replica, resolve_checkpoint, resolve_source
@@ -200,3 +200,51 @@ def test_the_checkpoints_headers_alone_describe_its_tensors(tiny_model_dir):
     assert {n: (t.shape, t.dtype, t.file) for n, t in remote.tensors.items()} == \
         {n: (t.shape, t.dtype, t.file) for n, t in files.tensors.items()}
     assert remote.nbytes() == files.nbytes()
+
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny_custom"
+'''
+CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+'''
+
+
+@pytest.mark.parametrize("model_type", ["tiny_custom", "llama"])
+def test_a_model_with_its_own_code_asks_for_trust_remote_code(tmp_path, model_type, capsys):
+    """A config with an auto_map is refused in one line naming --trust-remote-code, whether
+    transformers knows its model_type (it would silently build its own Llama) or not; with the
+    flag, the model's own code is what is planned."""
+    from cwa_dist.run import main
+
+    d = tmp_path / "custom"
+    saved_model(build_tiny_model("llama"), d)
+    (d / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (d / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    config = json.loads((d / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"}
+    if model_type == "tiny_custom":
+        config["auto_map"]["AutoConfig"] = "configuration_tiny.TinyCustomConfig"
+    (d / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(UsageError, match=r"runs its own code \(modeling_tiny\.TinyCustomForCausalLM.*"
+                                         r"pass --trust-remote-code"):
+        load_config(d, trust_remote_code=False)
+    capsys.readouterr()  # (saving printed its progress)
+    assert main(["--model", str(d), "--dry-run"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--trust-remote-code" in err[0], err
+
+    from cwa_dist.models import empty_model
+
+    trusted = load_config(d, trust_remote_code=True)
+    assert type(empty_model(trusted, dtype=torch.float32, trust_remote_code=True)).__name__ == "TinyCustomForCausalLM"

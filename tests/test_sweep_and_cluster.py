@@ -88,7 +88,8 @@ def test_sweep_runs_two_at_a_time_survives_a_failure_compares_and_resumes(ray_lo
 
     table = pd.read_csv(sweep / "comparison" / "comparison.csv")
     assert list(table.columns) == list(COMPARISON_COLUMNS)
-    assert list(table["experiment_id"]) == ["01_llama", "02_gpt2"] and list(table["metric"]) == ["grad_x_weight", "grad_squared"]
+    assert list(table["experiment_id"]) == ["01_llama", "02_gpt2"]
+    assert list(table["metric"]) == ["grad_x_weight", "grad_squared"]
     shares = table[["top_share_mlp", "top_share_attention", "top_share_embedding", "top_share_other"]].sum(axis=1)
     assert np.allclose(shares, 1.0)
     assert (table["baseline_perplexity"] > 1).all() and (table["max_ppl_ratio"] > 0).all()
@@ -97,7 +98,8 @@ def test_sweep_runs_two_at_a_time_survives_a_failure_compares_and_resumes(ray_lo
     for run in ("01_llama", "02_gpt2"):  # every ranking and result row of each run is in the dataset
         rows = data[data["experiment_id"] == run]
         assert (rows["kind"] == "ranking").sum() == len(pd.read_parquet(sweep / run / "rankings.parquet"))
-        assert (rows["kind"] == "perturbation").sum() == len(pd.read_parquet(sweep / run / "perturbation_results.parquet"))
+        results = pd.read_parquet(sweep / run / "perturbation_results.parquet")
+        assert (rows["kind"] == "perturbation").sum() == len(results)
     for png in ("topk_depth_by_module.png", "perplexity_vs_masked.png"):
         assert (sweep / "comparison" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (sweep / "comparison" / "comparison.md").read_text().startswith("| model | experiment_id |")
@@ -106,3 +108,20 @@ def test_sweep_runs_two_at_a_time_survives_a_failure_compares_and_resumes(ray_lo
     out = capsys.readouterr().out
     assert out.count("✅ 0") == 2 and "❌ 1 of 3 run(s) failed" in out
     assert "already complete" in (sweep / "logs" / "01_llama.log").read_text()
+
+
+def test_a_sweep_of_dry_runs_prints_each_plan_and_writes_no_run(ray_local, tiny_model_dir, tmp_path, capsys):
+    """`dry_run: true` in a sweep entry plans that run in its coordinator: a plan in its log, no run
+    directory, no comparison (there are no results to compare), and exit 0."""
+    f = tmp_path / "plans.yaml"
+    f.write_text(f"name: plans\noutput: {tmp_path / 'out'}\ndefaults: {{dry_run: true}}\n"
+                 f"runs:\n  - model: {tiny_model_dir['llama']}\n  - model: {tiny_model_dir['gpt2']}\n")
+    assert main([str(f)]) == 0
+    out = capsys.readouterr().out
+    sweep = tmp_path / "out" / "plans"
+    for run, model in (("01_llama", "llama"), ("02_gpt2", "gpt2")):
+        assert f"📝 {run}: planned (dry run" in out, out
+        log = (sweep / "logs" / f"{run}.log").read_text()
+        assert "🧭 Plan (--dry-run" in log and str(tiny_model_dir[model]) in log
+        assert not (sweep / run).exists()
+    assert not (sweep / "comparison").exists() and "❌" not in out

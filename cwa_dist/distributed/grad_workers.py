@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import ray
@@ -20,11 +20,11 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
+from cwa_dist.data import lockstep_batches, per_window_steps
 from cwa_dist.devices import shared_visibility, to_cpu
+from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
 from cwa_dist.errors import UsageError, last_line
-from cwa_dist.data import lockstep_batches, per_window_steps
 from cwa_dist.evaluate import Perplexity, batches, predicted_tokens
 from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_pinned_bytes, peak_rss_bytes
 from cwa_dist.metrics import FISHER, needed_inputs
@@ -250,7 +250,10 @@ class GradientGroup:
     def __init__(self, model: ModelRef, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
                  gpus_per_worker: int, settings: ZeroSettings, autoscaling: bool = False,
                  placement_timeout_s: float = 600.0, call_timeout_s: float | None = None,
-                 on_wait: Callable[[str], None] = lambda _: None, node_gpus: int | None = None):
+                 setup_timeout_s: float | None = None, on_wait: Callable[[str], None] = lambda _: None,
+                 node_gpus: int | None = None):
+        """`call_timeout_s` bounds each stage call (--stage-timeout-s); loading the model is bounded by
+        `setup_timeout_s`, which defaults to it."""
         self.call_timeout_s = call_timeout_s
         if backend == "none" and num_workers != 1:
             raise UsageError("--shard-backend none runs a single worker; use --shard-backend zero3 for more")
@@ -269,7 +272,10 @@ class GradientGroup:
             for i in range(num_workers)
         ]
         self.nodes = ["?"] * num_workers  # host:pid of each rank, once they answer
-        self.nodes = self._gather([w.where.remote() for w in self.workers])
+        # A process start (imports, a busy node) is part of placement, not of the stage: the stage's
+        # deadline starts once every rank has answered.
+        self.nodes = self._gather([w.where.remote() for w in self.workers], timeout_s=placement_timeout_s,
+                                  flag="--placement-timeout-s")
         if gpus_per_worker:
             self.visible_gpus = self.share_gpus()
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
@@ -277,7 +283,7 @@ class GradientGroup:
             w.setup.remote(model, rank=i, world_size=num_workers, address=address, port=port,
                            backend=backend, device=device, settings=settings)
             for i, w in enumerate(self.workers)
-        ])
+        ], timeout_s=setup_timeout_s)
         bad = sorted({name for names in bad for name in names})
         if bad:
             self.shutdown(graceful=False)
@@ -357,12 +363,13 @@ class GradientGroup:
     def call(self, method: str, *args, **kwargs) -> list:
         return self._gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
-    def _gather(self, refs: list) -> list:
+    def _gather(self, refs: list, timeout_s: float | None = None, flag: str = "--stage-timeout-s") -> list:
         """Results of one call per rank. Ranks wait on each other inside collectives, so when one
         dies the others would hang until the process group times out: fail fast instead, kill the
-        whole group, and name the rank that died."""
+        whole group, and name the rank that died. `timeout_s` defaults to the stage's call timeout."""
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         pending = list(refs)
-        deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
@@ -371,8 +378,8 @@ class GradientGroup:
                 self.shutdown(graceful=False)
                 raise GradientWorkerError(
                     f"gradient worker rank(s) {', '.join(map(str, stuck))} on "
-                    f"{', '.join(self.nodes[r] for r in stuck)} did not answer within {self.call_timeout_s:g}s "
-                    "(--stage-timeout-s; one stuck rank holds the others in their collectives); the group was shut "
+                    f"{', '.join(self.nodes[r] for r in stuck)} did not answer within {timeout_s:g}s "
+                    f"({flag}; one stuck rank holds the others in their collectives); the group was shut "
                     "down. Rerun with --resume to restart the sensitivity stage"
                 )
             (done,) = ready

@@ -4,9 +4,9 @@ pools they start queue in Ray, where the autoscaler sees their demand."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -18,19 +18,19 @@ from cwa_dist.errors import one_line
 class Outcome:
     experiment_id: str
     model: str
-    where: str | None  # the run directory, when the run completed
+    where: str | None  # the run directory, when the run completed (None for a dry run: it writes none)
     error: str | None  # why it failed, one line
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _coordinate(cfg, log_path: str) -> str:
+def _coordinate(cfg, log_path: str) -> str | None:
     from cwa_dist import pipeline
     from cwa_dist.report import Reporter
 
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         run_dir = pipeline.run(cfg, Reporter(cfg.verbose, stream=log))
-    return run_dir.where
+    return None if run_dir is None else run_dir.where  # a dry run plans and writes no run directory
 
 
 def run_all(configs: list, *, max_concurrent: int, log_dir: Path, on_done: Callable[[Outcome], None]) -> list[Outcome]:
