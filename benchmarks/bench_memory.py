@@ -136,7 +136,8 @@ def main() -> None:
                     peaks[world] = max(r.peak_rss_bytes for r in reports)
                     print(f"{backend} rank, world {world}: peak RSS {peaks[world] / GiB:.2f} GiB "
                           f"({peaks[world] / model_bytes:.2f} x model), tensors held after scoring "
-                          f"{max(r.live_tensor_bytes for r in reports) / GiB:.2f} GiB, group start + load {load_s:.1f}s")
+                          f"{max(r.live_tensor_bytes for r in reports) / GiB:.2f} GiB, "
+                          f"group start + load {load_s:.1f}s")
                 print(f"{backend}: rank peak world 2 / world 1 = {peaks[2] / peaks[1]:.3f} (target <= 0.6)")
             if "actor" not in args.parts:
                 continue

@@ -102,8 +102,8 @@ def main() -> None:
     if args.workload == "ablation":
         specs = single_weight_specs(names, shapes, args.experiments, seed=0)
     else:
-        from cwa_dist.models import load_replica
         from cwa_dist.checkpoint import Checkpoint
+        from cwa_dist.models import load_replica
 
         ckpt = Checkpoint(path)
         net = load_replica(ckpt, load_config(path, trust_remote_code=False), dtype=torch.float32,

@@ -96,7 +96,8 @@ def summary_row(run: dict, label: str) -> dict:
     depth = top["relative_depth"].dropna()
     row = {"model": label, "experiment_id": run["id"], "num_parameters": summary["num_parameters"],
            "blocks": run["blocks"], "baseline_perplexity": summary["baseline_perplexity"], "metric": metric,
-           "topk": k, **{f"top_share_{f}": float(families.get(f, 0.0)) for f in ("mlp", "attention", "embedding", "other")},
+           "topk": k,
+           **{f"top_share_{f}": float(families.get(f, 0.0)) for f in ("mlp", "attention", "embedding", "other")},
            "top_mean_relative_depth": float(depth.mean()) if len(depth) else None,
            "max_ppl_ratio": None, "at_weights_masked": None, "random_ppl_ratio_mean": None, "magnitude_ppl_ratio": None}
     res = run["results"]
@@ -137,7 +138,7 @@ def compare(run_dirs: list[Path], output: Path) -> pd.DataFrame:
     output.mkdir(parents=True, exist_ok=True)
     frame = pd.concat([dataset_frame(r, lab) for r, lab in zip(runs, labels)], ignore_index=True, sort=False)
     # Mixed object columns (e.g. seed: ints and None) become strings only where they must.
-    for col in frame.columns[frame.dtypes == object]:
+    for col in frame.columns[frame.dtypes == object]:  # noqa: E721 (pandas dtype test)
         if col not in ("model", "kind"):
             frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
     ds.write_dataset(pa.Table.from_pandas(frame, preserve_index=False), output / "dataset", format="parquet",

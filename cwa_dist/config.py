@@ -13,7 +13,6 @@ from cwa_dist.errors import UsageError
 from cwa_dist.metrics import METRICS
 from cwa_dist.perturb import MODES
 
-
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16"),
@@ -205,7 +204,8 @@ class RunConfig:
                 raise UsageError(f"--topk {k} is not positive; every K must be at least 1")
         for r in self.perturbation_ratios:
             if not (0 < r <= 1) or math.isnan(r):
-                raise UsageError(f"--perturbation-ratios {r} is outside (0, 1]; a ratio is the share of the top-K to perturb")
+                raise UsageError(f"--perturbation-ratios {r} is outside (0, 1]; a ratio is the share of the top-K "
+                                 "to perturb")
         _positive("--seq-len", self.seq_len, minimum=2)
         if self.stride is not None and not 1 <= self.stride <= self.seq_len:
             raise UsageError(f"--stride {self.stride} is outside 1..--seq-len ({self.seq_len}); a window moves on by "
@@ -217,7 +217,8 @@ class RunConfig:
         _positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)
         if self.eval_limit is not None:
             _positive("--eval-limit", self.eval_limit)
-        for flag, v in (("--stage-timeout-s", self.stage_timeout_s), ("--experiment-timeout-s", self.experiment_timeout_s)):
+        for flag, v in (("--stage-timeout-s", self.stage_timeout_s),
+                        ("--experiment-timeout-s", self.experiment_timeout_s)):
             if not v > 0:
                 raise UsageError(f"{flag} {v} must be a positive number of seconds")
         _non_negative("--max-retries", self.max_retries)

@@ -18,8 +18,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cwa_dist.errors import UsageError, one_line
 

@@ -39,7 +39,8 @@ def _read_text_file(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+        raise UsageError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                         "convert it to UTF-8") from None
 
 
 def tokenize_documents(tokenizer, texts: list[str], seq_len: int, stride: int | None = None) -> list[list[Chunk]]:

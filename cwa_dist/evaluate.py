@@ -7,8 +7,8 @@ not depend on how the chunks are batched.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -200,4 +200,5 @@ def bootstrap_intervals(tokens: Sequence[int], baseline_nll: Sequence[float], pe
     log_ratio = log_pert - base[idx].sum(1) / n_tok
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
     (lp, hp), (lr, hr) = torch.quantile(log_pert, q).tolist(), torch.quantile(log_ratio, q).tolist()
-    return {"ppl_ci_low": _exp(lp), "ppl_ci_high": _exp(hp), "ppl_ratio_ci_low": _exp(lr), "ppl_ratio_ci_high": _exp(hr)}
+    return {"ppl_ci_low": _exp(lp), "ppl_ci_high": _exp(hp),
+            "ppl_ratio_ci_low": _exp(lr), "ppl_ratio_ci_high": _exp(hr)}

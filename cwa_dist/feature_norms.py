@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-
 from transformers.pytorch_utils import Conv1D
 
 from cwa_dist.evaluate import plain_head
@@ -129,7 +128,7 @@ class FeatureNorms:
     def load_vector(self, vector: torch.Tensor) -> None:
         self.tokens = float(vector[0])
         at = 1
-        for name, sq in self.squares.items():
+        for sq in self.squares.values():
             sq.copy_(vector[at : at + sq.numel()])
             at += sq.numel()
 

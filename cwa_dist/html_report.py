@@ -57,7 +57,8 @@ def _figure(fig, caption: str) -> str:
 
 
 def _ratio(r: dict | pd.Series) -> str:
-    return f"×{_fmt(float(r['ppl_ratio']), 3)} (95% CI {_fmt(float(r['ppl_ratio_ci_low']), 3)}–{_fmt(float(r['ppl_ratio_ci_high']), 3)})"
+    low, high = _fmt(float(r["ppl_ratio_ci_low"]), 3), _fmt(float(r["ppl_ratio_ci_high"]), 3)
+    return f"×{_fmt(float(r['ppl_ratio']), 3)} (95% CI {low}–{high})"
 
 
 def _position(r) -> str:
@@ -75,12 +76,14 @@ def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.Da
     for metric in config["metrics"]:
         first = rankings[(rankings["metric"] == metric) & (rankings["rank"] == 1)]
         if len(first):
-            out.append(f"Most critical weight by {metric}: {_position(first.iloc[0])} (w = {_fmt(float(first.iloc[0]['weight']))}).")
+            top = first.iloc[0]
+            out.append(f"Most critical weight by {metric}: {_position(top)} (w = {_fmt(float(top['weight']))}).")
     if results is not None and len(results):
         ok = results[results["status"] == "ok"]
         largest = ok["weights_masked"].max()
         at = ok[ok["weights_masked"] == largest]
-        verb = "Zeroing" if config.get("perturbation_mode") == "zero" else f"Perturbing ({config.get('perturbation_mode')})"
+        mode = config.get("perturbation_mode")
+        verb = "Zeroing" if mode == "zero" else f"Perturbing ({mode})"
         rnd = at[at["metric"] == "random"]["ppl_ratio"]
         controls = []
         if len(rnd):
@@ -89,7 +92,8 @@ def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.Da
         if len(mag):
             controls.append(f"largest |W| {_ratio(mag.iloc[0])}")
         for _, r in at[~at["is_control"]].sort_values("metric").iterrows():
-            out.append(f"{verb} the top {largest} weights by {r['metric']}: perplexity {_fmt(float(r['baseline_ppl']))} → "
+            out.append(f"{verb} the top {largest} weights by {r['metric']}: "
+                       f"perplexity {_fmt(float(r['baseline_ppl']))} → "
                        f"{_fmt(float(r['perturbed_ppl']))}, {_ratio(r)}; controls of the same size: "
                        f"{'; '.join(controls) or 'none'}.")
     if supers is not None and len(supers):
@@ -97,7 +101,8 @@ def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.Da
         out.append(f"Super-weight candidate {_position(best)}: zeroing this one weight alone gives {_ratio(best)}.")
     study = summary.get("ablation_study")
     if study and study.get("metrics"):
-        rho = {m: s["spearman"] for m, s in study["metrics"].items() if s["spearman"] is not None and not math.isnan(s["spearman"])}
+        rho = {m: s["spearman"] for m, s in study["metrics"].items()
+               if s["spearman"] is not None and not math.isnan(s["spearman"])}
         if rho:
             m = max(rho, key=rho.get)
             s = study["metrics"][m]
@@ -153,7 +158,8 @@ def build(run: Path) -> str:
         "K": ", ".join(map(str, config["topk"])), "perturbation": config.get("perturbation_mode"),
         "device / dtype": f"{config.get('device')} / {config.get('dtype')}",
         "gradient backend": (summary.get("sensitivity") or {}).get("backend", "–"),
-        "data": f"{data.get('texts', '?')} texts, {data.get('windows', '?')} windows of ≤{data.get('seq_len', '?')} tokens"
+        "data": f"{data.get('texts', '?')} texts, {data.get('windows', '?')} windows "
+                f"of ≤{data.get('seq_len', '?')} tokens"
                 + (f", stride {data['stride']}" if data.get("stride") else ""),
         "run directory": summary.get("run_directory", str(run)),
     }
@@ -167,7 +173,8 @@ def build(run: Path) -> str:
         ok = results[results["status"] == "ok"]
         main = ok[~ok["metric"].isin(["super_weight", "ablation"])]
         parts.append("<h2>Perturbation curves</h2>")
-        parts.append(_figure(plots.ratio_curves(main), "Perplexity ratio against weights perturbed: each metric with its "
+        parts.append(_figure(plots.ratio_curves(main),
+                             "Perplexity ratio against weights perturbed: each metric with its "
                              "paired 95% bootstrap interval, beside the random controls (mean, min–max band) and the "
                              "largest-|W| control."))
         parts.append('<p class="muted">Perplexity ratio of each experiment, with its paired 95% interval; every '
@@ -194,7 +201,8 @@ def build(run: Path) -> str:
 
     overlap = jaccard(rankings)
     parts.append("<h2>Metric overlap</h2>")
-    parts.append(_figure(plots.overlap_matrix(overlap), "Jaccard index of the rankings' top-K sets (1 = the same weights)."))
+    parts.append(_figure(plots.overlap_matrix(overlap),
+                         "Jaccard index of the rankings' top-K sets (1 = the same weights)."))
 
     if study is not None and summary.get("ablation_study"):
         s = summary["ablation_study"]

@@ -13,8 +13,8 @@ non-negative score per element. Higher means more critical. What a metric may re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

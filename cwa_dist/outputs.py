@@ -10,8 +10,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -48,7 +48,8 @@ PERTURBATION_COLUMNS = {
     "ppl_ratio": "perturbed_ppl / baseline_ppl",
     "ppl_ci_low": "perturbed_ppl's 95% bootstrap interval over evaluation windows, lower end",
     "ppl_ci_high": "its upper end",
-    "ppl_ratio_ci_low": "ppl_ratio's 95% paired bootstrap interval (the same resampled windows for both models), lower end",
+    "ppl_ratio_ci_low": "ppl_ratio's 95% paired bootstrap interval (the same resampled windows for both models), "
+                        "lower end",
     "ppl_ratio_ci_high": "its upper end",
     "is_control": "true for random / magnitude controls",
     "seed": "random control's seed (empty otherwise)",
@@ -128,7 +129,8 @@ def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics:
     for c in found:
         row = rows.get(super_weight_spec(c).key, {})
         entry = {k: getattr(c, k) for k in ("layer", "param", "row", "col", "flat_index", "output_channel",
-                                              "input_channel", "max_output_activation", "max_input_activation", "weight")}
+                                            "input_channel", "max_output_activation", "max_input_activation",
+                                            "weight")}
         entry.update(baseline_ppl=row.get("baseline_ppl"), zeroed_ppl=row.get("perturbed_ppl"),
                      ppl_ratio=row.get("ppl_ratio"), ppl_ratio_ci_low=row.get("ppl_ratio_ci_low"),
                      ppl_ratio_ci_high=row.get("ppl_ratio_ci_high"), restored_exact=row.get("restored_exact"))
@@ -188,7 +190,7 @@ class RunDirectory:
         self.where = where or str(path)
 
     @staticmethod
-    def create(path: Path, *, on_write=None, where: str | None = None, exists_ok: bool = False) -> "RunDirectory":
+    def create(path: Path, *, on_write=None, where: str | None = None, exists_ok: bool = False) -> RunDirectory:
         """The directory of a new run (refusing one that holds files), or of a run to continue."""
         where = where or str(path)
         if not exists_ok and path.exists() and any(path.iterdir()):
@@ -259,14 +261,16 @@ MANIFEST_FIELDS = {
     "scored_parameters": "name → shape of every scored parameter",
     "stages": "per stage: status (done) and seconds",
     "stage_timings_s": "seconds of each stage, this try and earlier ones",
-    "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s, replay_blocks_kept, replay_bytes)",
+    "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s, "
+              "replay_blocks_kept, replay_bytes)",
     "summary": "the summary facts of finished stages, which a resumed run needs",
 }
 SUMMARY_FIELDS = {
     "model_name": "--model as given",
     "num_parameters": "parameters of the model (tied ones once)",
     "num_scored_weights": "weights scored and ranked",
-    "data": "texts, windows, seq_len, stride (null: non-overlapping); per set (calibration, evaluation): its texts' positions, windows, predicted tokens",
+    "data": "texts, windows, seq_len, stride (null: non-overlapping); per set (calibration, evaluation): its texts' "
+            "positions, windows, predicted tokens",
     "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
     "baseline_perplexity_ci": "its 95% bootstrap interval over evaluation windows [low, high]",
     "super_weights": "super-weight candidates: the rows of super_weights.csv",
@@ -278,7 +282,8 @@ SUMMARY_FIELDS = {
     "experiments_completed": "experiments that ran to a result",
     "max_ppl_increase": "largest perplexity increase over the metric (not control) experiments",
     "most_impactful_perturbation": "that experiment's metric, K, ratio, weights and perplexities",
-    "comparison": "per (K, ratio): each metric's perplexity beside the random controls' mean/min/max/std and the magnitude control",
+    "comparison": "per (K, ratio): each metric's perplexity beside the random controls' mean/min/max/std and the "
+                  "magnitude control",
     "run_directory": "where the files are",
     "stage_timings_s": "seconds of each stage",
 }

@@ -7,14 +7,15 @@ restoring writes back exactly the bits that were there.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
 from cwa_dist.errors import UsageError
 from cwa_dist.registry import Registry
 from cwa_dist.topk import Candidates
+
 
 @dataclass(frozen=True, slots=True)
 class ModeOptions:
@@ -72,7 +73,8 @@ def flip_bit_index(dtype: torch.dtype, bit: int | None) -> int:
     width = 8 * dtype.itemsize
     chosen = _TOP_EXPONENT_BIT[dtype] if bit is None else bit
     if not 0 <= chosen < width:
-        raise UsageError(f"--perturbation-bit {bit} is outside 0..{width - 1}, the bits of a {str(dtype).removeprefix('torch.')} weight")
+        kind = str(dtype).removeprefix("torch.")
+        raise UsageError(f"--perturbation-bit {bit} is outside 0..{width - 1}, the bits of a {kind} weight")
     return chosen
 
 
@@ -100,10 +102,10 @@ class Targets:
         return int(self.flat_index.numel())
 
     @staticmethod
-    def from_candidates(c: Candidates) -> "Targets":
+    def from_candidates(c: Candidates) -> Targets:
         return Targets(list(c.param_names), c.param.clone(), c.flat_index.clone())
 
-    def head(self, n: int) -> "Targets":
+    def head(self, n: int) -> Targets:
         return Targets(self.param_names, self.param[:n], self.flat_index[:n])
 
     def by_param(self) -> dict[str, torch.Tensor]:

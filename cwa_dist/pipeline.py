@@ -8,8 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -18,7 +18,6 @@ from cwa_dist import ablation, html_report, plots
 from cwa_dist.config import RunConfig
 from cwa_dist.data import Split, load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import deepspeed_config
-from cwa_dist.dry_run import cluster_view, dry_run, plan_run
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.runtime import (
@@ -27,32 +26,32 @@ from cwa_dist.distributed.runtime import (
     start_ray,
     stop_ray,
 )
+from cwa_dist.dry_run import cluster_view, dry_run, plan_run
 from cwa_dist.errors import UsageError, last_line
 from cwa_dist.evaluate import bootstrap_intervals, predicted_tokens, window_tokens
 from cwa_dist.memory import peak_rss_bytes
 from cwa_dist.metrics import MAGNITUDE, ranked_metrics
 from cwa_dist.models import (
     ModelRef,
+    Origin,
     checkpoint_keys,
     empty_model,
     load_config,
     load_tokenizer,
-    Origin,
     resolve_origin,
     resolve_source,
 )
 from cwa_dist.outputs import (
     PERTURBATION_COLUMNS,
-    super_weight_table,
     RunDirectory,
     RunRecord,
     candidates_from_rankings,
     ranking_frame,
+    super_weight_table,
     topk_csv_frame,
 )
 from cwa_dist.perturb import PerturbationSpec, flip_bit_index, random_targets
 from cwa_dist.placement import actor_count
-from cwa_dist.run_plan import RunPlan, refusal
 from cwa_dist.plan import (
     ABLATION,
     SUPER_WEIGHT,
@@ -63,9 +62,10 @@ from cwa_dist.plan import (
 )
 from cwa_dist.provenance import git_revision, host, versions
 from cwa_dist.report import Reporter
-from cwa_dist.storage import Output, durable_output
 from cwa_dist.resume import ResultLog, differing_identity, differing_settings, latest_unfinished, run_identity
+from cwa_dist.run_plan import RunPlan, refusal
 from cwa_dist.sensitivity import ShardScores, numel, select_parameters
+from cwa_dist.storage import Output, durable_output
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +429,8 @@ def _export_ablation(ctx: Context, record: RunRecord, weights: pd.DataFrame, row
     ctx.rep.line(f"📐 Does sensitivity predict impact? {summary['measured']} weights zeroed one at a time:")
     for m, s in summary["metrics"].items():
         ctx.rep.line(f"  {m}: Spearman ρ(score, ΔNLL) = {s['spearman']:.3f} (95% CI {s['spearman_ci'][0]:.3f}–"
-                     f"{s['spearman_ci'][1]:.3f}); its top tenth carries {s['top_tenth_share']:.1%} of the total |ΔNLL|")
+                     f"{s['spearman_ci'][1]:.3f}); its top tenth carries {s['top_tenth_share']:.1%} "
+                     "of the total |ΔNLL|")
 
 
 def _export_rankings(ctx: Context, record: RunRecord, merged: ShardScores, shapes) -> pd.DataFrame:
@@ -542,7 +543,8 @@ def _perturbation(ctx: Context, record: RunRecord, loaded: LoadedModel, split: S
                 for a in actors:
                     rep.detail(f"  actor {a['actor']}: loaded in {a['load_s']:.1f}s, peak RSS "
                                f"{a['peak_rss_bytes'] / 2**30:.2f} GiB"
-                               + (f", peak GPU {a['peak_device_bytes'] / 2**30:.2f} GiB" if a["peak_device_bytes"] else ""))
+                               + (f", peak GPU {a['peak_device_bytes'] / 2**30:.2f} GiB"
+                                  if a["peak_device_bytes"] else ""))
                 record.memory(eval_actors=actors)
                 if need_super:
                     _export_super_weights(ctx, record, found, extra_rows, rankings)
@@ -573,7 +575,8 @@ def _export_super_weights(ctx: Context, record: RunRecord, found: list, rows: di
     for c in table.itertuples(index=False):
         ranks = ", ".join(f"{m} {getattr(c, 'rank_' + m) if pd.notna(getattr(c, 'rank_' + m)) else '>K'}"
                           for m in ranked_metrics(ctx.cfg.metrics))
-        ctx.rep.line(f"  🦸 {c.param} [{c.row}, {c.col}] = {c.weight:.4g}, |activation| in {c.max_input_activation:.4g} → "
+        ctx.rep.line(f"  🦸 {c.param} [{c.row}, {c.col}] = {c.weight:.4g}, "
+                     f"|activation| in {c.max_input_activation:.4g} → "
                      f"out {c.max_output_activation:.4g}: zeroed alone PPL {c.baseline_ppl:.2f} → {c.zeroed_ppl:.2f} "
                      f"(×{c.ppl_ratio:.3g}); rank: {ranks}")
 
@@ -628,7 +631,8 @@ def _result_row(spec: PerturbationSpec, r: ExperimentResult, tokens: list[int], 
 
 def _describe(row: dict) -> str:
     if row["metric"] in (SUPER_WEIGHT, ABLATION) and row["status"] == "ok":
-        return (f"{row['metric'].replace('_', ' ')} {row['key'].split('|', 1)[1]}: PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} "
+        return (f"{row['metric'].replace('_', ' ')} {row['key'].split('|', 1)[1]}: "
+                f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} "
                 f"(×{row['ppl_ratio']:.3g})")
     seed = f" seed {row['seed']}" if row["seed"] is not None else ""
     if row["status"] != "ok":
@@ -719,7 +723,8 @@ def _final_report(ctx: Context, summary: dict) -> None:
     best = summary.get("most_impactful_perturbation")
     if best:
         rep.line("🏆 Most Impactful Perturbation:")
-        rep.line(f"  {best['metric']} Top-{best['topk']} at {best['mask_ratio']:.0%} masking ({best['weights_masked']} weights)")
+        rep.line(f"  {best['metric']} Top-{best['topk']} at {best['mask_ratio']:.0%} masking "
+                 f"({best['weights_masked']} weights)")
         rep.line(f"  PPL: {best['baseline_ppl']:.2f} → {best['perturbed_ppl']:.2f} ({best['ppl_increase']:+.2f})")
         for entry in summary["comparison"]:
             if entry["topk"] == best["topk"] and entry["mask_ratio"] == best["mask_ratio"]:

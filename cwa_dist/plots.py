@@ -126,7 +126,8 @@ def ratio_curves(results: pd.DataFrame):
 def layer_module_map(top: pd.DataFrame, title: str, blocks: int):
     """A heatmap of where a ranking's top weights are: blocks 0..blocks-1 across, module kinds down."""
     inside = top[top["layer_index"].notna()]
-    table = pd.crosstab(inside["module"], inside["layer_index"].astype(int)).reindex(columns=range(blocks), fill_value=0)
+    table = pd.crosstab(inside["module"], inside["layer_index"].astype(int))
+    table = table.reindex(columns=range(blocks), fill_value=0)
     outside = top[top["layer_index"].isna()]["module"].value_counts()
     fig, ax = plt.subplots(figsize=(min(14, 2.5 + 0.35 * max(1, table.shape[1])), 1.2 + 0.35 * max(1, table.shape[0])))
     if table.size:

@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 import typing
-from typing import Callable
+from collections.abc import Callable
 
 from cwa_dist.config import CHOICES, RunConfig, setting_docs
 from cwa_dist.errors import UsageError

@@ -22,7 +22,7 @@ from cwa_dist.config import RunConfig
 from cwa_dist.errors import UsageError
 from cwa_dist.metrics import FISHER, MAGNITUDE, needed_inputs
 from cwa_dist.placement import actor_count
-from cwa_dist.sizing import GiB, Fit, Layout, ModelFacts, Need, actor_need, check_fit, device_for, rank_need
+from cwa_dist.sizing import Fit, GiB, Layout, ModelFacts, Need, actor_need, check_fit, device_for, rank_need
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -57,7 +57,7 @@ def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_nor
     return [n for n, p in model.named_parameters() if parameter_kind(n, p) in wanted]
 
 
-def full_shard(name: str, p: torch.Tensor, sums: "GradientSums | None" = None) -> ParamShard:
+def full_shard(name: str, p: torch.Tensor, sums: GradientSums | None = None) -> ParamShard:
     """A whole parameter as a shard: the single-process case of the sharded interface. `sums`
     overrides `.grad` with its float32 sums (and gives the Fisher where it was kept)."""
     g = sums.sums.get(name) if sums is not None else p.grad
@@ -67,7 +67,7 @@ def full_shard(name: str, p: torch.Tensor, sums: "GradientSums | None" = None) -
 
 
 def full_shards(model: torch.nn.Module, names: Iterable[str],
-                sums: "GradientSums | None" = None) -> Iterator[ParamShard]:
+                sums: GradientSums | None = None) -> Iterator[ParamShard]:
     """`full_shard` of each named parameter."""
     params = dict(model.named_parameters())
     for name in names:
@@ -195,7 +195,7 @@ class GradientHooks:
     next: the parameter's gradient is complete, so it can be scored and freed while backward goes
     on through the blocks below it."""
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str], sums: "GradientSums | None" = None,
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], sums: GradientSums | None = None,
                  ready: Callable[[str], None] | None = None):
         params = dict(model.named_parameters())
         self.sums, self.ready, self.scale, self.final = sums, ready, None, False

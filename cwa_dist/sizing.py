@@ -161,7 +161,8 @@ def actor_need(m: ModelFacts, lay: Layout) -> Need:
     """An evaluation actor: a whole replica, split over its GPUs by blocks, and one forward's activations."""
     g = lay.gpus_per_eval_actor if lay.device == "cuda" else 0
     replica = m.num_parameters * lay.dtype_bytes
-    parts = {"replica": math.ceil(replica / max(g, 1)), "activations (forward)": activation_bytes(m, lay, backward=False),
+    parts = {"replica": math.ceil(replica / max(g, 1)),
+             "activations (forward)": activation_bytes(m, lay, backward=False),
              "kept block outputs (at most)": math.ceil(lay.replay_budget_bytes / max(g, 1)),
              "actor overhead (measured)": ACTOR_EXTRA_BYTES}
     resources = {"CPU": 1, **({"GPU": g} if g else {})}

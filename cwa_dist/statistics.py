@@ -53,7 +53,7 @@ class Moments:
         self.zeros += zeros
         self.histogram = [a + b for a, b in zip(self.histogram, counts.tolist())]
 
-    def merge(self, other: "Moments") -> None:
+    def merge(self, other: Moments) -> None:
         self.count += other.count
         self.zeros += other.zeros
         self.total += other.total
@@ -108,7 +108,7 @@ class ScoreStatistics:
     def add_batch(self, name: str, scores: torch.Tensor, scratch: Scratch | None = None) -> None:
         self.per_param.setdefault(name, Moments()).add_batch(scores, scratch)
 
-    def merge(self, other: "ScoreStatistics") -> None:
+    def merge(self, other: ScoreStatistics) -> None:
         for name, m in other.per_param.items():
             self.per_param.setdefault(name, Moments()).merge(m)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -93,7 +93,8 @@ def detect(model: torch.nn.Module, prompts: Sequence[torch.Tensor], *, batch_siz
         weight = module.weight
         # nn.Linear stores (out, in); GPT-2's Conv1D (it has `nf`, its output width) stores (in, out).
         row, col = (j, channel) if hasattr(module, "nf") else (channel, j)
-        out.append(Candidate(layer=layer, param=f"{name}.weight", row=row, col=col, flat_index=row * weight.shape[1] + col,
+        out.append(Candidate(layer=layer, param=f"{name}.weight", row=row, col=col,
+                             flat_index=row * weight.shape[1] + col,
                              output_channel=channel, input_channel=j, max_output_activation=value,
                              max_input_activation=x_value, weight=float(weight.detach()[row, col])))
     return out

@@ -37,7 +37,7 @@ class Candidates:
         return int(self.score.numel())
 
     @staticmethod
-    def empty(dtype: torch.dtype = torch.float32) -> "Candidates":
+    def empty(dtype: torch.dtype = torch.float32) -> Candidates:
         z = torch.empty(0, dtype=dtype)
         i = torch.empty(0, dtype=torch.int64)
         return Candidates([], i, i.clone(), z, z.clone(), z.clone())
@@ -46,7 +46,7 @@ class Candidates:
         """The parameter name of every entry, in order."""
         return [self.param_names[i] for i in self.param.tolist()]
 
-    def head(self, n: int) -> "Candidates":
+    def head(self, n: int) -> Candidates:
         """The best n entries (the global top-n, when these are the global top-K and n ≤ K)."""
         return Candidates(
             self.param_names, self.param[:n], self.flat_index[:n], self.score[:n], self.weight[:n], self.grad[:n]
@@ -140,7 +140,8 @@ def merge(parts: list[Candidates], k: int) -> Candidates:
     used = torch.unique(kept)  # sorted, so the compacted table stays name-sorted
     remap = torch.full((len(names),), -1, dtype=torch.int64)
     remap[used] = torch.arange(used.numel())
-    return Candidates([names[i] for i in used.tolist()], remap[kept], flat[order], score[order], weight[order], grad[order])
+    return Candidates([names[i] for i in used.tolist()], remap[kept], flat[order], score[order], weight[order],
+                      grad[order])
 
 
 class RunningTopK:

@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+
 def _register_device() -> torch.device:
     from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 

@@ -53,7 +53,8 @@ def test_top_share():
 def test_ablation_keys_match_their_specs():
     from cwa_dist.plan import ablation_key, ablation_spec
 
-    assert ablation_spec("model.layers.0.mlp.up_proj.weight", 17).key == ablation_key("model.layers.0.mlp.up_proj.weight", 17)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert ablation_spec(name, 17).key == ablation_key(name, 17)
 
 
 def test_values_at_reads_the_owned_elements_of_split_shards():

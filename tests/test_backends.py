@@ -7,8 +7,12 @@ import functools
 import pytest
 import torch
 
-from cwa_dist.distributed.backends import PARTITION_GRADS_PARAMETERS, check_wrapped_signature, deepspeed_config
-from cwa_dist.distributed.backends import ZeroSettings
+from cwa_dist.distributed.backends import (
+    PARTITION_GRADS_PARAMETERS,
+    ZeroSettings,
+    check_wrapped_signature,
+    deepspeed_config,
+)
 
 
 def test_the_wrapped_deepspeed_method_has_the_signature_the_backend_expects():

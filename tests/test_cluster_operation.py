@@ -238,8 +238,9 @@ def test_ray_job_submit_with_a_relative_output_warns_and_keeps_the_results(clust
     run_id = f"relative_{os.getpid()}"
     kept = Path.home() / "outputs" / run_id
     try:
-        p = submit(cluster, "--working-dir", ".", "--", "python", "-m", "cwa_dist.run", "--model", str(tiny_model_dir["gpt2"]), *map(str, SMALL_RUN),
-                    "--no-perturbation", "--experiment-id", run_id)
+        p = submit(cluster, "--working-dir", ".", "--", "python", "-m", "cwa_dist.run",
+                   "--model", str(tiny_model_dir["gpt2"]), *map(str, SMALL_RUN),
+                   "--no-perturbation", "--experiment-id", run_id)
         logs = p.stdout + p.stderr
         assert "succeeded" in logs.lower()
         assert "🧮 Computing Sensitivity Metrics" in logs and "🏆 Ranking Critical Weights" in logs

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from cwa_dist.data import load_texts, split_documents, tokenize_chunks, tokenize_documents
-from cwa_dist.evaluate import perplexity
 from cwa_dist.errors import UsageError
+from cwa_dist.evaluate import perplexity
 
 
 def test_default_text_is_bundled_and_limited():
@@ -20,7 +20,8 @@ def test_data_file_ignores_blank_lines(tmp_path):
 
 @pytest.mark.parametrize(
     "content,message",
-    [(None, "does not exist"), (b"\n \n", "holds no text"), (b"abc\x00def", "looks binary"), (b"\xff\xfe\xfa", "not UTF-8")],
+    [(None, "does not exist"), (b"\n \n", "holds no text"), (b"abc\x00def", "looks binary"),
+     (b"\xff\xfe\xfa", "not UTF-8")],
 )
 def test_bad_data_files(tmp_path, content, message):
     f = tmp_path / "d.txt"

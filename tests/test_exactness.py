@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_wide_llama, run_gradient_group, token_chunks, wide_llama_config
+
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.sensitivity import select_parameters
 

@@ -5,8 +5,8 @@ per-window gradients through the post-accumulate hooks, and input-feature norms 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_tiny_model, calibration_chunks
+
 from cwa_dist.data import per_window_steps
 from cwa_dist.evaluate import batches, predicted_tokens
 from cwa_dist.feature_norms import FeatureNorms
@@ -28,7 +28,7 @@ def per_window_fisher(net, chunks, names):
     sums = GradientSums(per_window=True)
     hooks = GradientHooks(net, names, sums)
     total = predicted_tokens(chunks)
-    for (step, scale), window in zip(per_window_steps(chunks, 1, total), chunks):
+    for (step, scale), _window in zip(per_window_steps(chunks, 1, total), chunks):
         hooks.scale = scale
         sums.start_window()
         ((ids, mask),) = batches(step[0], 1)

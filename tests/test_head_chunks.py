@@ -4,8 +4,8 @@ logits' NLL and gradients, for every family; wrappers keep the whole-logits path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FAMILIES, build_tiny_model, calibration_chunks
+
 from cwa_dist import evaluate
 from cwa_dist.evaluate import batch_nll_rows, batches, head_split
 

@@ -42,7 +42,8 @@ def test_half_precision_is_scored_in_float32():
 
 
 def test_unknown_metric_suggests_the_closest_name():
-    with pytest.raises(UsageError, match=r"Did you mean 'grad_x_weight'\?.*Available: fisher, grad_squared, grad_x_weight, magnitude, obd, wanda"):
+    with pytest.raises(UsageError, match=r"Did you mean 'grad_x_weight'\?.*"
+                                         r"Available: fisher, grad_squared, grad_x_weight, magnitude, obd, wanda"):
         METRICS.get("grad_x_weigth")
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import build_tiny_model
+
 from cwa_dist.errors import UsageError
 from cwa_dist.perturb import MODES, Targets, apply, fingerprint, random_targets, restore, restored_exactly
 from cwa_dist.plan import plan_experiments, weights_for
-from cwa_dist.sensitivity import score_shards, full_shards, select_parameters
+from cwa_dist.sensitivity import full_shards, score_shards, select_parameters
 
 
 def test_apply_zeroes_exactly_the_targets_and_restore_is_bitwise():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_cluster_operation import write_llama_config
 
 from cwa_dist.distributed.capacity import autoscaler_gpus
 from cwa_dist.models import empty_model, read_config, resolve_source
@@ -20,7 +21,6 @@ from cwa_dist.resume import ResultLog, latest_unfinished
 from cwa_dist.run import build_parser, config_from_args
 from cwa_dist.sizing import GiB, Layout, check_fit, device_for, model_facts, rank_need
 from cwa_dist.storage import Output
-from test_cluster_operation import write_llama_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-
 from conftest import build_tiny_model, calibration_chunks, saved_model
+
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.eval_actors import EvalPool
 from cwa_dist.distributed.grad_workers import GradientGroup, GradientWorkerError
@@ -45,7 +45,8 @@ def _pid(actor_name: str) -> int:
 
 def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(saved_model(net), calibration_chunks(6, 24), num_actors=2, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(saved_model(net), calibration_chunks(6, 24), num_actors=2, device="cpu", gpus_per_actor=0,
+                    batch_size=2)
     specs = _specs(net, 10)
     results, failures, killed = [], [], []
     try:
@@ -73,7 +74,8 @@ def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local)
 
 def test_experiment_is_recorded_as_failed_after_its_retries(ray_local):
     net = build_tiny_model("llama")
-    pool = EvalPool(saved_model(net), calibration_chunks(4, 16), num_actors=1, device="cpu", gpus_per_actor=0, batch_size=2)
+    pool = EvalPool(saved_model(net), calibration_chunks(4, 16), num_actors=1, device="cpu", gpus_per_actor=0,
+                    batch_size=2)
     results, failures = [], []
     try:
         (name, _), = pool.describe()
@@ -101,7 +103,7 @@ def test_dead_gradient_worker_fails_fast_naming_its_rank_and_leaves_no_process(r
     os.kill(pids[1], signal.SIGKILL)
     start = time.monotonic()
     chunks = calibration_chunks(2, 10)
-    with pytest.raises(GradientWorkerError, match=r"gradient worker rank 1 on .*:%d died.*--resume" % pids[1]):
+    with pytest.raises(GradientWorkerError, match=rf"gradient worker rank 1 on .*:{pids[1]} died.*--resume"):
         group.each("backward", [[chunks[0]], [chunks[1]]], total_tokens=18)
     assert time.monotonic() - start < 60  # not the process group's 30-minute timeout
     deadline = time.monotonic() + 30

@@ -3,8 +3,8 @@ every family (Llama tied and untied, GPT-2, GPT-NeoX, OPT), and really skips the
 
 import pytest
 import torch
-
 from conftest import FAMILIES, build_tiny_model, calibration_chunks
+
 from cwa_dist.evaluate import perplexity
 from cwa_dist.replay import BEFORE, BlockReplay, kept_blocks
 
@@ -38,7 +38,8 @@ def test_replayed_perplexity_equals_the_full_forward_bit_for_bit(family):
     n = len(replay.blocks)
     assert n >= 2 and replay.kept == list(range(n))
     calls = []
-    inner = next(m for m in replay.blocks[0].modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    inner = next(m for m in replay.blocks[0].modules()
+                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
     inner.register_forward_pre_hook(lambda m, a: calls.append(1))  # runs only if block 0 computes
     params = dict(net.named_parameters())
     embed = net.get_input_embeddings().weight

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cluster_operation import write_llama_config
 
 from cwa_dist.config import RunConfig
 from cwa_dist.distributed.grad_workers import placement_strategy
@@ -28,7 +29,6 @@ from cwa_dist.run_plan import (
     rounding_note,
 )
 from cwa_dist.sizing import GiB, per_node, rank_need
-from test_cluster_operation import write_llama_config
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

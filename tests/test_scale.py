@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import build_wide_llama, saved_model, token_chunks, wide_llama_config
+
 from cwa_dist.distributed.eval_actors import EvalPool
 from cwa_dist.evaluate import perplexity
 

@@ -4,8 +4,8 @@ depend on batching or chunk order."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILIES, build_tiny_model, calibration_chunks
+
 from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.sensitivity import (
     accumulate_gradients,

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_tiny_model, calibration_chunks, run_gradient_group
+
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.sensitivity import accumulate_gradients, full_shards, prepare_gradients, score_shards, select_parameters
@@ -146,6 +146,7 @@ def test_every_parameter_is_scored_inside_the_final_backward(ray_local, backend,
 
 def test_gradients_kept_for_reading_back_when_asked(ray_local):
     from conftest import saved_model
+
     from cwa_dist.distributed.grad_workers import GradientGroup
 
     net = build_tiny_model("llama")

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import build_tiny_model, calibration_chunks
+
 from cwa_dist.superweights import detect, down_projections
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import build_tiny_model, calibration_chunks
+
 from cwa_dist.evaluate import batch_nll_sum, bootstrap_intervals, perplexity, window_tokens
 
 

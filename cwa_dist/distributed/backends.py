@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -595,7 +595,8 @@ def _drop_master_copy(zero_optimizer) -> None:
 def check_parameter_dtype(net: torch.nn.Module, dtype: torch.dtype, dtype_of=lambda p: p.dtype) -> None:
     """Refuse a model whose floating parameters were not built in `dtype`: loading the checkpoint
     into them would round (or widen) every value without a word."""
-    wrong = {n: dtype_of(p) for n, p in net.named_parameters() if dtype_of(p).is_floating_point and dtype_of(p) != dtype}
+    wrong = {n: dtype_of(p) for n, p in net.named_parameters()
+             if dtype_of(p).is_floating_point and dtype_of(p) != dtype}
     if wrong:
         name, got = next(iter(wrong.items()))
         raise RuntimeError(f"{len(wrong)} parameter(s) were built in {got} instead of {dtype} (first: {name}); "

@@ -1,9 +1,9 @@
 """Perturbation experiments on a pool of Ray actors.
 
 Each actor builds one model replica from the checkpoint files on its node (empty, then filled one
-tensor at a time; no weights travel through Ray), measures the baseline once, then runs specs one at a time: save the touched values,
-apply, measure perplexity, restore, and check the restore bit for bit. Idle actors take the
-next spec from the driver's queue.
+tensor at a time; no weights travel through Ray), measures the baseline once, then runs specs one
+at a time: save the touched values, apply, measure perplexity, restore, and check the restore bit
+for bit. Idle actors take the next spec from the driver's queue.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import ray
 import torch
@@ -23,9 +23,9 @@ from cwa_dist.errors import last_line
 from cwa_dist.evaluate import Perplexity, perplexity
 from cwa_dist.memory import peak_device_bytes, peak_rss_bytes
 from cwa_dist.models import ModelRef, load_replica
+from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 from cwa_dist.replay import BlockReplay
 from cwa_dist.superweights import Candidate, detect
-from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +98,16 @@ class EvalActor:
 
 
 class EvalPool:
-    def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str, gpus_per_actor: int,
+    def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str,
+                 gpus_per_actor: int,
                  batch_size: int, replay_budget_bytes: int = 0):
         gpus = gpus_per_actor if device == "cuda" else 0
         remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
         chunks_ref = ray.put(chunks)  # once, shared by every actor (and every replacement)
-        self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads, replay_budget_bytes)
+        self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads,
+                                                replay_budget_bytes)
         self.actors = [self._new_actor() for _ in range(num_actors)]
 
     def describe(self) -> list[tuple[str, Perplexity]]:
@@ -157,7 +159,8 @@ class EvalPool:
                 except ray.exceptions.RayActorError as e:
                     lost_while_loading += 1
                     if lost_while_loading > max_retries + len(self.actors):
-                        raise RuntimeError(f"evaluation actors keep dying while they load the model ({last_line(e)})")
+                        raise RuntimeError(
+                            f"evaluation actors keep dying while they load the model ({last_line(e)})") from None
                     fresh = self._replace(actor)
                     starting[fresh.describe.remote()] = fresh
                     continue
@@ -168,7 +171,8 @@ class EvalPool:
                 for ref, (actor, spec, tries, deadline) in list(in_flight.items()):
                     if deadline is not None and deadline <= now:
                         del in_flight[ref]
-                        retry(actor, spec, tries, "timed out", f"no answer within {timeout_s:g}s (--experiment-timeout-s)")
+                        retry(actor, spec, tries, "timed out",
+                              f"no answer within {timeout_s:g}s (--experiment-timeout-s)")
                 continue
             done = ready[0]
             actor, spec, tries, _ = in_flight.pop(done)
