@@ -22,21 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cwa_dist.errors import UsageError, one_line
+from cwa_dist.file_hash import cache_root, sha256_of
 
 CONVERTER_VERSION = 1
 MANIFEST = "cwa_dist_conversion.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CWA_DIST_CACHE", Path.home() / ".cache" / "cwa_dist"))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_key(kind: str, files: list[Path]) -> str:
@@ -44,12 +33,12 @@ def source_key(kind: str, files: list[Path]) -> str:
     h = hashlib.sha256(f"{kind}:v{CONVERTER_VERSION}".encode())
     for f in sorted(files, key=lambda p: p.name):
         h.update(f.name.encode())
-        h.update(file_sha256(f).encode())
+        h.update(sha256_of(f).encode())
     return h.hexdigest()
 
 
 def _record(entry: Path, source: Path, key: str) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(entry.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {"converter_version": CONVERTER_VERSION, "source": str(source), "source_key": key, "files": files}
     (entry / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -65,7 +54,7 @@ def verify(entry: Path) -> str | None:
         path = entry / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != want["bytes"] or file_sha256(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or sha256_of(path) != want["sha256"]:
             return f"{name} does not match its recorded hash"
     return None
 

@@ -24,6 +24,7 @@ import torch
 from cwa_dist import convert
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.errors import UsageError, one_line
+from cwa_dist.file_hash import content_digest, hash_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,37 +154,41 @@ def _hub_snapshot(repo: str, revision: str | None = None, patterns: list[str] = 
 class Origin:
     """Where a run's weights come from, resolved once on the driver and recorded: the directory
     the driver reads config and tokenizer from, the checkpoint's headers, and what identifies the
-    weights (a Hub commit, or a digest of a local checkpoint's headers)."""
+    weights (a Hub commit, or a local checkpoint's content hash)."""
 
     kind: str  # hub | local | gguf
     directory: Path
-    checkpoint: Checkpoint  # headers only: the driver never reads a weight
+    checkpoint: Checkpoint  # headers only: the driver never holds a weight
     revision: str | None  # the Hub commit
     headers_sha256: str  # headers_digest: every tensor's name, file, dtype and shape
+    content_sha256: str | None = None  # a local checkpoint's files, names and bytes (file_hash.content_digest)
 
     def record(self) -> dict:
         return {"kind": self.kind, "directory": str(self.directory), "revision": self.revision,
-                "headers_sha256": self.headers_sha256, "files": len(self.checkpoint.files),
-                "bytes": self.checkpoint.nbytes()}
+                "headers_sha256": self.headers_sha256, "content_sha256": self.content_sha256,
+                "files": len(self.checkpoint.files), "bytes": self.checkpoint.nbytes()}
 
     @property
     def identity(self) -> str:
-        """What a resumed run must find again: the commit, else the headers' digest."""
-        return self.revision or self.headers_sha256
+        """What a resumed run must find again: the commit (a Hub commit names its bytes), else the
+        local files' content hash."""
+        return self.revision or self.content_sha256 or self.headers_sha256
 
 
 def resolve_origin(source: ModelSource, *, revision: str | None, announce: Callable[[str], None]) -> Origin:
     """The driver's view of the weights. A Hub id: its commit at `revision` (the branch head by
     default), its configs and tokenizer downloaded, its tensors' headers read with range requests
     (or from this node's cache, where the weights already are); no weight is downloaded here. A
-    local directory or .gguf: the safetensors directory (converted once), its headers read."""
+    local directory or .gguf: the safetensors directory (converted once), its headers read, and
+    its files hashed (streamed, never held; remembered while the files are unchanged)."""
     if source.kind != "hub":
         if revision is not None:
             raise UsageError(f"--revision {revision} names a Hub commit or branch, but --model {source.location} "
                              "is local")
         path = resolve_checkpoint(source, announce=announce)
         ckpt = Checkpoint(path)
-        return Origin(source.kind, path, ckpt, None, headers_digest(ckpt))
+        content = content_digest(path, ckpt.files, hash_cache(), announce)
+        return Origin(source.kind, path, ckpt, None, headers_digest(ckpt), content)
     path = _hub_snapshot(source.location, revision, patterns=HUB_METADATA_PATTERNS)
     commit = path.name  # snapshot_download answers with .../snapshots/<commit>
     ckpt = _hub_headers(source.location, commit, path)
@@ -238,6 +243,7 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool):
 def load_config(path: Path, *, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    path = Path(path)
     if not trust_remote_code and (path / "config.json").is_file():
         try:
             raw = json.loads((path / "config.json").read_text())

@@ -255,7 +255,9 @@ MANIFEST_FIELDS = {
     "plan": "the plan made before any stage: device, dtype, dtype_note (why the weights are rounded, or null), "
             "backend, workers and actors with their resources, estimated peak bytes per process",
     "checkpoint": "where the weights came from: kind (hub, local, gguf), directory, revision (the Hub commit every "
-                  "node read), headers_sha256 (every tensor's name, file, dtype and shape), files, bytes",
+                  "node read), headers_sha256 (every tensor's name, file, dtype and shape), content_sha256 (a "
+                  "local checkpoint's files: names and bytes; null for the Hub, whose commit names its bytes), "
+                  "files, bytes",
     "ray": "the Ray cluster's resources when the run started",
     "model_class": "the transformers class of the model",
     "scored_parameters": "name → shape of every scored parameter",

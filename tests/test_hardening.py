@@ -113,10 +113,11 @@ def test_a_stuck_rank_fails_the_stage_naming_it(ray_local):
     group.shutdown()
 
 
-def test_resume_refuses_other_data_or_another_resolved_dtype(ray_local, tiny_model_dir, tmp_path, capsys):
+def test_resume_refuses_other_data_weights_or_resolved_dtype(ray_local, tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(12)) + "\n")
-    common = ["--model", str(tiny_model_dir["gpt2"]), *SMALL, "--no-perturbation", "--topk", "5",
+    model = shutil.copytree(tiny_model_dir["gpt2"], tmp_path / "model")  # its bytes change below
+    common = ["--model", str(model), *SMALL, "--no-perturbation", "--topk", "5",
               "--data-file", str(data), "--output", str(tmp_path / "o"), "--experiment-id", "r"]
     assert main(common) == 0
     run = tmp_path / "o" / "r"
@@ -138,6 +139,14 @@ def test_resume_refuses_other_data_or_another_resolved_dtype(ray_local, tiny_mod
     assert main([*common, "--resume"]) == 2
     assert "resolved_dtype differ (stored 'bfloat16', now 'float32')" in _one_error_line(capsys)
     (run / "config.json").write_text(json.dumps(config))
+    (weights,) = model.glob("*.safetensors")
+    original = weights.read_bytes()
+    changed = bytearray(original)
+    changed[-1] ^= 0x01  # one bit of one weight: the same layout, other bytes
+    weights.write_bytes(bytes(changed))
+    assert main([*common, "--resume"]) == 2
+    assert "the weights (Hub commit or checkpoint content) differ" in _one_error_line(capsys)
+    weights.write_bytes(original)
     assert main([*common, "--resume"]) == 0
 
 

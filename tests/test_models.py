@@ -165,7 +165,8 @@ def test_a_hub_model_is_pinned_to_one_commit_and_the_driver_reads_only_headers(t
     assert origin.kind == "hub" and origin.revision == commit and origin.directory == snapshot
     local = resolve_origin(resolve_source(str(tiny_model_dir["llama"])), revision=None, announce=print)
     assert origin.headers_sha256 == local.headers_sha256 == headers_digest(Checkpoint(tiny_model_dir["llama"]))
-    assert origin.identity == commit and local.identity == local.headers_sha256 and local.revision is None
+    assert origin.identity == commit and local.revision is None and origin.content_sha256 is None
+    assert local.identity == local.content_sha256 and len(local.content_sha256) == 64
     # A worker on another node resolves the same commit in its own cache.
     ref = ModelRef(source="cwa-test/tiny-llama", checkpoint_dir="/elsewhere", dtype="float32", revision=commit)
     ckpt, config = ref.open()
