@@ -1,14 +1,21 @@
-"""What a resumed run needs: which settings may change between tries, the log of finished
-experiments, and the newest unfinished run. No Ray here."""
+"""A run's identity and its continuation, in one place: its experiment id, what it was computed
+on, which settings may change between tries, whether an earlier try may be continued, and the log
+of finished experiments. No Ray here."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cwa_dist.config import operational_settings
+from cwa_dist.config import RunConfig, operational_settings
+from cwa_dist.errors import UsageError
+
+if TYPE_CHECKING:
+    from cwa_dist.storage import Output
 
 # Settings that change how a run is carried out, not what it computes: a resume may change them.
 OPERATIONAL = operational_settings()
@@ -101,3 +108,42 @@ class ResultLog:
             os.fsync(f.fileno())
         if self.on_write:
             self.on_write(self.path)
+
+
+def experiment_id(cfg: RunConfig, output: Output) -> str:
+    if cfg.experiment_id:
+        return cfg.experiment_id
+    if cfg.resume:
+        latest = latest_unfinished(output.manifests())
+        if latest is None:
+            raise UsageError(f"--resume: no unfinished run under {cfg.output}; give --experiment-id or start a new run")
+        return latest
+    return dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
+
+
+def config_record(cfg: RunConfig, experiment_id: str, device: str) -> dict:
+    return {**cfg.to_dict(), "experiment_id": experiment_id, "device": device}
+
+
+def previous_run(cfg: RunConfig, path: Path, where: str, experiment_id: str) -> dict | None:
+    """The manifest of the run to continue, after checking that continuing it is safe."""
+    manifest, config = path / "manifest.json", path / "config.json"
+    if not manifest.exists() or not config.exists():
+        if cfg.resume:
+            raise UsageError(f"--resume: {where} holds no run to continue; start it without --resume")
+        return None  # RunDirectory.create refuses a non-empty directory that is not a run
+    stored = json.loads(config.read_text())
+    diffs = differing_settings(stored, config_record(cfg, experiment_id, stored.get("device")))
+    if diffs:
+        raise UsageError(
+            f"cannot resume {where}: these settings differ from the stored run and would make its results "
+            f"wrong: {'; '.join(diffs)}. Use the stored settings, or a new --experiment-id"
+        )
+    return json.loads(manifest.read_text())
+
+
+def check_identity(path: Path, where: str, identity: dict) -> None:
+    diffs = differing_identity(json.loads((path / "config.json").read_text()), identity)
+    if diffs:
+        raise UsageError(f"cannot resume {where}: {'; '.join(diffs)}; the stored "
+                         "results were computed otherwise. Use the stored data and dtype, or a new --experiment-id")

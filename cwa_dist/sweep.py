@@ -98,6 +98,16 @@ def share_the_machine(configs: list[RunConfig], concurrent: int) -> None:
             cfg.num_eval_actors = max(1, free // concurrent)
 
 
+def run_logged(cfg, log) -> str | None:
+    """One sweep run, its console output into `log`: where its directory is (None for a dry run,
+    which plans and writes no directory). Runs in the run's coordinating Ray task."""
+    from cwa_dist import pipeline
+    from cwa_dist.report import Reporter
+
+    run_dir = pipeline.run(cfg, Reporter(cfg.verbose, stream=log))
+    return None if run_dir is None else run_dir.where
+
+
 def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | None = None) -> int:
     name, directory, configs = load_sweep(path)
     print(f"🧪 Sweep {name}: {len(configs)} run(s) into {directory}")
@@ -133,7 +143,8 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
             else:
                 print(f"  ✅ {o.experiment_id}: {o.where}", flush=True)
 
-        outcomes = run_all(configs, max_concurrent=concurrent, log_dir=output.local / "logs", on_done=done)
+        outcomes = run_all(configs, run_one=run_logged, max_concurrent=concurrent, log_dir=output.local / "logs",
+                           on_done=done)
     finally:
         if started:
             stop_ray()

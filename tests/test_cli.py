@@ -1,5 +1,6 @@
 """The command line end to end, through real Ray, on tiny local models."""
 
+import hashlib
 import json
 import re
 import subprocess
@@ -314,6 +315,11 @@ def test_the_plan_and_the_checkpoint_are_recorded(full_run, tiny_model_dir):
     assert "🧭 Plan: 1 gradient worker(s)" in proc.stdout
     checkpoint = config["checkpoint"]
     assert checkpoint["kind"] == "local" and checkpoint["revision"] is None
-    assert checkpoint["headers_sha256"] == headers_digest(Checkpoint(tiny_model_dir["llama"])) == config["weights"]
+    assert checkpoint["headers_sha256"] == headers_digest(Checkpoint(tiny_model_dir["llama"]))
+    # The weights' identity is their bytes: sha256 over each file's name and sha256, by name.
+    content = hashlib.sha256()
+    for f in sorted(Checkpoint(tiny_model_dir["llama"]).files):
+        content.update(f"{f}\0{hashlib.sha256((tiny_model_dir['llama'] / f).read_bytes()).hexdigest()}\n".encode())
+    assert checkpoint["content_sha256"] == content.hexdigest() == config["weights"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["plan"] == plan and manifest["checkpoint"] == checkpoint

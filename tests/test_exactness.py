@@ -143,16 +143,25 @@ def naive_bf16_grads(net, chunks, names):
     return {n: params[n].grad.reshape(-1).double() for n in names}
 
 
-@pytest.mark.parametrize("backend,world_size", [("none", 1), ("zero3", 2), ("fsdp2", 2)])
-def test_bfloat16_run_accumulates_in_float32(ray_local, backend, world_size):
-    """A bfloat16 model over many micro-batches: the weights stay the checkpoint's bfloat16
-    values, and the scores are closer to the float64 computation on those same weights than a
-    plain bfloat16 run's, whose running gradient sum is rounded to 8 bits at every step."""
+@pytest.fixture(scope="module")
+def bf16_case():
+    """The bfloat16 model, its 64 micro-batches, and both references (float64, and a plain bfloat16
+    run): computed once for every backend, since on CPU they cost more than the runs under test."""
     net = build_wide_llama(seed=1, dtype=torch.bfloat16)
     chunks = token_chunks(64, 128, VOCAB, seed=1)
     names = select_parameters(net, include_bias=False, include_norm=False)
     loaded = {n: p.detach().clone() for n, p in net.named_parameters()}
     ref = float64_reference(build_wide_llama(seed=1, dtype=torch.bfloat16), chunks, names)
+    naive = naive_bf16_grads(build_wide_llama(seed=1, dtype=torch.bfloat16), chunks, names)
+    return net, chunks, names, loaded, ref, naive
+
+
+@pytest.mark.parametrize("backend,world_size", [("none", 1), ("zero3", 2), ("fsdp2", 2)])
+def test_bfloat16_run_accumulates_in_float32(ray_local, bf16_case, backend, world_size):
+    """A bfloat16 model over many micro-batches: the weights stay the checkpoint's bfloat16
+    values, and the scores are closer to the float64 computation on those same weights than a
+    plain bfloat16 run's, whose running gradient sum is rounded to 8 bits at every step."""
+    net, chunks, names, loaded, ref, naive = bf16_case
     merged, reports = run_gradient_group(ray_local, net, chunks, names, world_size=world_size, backend=backend,
                                          metrics=["grad_x_weight"], k=K, batch_size=1)
     # Scored inside the 64th micro-batch's backward, from the float32 sums (one process's hooks).
@@ -163,7 +172,6 @@ def test_bfloat16_run_accumulates_in_float32(ray_local, backend, world_size):
     assert torch.equal(cand.weight.to(torch.bfloat16), expected_w)  # float32 holds bfloat16 exactly
     assert torch.equal(cand.weight.to(torch.bfloat16).to(cand.weight.dtype), cand.weight)
 
-    naive = naive_bf16_grads(build_wide_llama(seed=1, dtype=torch.bfloat16), chunks, names)
     want = np.array([float(ref[n][2]["grad_x_weight"][i]) for n, i in zip(got_names, flat)])
     ours = cand.score.double().numpy()
     plain = np.array([abs(float(naive[n][i]) * float(ref[n][0][i])) for n, i in zip(got_names, flat)])

@@ -152,16 +152,16 @@ def test_resume_refuses_other_data_weights_or_resolved_dtype(ray_local, tiny_mod
 
 def test_a_restore_that_is_not_exact_is_logged_as_failed():
     from cwa_dist.config import RunConfig
-    from cwa_dist.pipeline import _result_row
+    from cwa_dist.results import result_row
 
     spec = _specs(build_tiny_model("llama"), 1)[0]
     base = Perplexity(10.0, 5, window_nll=(4.0, 6.0))
     bad = ExperimentResult(key=spec.key, perturbed=Perplexity(12.0, 5, window_nll=(5.0, 7.0)), baseline=base,
                            weights_masked=20, wall_s=0.1, restored_exact=False, actor="h:1")
     cfg = RunConfig(model="m")
-    row = _result_row(spec, bad, [2, 3], cfg)
+    row = result_row(spec, bad, [2, 3], cfg)
     assert row["status"] == "failed" and "not restored bit for bit" in row["error"]
-    good = _result_row(spec, ExperimentResult(key=spec.key, perturbed=bad.perturbed, baseline=base, weights_masked=20,
+    good = result_row(spec, ExperimentResult(key=spec.key, perturbed=bad.perturbed, baseline=base, weights_masked=20,
                                               wall_s=0.1, restored_exact=True, actor="h:1"), [2, 3], cfg)
     assert good["status"] == "ok" and good["error"] == ""
 

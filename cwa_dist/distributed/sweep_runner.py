@@ -23,18 +23,17 @@ class Outcome:
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _coordinate(cfg, log_path: str) -> str | None:
-    from cwa_dist import pipeline
-    from cwa_dist.report import Reporter
-
+def _coordinate(run_one: Callable, cfg, log_path: str) -> str | None:
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        run_dir = pipeline.run(cfg, Reporter(cfg.verbose, stream=log))
-    return None if run_dir is None else run_dir.where  # a dry run plans and writes no run directory
+        return run_one(cfg, log)
 
 
-def run_all(configs: list, *, max_concurrent: int, log_dir: Path, on_done: Callable[[Outcome], None]) -> list[Outcome]:
-    """Run every configuration; a run that fails is recorded and the others go on."""
+def run_all(configs: list, *, run_one: Callable, max_concurrent: int, log_dir: Path,
+            on_done: Callable[[Outcome], None]) -> list[Outcome]:
+    """Run every configuration with `run_one(cfg, log_stream)` (the caller's: this layer does not
+    call up into the driver), which returns where the run's directory is, or None for a dry run.
+    A run that fails is recorded and the others go on."""
     # Coordinators run on this node, so a local --output lands where the sweep was started.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pending, running, outcomes = list(configs), {}, []
@@ -42,7 +41,7 @@ def run_all(configs: list, *, max_concurrent: int, log_dir: Path, on_done: Calla
         while pending and len(running) < max_concurrent:
             cfg = pending.pop(0)
             ref = _coordinate.options(scheduling_strategy=here, name=f"cwa_sweep:{cfg.experiment_id}").remote(
-                cfg, str(log_dir / f"{cfg.experiment_id}.log"))
+                run_one, cfg, str(log_dir / f"{cfg.experiment_id}.log"))
             running[ref] = cfg
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:

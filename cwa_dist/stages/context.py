@@ -1,0 +1,38 @@
+"""What every stage reads (Context), and what the model stage hands the others (LoadedModel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cwa_dist.config import RunConfig
+from cwa_dist.models import ModelRef, Origin
+from cwa_dist.report import Reporter
+from cwa_dist.run_plan import RunPlan
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every stage reads: the settings, the console, and where the run executes."""
+
+    cfg: RunConfig
+    rep: Reporter
+    plan: RunPlan  # device, dtype, backend, workers and actors: resolved once, before any stage
+    joined_cluster: bool  # an existing cluster may autoscale; a local Ray cannot grow
+
+    @property
+    def device(self) -> str:
+        return self.plan.device
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """What the driver knows of the model: where its weights are, never the weights."""
+
+    model: ModelRef
+    tokenizer: object
+    scored: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    model_class: str
+    num_parameters: int
+    model_bytes: int  # the parameters' bytes in the run's dtype
+    origin: Origin  # where the weights come from (commit, directory, headers' digest)

@@ -1,0 +1,25 @@
+"""The data stage: texts → windows → the calibration / evaluation split."""
+
+from __future__ import annotations
+
+from cwa_dist.data import Split, split_documents, tokenize_documents
+from cwa_dist.evaluate import predicted_tokens
+from cwa_dist.stages.context import Context
+
+
+def prepare(ctx: Context, texts: list[str], tokenizer) -> tuple[Split, dict]:
+    """Texts → windows (never spanning two texts) → a split by text, and the facts the summary records."""
+    rep = ctx.rep
+    documents = tokenize_documents(tokenizer, texts, ctx.cfg.seq_len, ctx.cfg.stride)
+    split = split_documents(documents, ctx.cfg.calibration_fraction, ctx.cfg.seed)
+    windows = sum(len(d) for d in documents)
+    rep.heading("📚 Evaluation Data")
+    rolling = f", rolling with stride {ctx.cfg.stride}" if ctx.cfg.stride not in (None, ctx.cfg.seq_len) else ""
+    rep.line(f"✅ {len(texts)} texts → {windows} windows of ≤{ctx.cfg.seq_len} tokens (none spans two texts{rolling})")
+    facts = {"texts": len(texts), "windows": windows, "seq_len": ctx.cfg.seq_len, "stride": ctx.cfg.stride}
+    for name, text_ids, part in (("calibration", split.calibration_texts, split.calibration),
+                                 ("evaluation", split.evaluation_texts, split.evaluation)):
+        tokens = predicted_tokens(part)
+        rep.line(f"✅ {name.capitalize()}: {len(text_ids)} texts, {len(part)} windows ({tokens:,} predicted tokens)")
+        facts[name] = {"texts": text_ids, "windows": len(part), "predicted_tokens": tokens}
+    return split, facts

@@ -1,0 +1,73 @@
+"""The export stage: figures, the summary, report.html, and the console's closing summary."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from cwa_dist import html_report, plots
+from cwa_dist.errors import last_line
+from cwa_dist.memory import peak_rss_bytes
+from cwa_dist.outputs import RunRecord
+from cwa_dist.results import perturbation_summary
+from cwa_dist.stages.context import Context
+
+
+def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.DataFrame | None) -> None:
+    cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
+    with rep.stage("💾 Exporting Results", record.timings, "export"):
+        out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(rankings[rankings["metric"].isin(cfg.metrics)]))
+        final: dict = {}
+        ok = None if results is None else results[results["status"] == "ok"]
+        final["experiments_completed"] = 0 if ok is None else len(ok)
+        if ok is not None and len(ok):
+            final.update(perturbation_summary(ok))
+            out.write_figure("plots/ppl_vs_masked.png", plots.perplexity_vs_masked(ok, ok["baseline_ppl"].iloc[0]))
+        else:
+            final["max_ppl_increase"] = None
+        driver_peak = peak_rss_bytes()
+        record.memory(driver={"peak_rss_bytes": driver_peak})
+        rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")
+        summary = record.complete(**final, run_directory=out.where, stage_timings_s=dict(record.timings))
+        _write_report(ctx, out)
+        for f in sorted(p.relative_to(out.path) for p in out.path.rglob("*") if p.is_file()):
+            rep.detail(f"  ✅ {f}")
+    _final_report(ctx, summary)
+
+
+def _write_report(ctx: Context, out) -> None:
+    """report.html, last: every result is already on disk, so a failure here loses nothing."""
+    try:
+        out.write_text("report.html", html_report.build(out.path))
+    except Exception as e:  # noqa: BLE001 - the run's results stand without the page
+        ctx.rep.line(f"⚠️  report.html could not be built ({last_line(e, 200)}); the results are complete. "
+                     f"Rebuild it with: python -m cwa_dist.html_report {out.path}")
+
+
+def _final_report(ctx: Context, summary: dict) -> None:
+    rep = ctx.rep
+    rep.line()
+    rep.line("🔬 Analysis Complete - Summary")
+    rep.rule()
+    rep.line(f"🤖 Model: {summary['model_name']}")
+    rep.line(f"📏 Baseline PPL: {summary['baseline_perplexity']:.2f}")
+    rep.line(f"🎯 Perturbation experiments: {summary['experiments_completed']}")
+    if summary.get("max_ppl_increase") is not None:
+        rep.line(f"📈 Max PPL increase: {summary['max_ppl_increase']:.2f}")
+    best = summary.get("most_impactful_perturbation")
+    if best:
+        rep.line("🏆 Most Impactful Perturbation:")
+        rep.line(f"  {best['metric']} Top-{best['topk']} at {best['mask_ratio']:.0%} masking "
+                 f"({best['weights_masked']} weights)")
+        rep.line(f"  PPL: {best['baseline_ppl']:.2f} → {best['perturbed_ppl']:.2f} ({best['ppl_increase']:+.2f})")
+        for entry in summary["comparison"]:
+            if entry["topk"] == best["topk"] and entry["mask_ratio"] == best["mask_ratio"]:
+                controls = []
+                if "random_mean" in entry:
+                    controls.append(f"random {entry['random_mean']:.2f} (mean; {entry['random_min']:.2f}–"
+                                    f"{entry['random_max']:.2f} over the seeds)")
+                if "magnitude" in entry:
+                    controls.append(f"largest |W| {entry['magnitude']:.2f}")
+                if controls:
+                    rep.line(f"  Controls, same number of weights: {', '.join(controls)}")
+    rep.line(f"📁 Results: {summary['run_directory']}")
+    rep.line("🎉 Analysis complete!")
