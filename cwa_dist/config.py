@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from cwa_dist.errors import UsageError
 from cwa_dist.metrics import METRICS
 from cwa_dist.perturb import MODES
+from cwa_dist.sharding import ZeroSettings
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
@@ -291,8 +292,6 @@ class RunConfig:
                            seed=self.seed)
 
     def zero_settings(self):
-        from cwa_dist.distributed.backends import ZeroSettings
-
         return ZeroSettings(
             offload_params=self.offload_params,
             offload_optimizer=self.offload_optimizer,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cwa_dist.devices import colocated, shared_visibility, to_cpu
-from cwa_dist.distributed.backends import _shard
+from cwa_dist.distributed.backends.base import make_shard
 from cwa_dist.distributed.grad_workers import WorkerReport
 from cwa_dist.perturb import MODES, ModeOptions, Targets, apply, restore, restored_exactly
 from cwa_dist.sensitivity import GradientSums, ParamShard, ShardScorer, merge_scores, values_at
@@ -146,7 +146,7 @@ def test_values_at_reads_gpu_shards_into_cpu_columns():
 @pytest.mark.parametrize("weight_on,grad_on", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_an_offloaded_zero3_shard_is_scored_on_the_ranks_device(weight_on, grad_on):
     """--offload-params leaves the weight partition in host memory, --offload-optimizer the
-    gradient; the backend's _shard brings both (and the Fisher's sums) to the rank's GPU."""
+    gradient; the backend's make_shard brings both (and the Fisher's sums) to the rank's GPU."""
     ref = shards()[0]
     place = {"cpu": lambda t: t.clone(), "cuda": on_fake_cuda}  # noqa: F821 (imported in the child)
     sums = GradientSums(per_window=True)
@@ -154,7 +154,7 @@ def test_an_offloaded_zero3_shard_is_scored_on_the_ranks_device(weight_on, grad_
     sums.add(ref.name, place[grad_on](ref.grad), scale=1.0)
     with fake_cuda():
         for per_window in (None, sums):
-            shard = _shard(ref.name, 0, place[weight_on](ref.weight), place[grad_on](ref.grad), per_window, CUDA)
+            shard = make_shard(ref.name, 0, place[weight_on](ref.weight), place[grad_on](ref.grad), per_window, CUDA)
             assert all(t.device == CUDA for t in (shard.weight, shard.grad))
             scorer = ShardScorer(["grad_x_weight"] + (["fisher"] if per_window else []), 10)
             scorer.add(shard)  # mixed devices would raise here
