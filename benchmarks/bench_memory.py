@@ -69,7 +69,8 @@ def main() -> None:
     from cwa_dist.distributed.backends import ZeroSettings
     from cwa_dist.distributed.eval_actors import EvalPool
     from cwa_dist.distributed.grad_workers import GradientGroup
-    from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer, resolve_checkpoint, resolve_source
+    from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+    from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer
     from cwa_dist.sensitivity import select_parameters
     from cwa_dist.smollm2 import ensure_smollm2
 

@@ -27,7 +27,8 @@ import torch
 from cwa_dist.config import RunConfig
 from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.eval_actors import EvalPool
-from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer, resolve_checkpoint, resolve_source
+from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer
 from cwa_dist.perturb import PerturbationSpec, Targets
 from cwa_dist.plan import single_weight_spec
 from cwa_dist.sensitivity import numel, select_parameters

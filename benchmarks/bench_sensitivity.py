@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.backends import ReplicaBackend, ZeroSettings
 from cwa_dist.evaluate import attention_mask, batches, predicted_tokens
-from cwa_dist.models import ModelRef, load_tokenizer, resolve_checkpoint, resolve_source
+from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+from cwa_dist.models import ModelRef, load_tokenizer
 from cwa_dist.sensitivity import checkpoint_blocks, prepare_gradients, select_parameters
 from cwa_dist.smollm2 import ensure_smollm2
 

@@ -22,7 +22,8 @@ import torch
 from cwa_dist.data import load_texts, tokenize_chunks
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
-from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer, resolve_checkpoint, resolve_source
+from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer
 from cwa_dist.sensitivity import select_parameters
 from cwa_dist.smollm2 import ensure_smollm2
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from cwa_dist.config import RunConfig
 from cwa_dist.errors import UsageError
-from cwa_dist.models import empty_model, read_config, resolve_source, stored_dtype
+from cwa_dist.model_sources import resolve_source
+from cwa_dist.models import empty_model, read_config, stored_dtype
 from cwa_dist.report import Reporter
 from cwa_dist.run_plan import ClusterView, RunPlan, cluster_file_view, make_plan, refusal, summary_lines
 from cwa_dist.sizing import GiB, model_facts, plan_table

@@ -15,7 +15,7 @@ from cwa_dist.data import load_texts
 from cwa_dist.distributed.runtime import start_ray, stop_ray
 from cwa_dist.dry_run import cluster_view, dry_run, plan_run
 from cwa_dist.errors import UsageError
-from cwa_dist.models import resolve_origin, resolve_source
+from cwa_dist.model_sources import resolve_origin, resolve_source
 from cwa_dist.outputs import RunDirectory
 from cwa_dist.perturb import flip_bit_index
 from cwa_dist.report import Reporter

@@ -305,7 +305,7 @@ def test_more_workers_than_the_cluster_holds_is_refused_at_once(ray_local, tiny_
 
 def test_the_plan_and_the_checkpoint_are_recorded(full_run, tiny_model_dir):
     from cwa_dist.checkpoint import Checkpoint
-    from cwa_dist.models import headers_digest
+    from cwa_dist.model_sources import headers_digest
 
     run_dir, proc = full_run
     config = json.loads((run_dir / "config.json").read_text())

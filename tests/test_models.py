@@ -9,7 +9,8 @@ from conftest import FAMILIES, build_tiny_model, saved_model
 
 from cwa_dist.checkpoint import Checkpoint
 from cwa_dist.errors import UsageError
-from cwa_dist.models import load_config, load_replica, resolve_checkpoint, resolve_source
+from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+from cwa_dist.models import load_config, load_replica
 
 
 def _replica(path, dtype=torch.float32):
@@ -157,7 +158,8 @@ def _use_hub_cache(monkeypatch, cache):
 
 def test_a_hub_model_is_pinned_to_one_commit_and_the_driver_reads_only_headers(tiny_model_dir, tmp_path,
                                                                                monkeypatch):
-    from cwa_dist.models import ModelRef, headers_digest, resolve_origin
+    from cwa_dist.model_sources import headers_digest, resolve_origin
+    from cwa_dist.models import ModelRef
 
     snapshot, commit = _hub_cache(tmp_path, tiny_model_dir["llama"])
     _use_hub_cache(monkeypatch, tmp_path / "hub")
@@ -177,7 +179,7 @@ def test_a_hub_model_is_pinned_to_one_commit_and_the_driver_reads_only_headers(t
 
 
 def test_a_hub_checkpoint_whose_weights_are_not_cached_offline_says_so(tiny_model_dir, tmp_path, monkeypatch):
-    from cwa_dist.models import resolve_origin
+    from cwa_dist.model_sources import resolve_origin
 
     # Configs and tokenizer cached (what the driver downloads), the weights not: reading their
     # headers needs the Hub.

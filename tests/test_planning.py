@@ -15,7 +15,8 @@ import yaml
 from test_cluster_operation import write_llama_config
 
 from cwa_dist.distributed.capacity import autoscaler_gpus
-from cwa_dist.models import empty_model, read_config, resolve_source
+from cwa_dist.model_sources import resolve_source
+from cwa_dist.models import empty_model, read_config
 from cwa_dist.outputs import RunDirectory
 from cwa_dist.resume import ResultLog, latest_unfinished
 from cwa_dist.run import build_parser, config_from_args

@@ -15,9 +15,11 @@ from conftest import build_tiny_model, calibration_chunks, saved_model
 
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.eval_actors import EvalPool
-from cwa_dist.distributed.grad_workers import GradientGroup, GradientWorkerError
+from cwa_dist.distributed.grad_workers import GradientGroup
+from cwa_dist.distributed.worker_group import GradientWorkerError
 from cwa_dist.evaluate import Perplexity
-from cwa_dist.models import ModelRef, resolve_checkpoint, resolve_source
+from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+from cwa_dist.models import ModelRef
 from cwa_dist.perturb import PerturbationSpec, random_targets
 from cwa_dist.run import main
 from cwa_dist.sensitivity import (

@@ -93,7 +93,8 @@ def test_replay_on_the_real_smollm2(smollm2_path):
     norm and the embedding."""
     from cwa_dist.checkpoint import Checkpoint
     from cwa_dist.data import load_texts, tokenize_chunks
-    from cwa_dist.models import load_config, load_replica, load_tokenizer, resolve_checkpoint, resolve_source
+    from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+    from cwa_dist.models import load_config, load_replica, load_tokenizer
 
     path = resolve_checkpoint(resolve_source(str(smollm2_path)), announce=print)
     net = load_replica(Checkpoint(path), load_config(path, trust_remote_code=False), dtype=torch.float32,

@@ -18,7 +18,7 @@ import torch
 from test_cluster_operation import write_llama_config
 
 from cwa_dist.config import RunConfig
-from cwa_dist.distributed.grad_workers import placement_strategy
+from cwa_dist.distributed.worker_group import placement_strategy
 from cwa_dist.dry_run import plan_run
 from cwa_dist.errors import UsageError
 from cwa_dist.run_plan import (

@@ -1,9 +1,10 @@
 """The gradient stage as a group of Ray workers forming one torch.distributed process group.
 
-Each worker loads the model through a sharding backend (`backends.py`), runs its share of the
+Each worker loads the model through a sharding backend (`backends/`), runs its share of the
 calibration chunks in lockstep with the others, scores only the shards it owns and returns its
 local top-K candidates and statistics. The driver merges them with `topk.merge`, which is exact
-for any number of workers; one worker is the same code path.
+for any number of workers; one worker is the same code path. Placement, calls and the fail-fast
+gather are the generic `WorkerGroup` (worker_group.py).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cwa_dist.data import lockstep_batches, per_window_steps
 from cwa_dist.devices import shared_visibility, to_cpu
 from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
-from cwa_dist.errors import UsageError, last_line
+from cwa_dist.distributed.worker_group import WorkerGroup, placement_strategy
+from cwa_dist.errors import UsageError
 from cwa_dist.evaluate import Perplexity, batches, predicted_tokens
 from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_pinned_bytes, peak_rss_bytes
 from cwa_dist.metrics import FISHER, needed_inputs
@@ -36,10 +36,6 @@ from cwa_dist.sensitivity import (
     non_finite_tensors,
     values_at,
 )
-
-
-class GradientWorkerError(RuntimeError):
-    """A rank of the gradient group died; the stage cannot go on without it."""
 
 
 @dataclass
@@ -202,49 +198,13 @@ def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
     return merge_scores([r.scores for r in reports], k)
 
 
-def _check_capacity(bundle: dict, num_workers: int, autoscaling: bool) -> None:
-    """Refuse at once what the cluster can never hold, instead of waiting for it forever.
-    An autoscaling cluster may still grow, so there the placement timeout decides."""
-    if autoscaling:
-        return
-    total = ray.cluster_resources()
-    for kind, amount in bundle.items():
-        if amount * num_workers > total.get(kind, 0):
-            raise UsageError(
-                f"{num_workers} gradient worker(s) need {amount * num_workers:g} {kind} in all, but the Ray "
-                f"cluster has {total.get(kind, 0):g}; lower --num-workers or --{kind.lower()}s-per-worker"
-            )
 
 
-def placement_strategy(num_workers: int, gpus_per_worker: int, node_gpus: int | None) -> str:
-    """STRICT_PACK (every rank on one node, their collectives over its own links) where the ranks'
-    GPUs fit one GPU node; PACK, which fills nodes one after the other, where they need more."""
-    if gpus_per_worker and node_gpus and num_workers * gpus_per_worker <= node_gpus:
-        return "STRICT_PACK"
-    return "PACK"
 
 
-def _wait_placed(pg, what: str, timeout_s: float, on_wait: Callable[[str], None], every_s: float = 30.0) -> None:
-    """Wait for the placement group, saying every `every_s` what it waits for (an autoscaler may be
-    starting nodes); past `timeout_s`, remove it and refuse."""
-    start = time.monotonic()
-    while True:
-        left = timeout_s - (time.monotonic() - start)
-        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(every_s, left)))
-        if ready:
-            return
-        waited = time.monotonic() - start
-        if waited >= timeout_s:
-            remove_placement_group(pg)
-            raise UsageError(
-                f"the Ray cluster cannot place {what} within {timeout_s:.0f}s (it has {ray.cluster_resources()}); "
-                "lower --num-workers or the resources per worker, grow the cluster, or wait longer with "
-                "--placement-timeout-s")
-        on_wait(f"⏳ waiting {waited:.0f}s of {timeout_s:.0f}s for the cluster to place {what} "
-                f"(free now: {ray.available_resources()})")
 
 
-class GradientGroup:
+class GradientGroup(WorkerGroup):
     """N gradient workers as Ray actors in one placement group, with one process group."""
 
     def __init__(self, model: ModelRef, *, num_workers: int, backend: str, device: str, cpus_per_worker: int,
@@ -254,28 +214,13 @@ class GradientGroup:
                  node_gpus: int | None = None):
         """`call_timeout_s` bounds each stage call (--stage-timeout-s); loading the model is bounded by
         `setup_timeout_s`, which defaults to it."""
-        self.call_timeout_s = call_timeout_s
         if backend == "none" and num_workers != 1:
             raise UsageError("--shard-backend none runs a single worker; use --shard-backend zero3 for more")
         bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-        _check_capacity(bundle, num_workers, autoscaling)
-        self.pg = placement_group([bundle] * num_workers,
-                                  strategy=placement_strategy(num_workers, gpus_per_worker, node_gpus))
-        _wait_placed(self.pg, f"{num_workers} gradient worker(s) of {bundle}", placement_timeout_s, on_wait)
-        remote = ray.remote(GradientWorker)
-        self.workers = [
-            remote.options(
-                num_cpus=cpus_per_worker,
-                num_gpus=gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(None if device == "cuda" else cpus_per_worker)
-            for i in range(num_workers)
-        ]
-        self.nodes = ["?"] * num_workers  # host:pid of each rank, once they answer
-        # A process start (imports, a busy node) is part of placement, not of the stage: the stage's
-        # deadline starts once every rank has answered.
-        self.nodes = self._gather([w.where.remote() for w in self.workers], timeout_s=placement_timeout_s,
-                                  flag="--placement-timeout-s")
+        super().__init__(GradientWorker, (None if device == "cuda" else cpus_per_worker,), num_workers=num_workers,
+                         bundle=bundle, strategy=placement_strategy(num_workers, gpus_per_worker, node_gpus),
+                         autoscaling=autoscaling, placement_timeout_s=placement_timeout_s,
+                         call_timeout_s=call_timeout_s, on_wait=on_wait)
         if gpus_per_worker:
             self.visible_gpus = self.share_gpus()
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
@@ -289,6 +234,7 @@ class GradientGroup:
             self.shutdown(graceful=False)
             raise UsageError(corrupt_weights_message(bad))
 
+
     def share_gpus(self) -> list[str]:
         """Every rank sees the GPUs of all ranks on its node (see devices.shared_visibility);
         returns each rank's CUDA_VISIBLE_DEVICES."""
@@ -296,9 +242,6 @@ class GradientGroup:
         return self._gather([w.see_gpus.remote(visible, index)
                              for w, (visible, index) in zip(self.workers, shared_visibility(assigned))])
 
-    @property
-    def world_size(self) -> int:
-        return len(self.workers)
 
     def sensitivity(self, *, evaluation: list[torch.Tensor], calibration: list[torch.Tensor], scored: list[str],
                     metrics: list[str], k: int, batch_size: int, checkpointing: bool, keep_gradients: bool = False,
@@ -356,57 +299,6 @@ class GradientGroup:
             out[name] = tuple(c[keep] for c in columns)
         return out
 
-    def each(self, method: str, per_rank_args: list, **kwargs) -> list:
-        """Call `method` on every rank with its own first argument, together."""
-        return self._gather([getattr(w, method).remote(a, **kwargs) for w, a in zip(self.workers, per_rank_args)])
 
-    def call(self, method: str, *args, **kwargs) -> list:
-        return self._gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
 
-    def _gather(self, refs: list, timeout_s: float | None = None, flag: str = "--stage-timeout-s") -> list:
-        """Results of one call per rank. Ranks wait on each other inside collectives, so when one
-        dies the others would hang until the process group times out: fail fast instead, kill the
-        whole group, and name the rank that died. `timeout_s` defaults to the stage's call timeout."""
-        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
-        pending = list(refs)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
-            if not ready:  # alive but stuck: a rank that never answers would hold the others forever
-                stuck = [refs.index(r) for r in pending]
-                self.shutdown(graceful=False)
-                raise GradientWorkerError(
-                    f"gradient worker rank(s) {', '.join(map(str, stuck))} on "
-                    f"{', '.join(self.nodes[r] for r in stuck)} did not answer within {timeout_s:g}s "
-                    f"({flag}; one stuck rank holds the others in their collectives); the group was shut "
-                    "down. Rerun with --resume to restart the sensitivity stage"
-                )
-            (done,) = ready
-            try:
-                ray.get(done)
-            except ray.exceptions.RayActorError as e:
-                rank = refs.index(done) if len(refs) > 1 else 0
-                self.shutdown(graceful=False)
-                raise GradientWorkerError(
-                    f"gradient worker rank {rank} on {self.nodes[rank]} died ({last_line(e, 200)}); the group was shut "
-                    "down. Rerun with --resume to restart the sensitivity stage"
-                ) from None
-            except ray.exceptions.RayTaskError as e:
-                self.shutdown(graceful=False)
-                if isinstance(e.cause, UsageError):  # bad input seen by a worker: one line, as on the driver
-                    raise UsageError(str(e.cause)) from None
-                raise e.as_instanceof_cause() from None
-        return ray.get(refs)
 
-    def shutdown(self, graceful: bool = True) -> None:
-        if graceful:
-            try:
-                ray.get([w.teardown.remote() for w in self.workers], timeout=60)
-            except Exception:
-                pass  # the actors are killed next either way
-        for w in self.workers:
-            ray.kill(w)
-        if self.workers:
-            remove_placement_group(self.pg)
-        self.workers = []
