@@ -181,3 +181,14 @@ def run_gradient_group(ray, net, chunks, names, *, world_size, backend, metrics,
     finally:
         group.shutdown()
     return result.merged, result.reports
+
+
+# Fixtures that start Ray, or run something that does: a test using one (directly or through
+# another fixture) is marked `ray`, as are tests marked so by hand (Ray started in a subprocess).
+RAY_FIXTURES = {"ray_local", "full_run", "cluster", "gpu_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)

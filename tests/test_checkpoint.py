@@ -70,6 +70,7 @@ def test_a_short_read_loops_and_the_end_of_a_file_stops_it(tmp_path):
 
 
 @pytest.mark.extended
+@pytest.mark.ray
 def test_a_tied_model_with_an_embedding_over_2_gib_runs_end_to_end(tiny_model_dir, tmp_path):
     """A real run: the gradient rank reads the 2.15 GB tied embedding, the evaluation actor loads it
     again, and the ranking's weights are the checkpoint's values at the ranked indices."""

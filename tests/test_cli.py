@@ -155,6 +155,7 @@ def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
 ALL_METRICS = ["grad_x_weight", "grad_squared", "fisher", "obd", "wanda", "magnitude"]
 
 
+@pytest.mark.extended  # two minutes; the report's run (tests/test_report.py) runs the study by default
 def test_a_perturbation_mode_and_the_ablation_study_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_path):
     """Every metric, rolling windows, a bit-flip mode and the ablation study, on two ZeRO-3 ranks."""
     code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--metric", *ALL_METRICS, "--stride", "24",

@@ -189,6 +189,7 @@ def test_ranks_of_one_node_see_every_gpu_of_that_node():
     assert shared_visibility([("n", [])]) == [("", 0)]
 
 
+@pytest.mark.ray
 def test_gradient_workers_share_their_nodes_logical_gpus_through_ray():
     """Real Ray with 3 logical GPUs: each rank is given one, then sees all three and keeps its own."""
     script = textwrap.dedent("""

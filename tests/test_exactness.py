@@ -102,8 +102,9 @@ def wide():
     return net, chunks, names, loaded, float64_reference(build_wide_llama(), chunks, names)
 
 
-@pytest.mark.parametrize("backend,world_size", [("none", 1), ("zero3", 1), ("zero3", 2), ("zero3", 3),
-                                                ("fsdp2", 1), ("fsdp2", 2), ("fsdp2", 3)])
+@pytest.mark.parametrize("backend,world_size", [
+    ("none", 1), pytest.param("zero3", 1, marks=pytest.mark.extended), ("zero3", 2), ("zero3", 3),
+    pytest.param("fsdp2", 1, marks=pytest.mark.extended), ("fsdp2", 2), ("fsdp2", 3)])
 def test_float32_run_matches_float64_reference(ray_local, wide, backend, world_size):
     net, chunks, names, loaded, ref = wide
     # Default ZeRO knobs: the embeddings and MLP matrices are partitioned for real.
@@ -180,6 +181,7 @@ def test_bfloat16_run_accumulates_in_float32(ray_local, bf16_case, backend, worl
     assert err_ours < 0.75 * err_plain, (err_ours, err_plain)
 
 
+@pytest.mark.extended  # minutes: three groups per backend (test_sharded measures zero3 by default)
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_each_rank_holds_its_share_measured(ray_local, wide, backend):
     """Bytes of the tensors each rank really holds after scoring (found by walking its objects),

@@ -42,8 +42,15 @@ def assert_same_ranking(got, ref, rtol):
     assert sum(hi - lo == 1 for lo, hi in groups) > len(s) // 2  # mostly a strict order
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_tied", "llama_odd"])
-@pytest.mark.parametrize("world_size", [2, 3])
+def _layouts(default: list[tuple[str, int]]) -> list:
+    """Every (family, world size): those in `default` run by default, the rest with -m extended
+    (each is about a minute of Ray workers on two cores; the float64 exactness tests cover every
+    world size by default)."""
+    combos = [(f, w) for w in (2, 3) for f in ("llama", "llama_tied", "llama_odd")]
+    return [pytest.param(f, w, marks=() if (f, w) in default else pytest.mark.extended) for f, w in combos]
+
+
+@pytest.mark.parametrize("family,world_size", _layouts([("llama_tied", 2), ("llama_odd", 3)]))
 def test_zero3_topk_equals_single_process(ray_local, family, world_size):
     net = build_tiny_model(family)
     chunks = calibration_chunks(5, 14, ragged=True)  # 5 chunks: ranks get unequal shares
@@ -58,7 +65,7 @@ def test_zero3_topk_equals_single_process(ray_local, family, world_size):
     assert len({r.rank for r in reports}) == world_size
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.extended), 3])
 def test_no_rank_holds_more_than_its_partition(ray_local, world_size):
     net = build_tiny_model("llama_odd")
     names = select_parameters(net, include_bias=False, include_norm=False)
@@ -71,6 +78,7 @@ def test_no_rank_holds_more_than_its_partition(ray_local, world_size):
         assert r.local_param_numel < total / world_size + len(sizes)
 
 
+@pytest.mark.extended  # the float64 exactness tests compare both, at world 1, with a reference
 def test_backend_none_matches_zero3_at_world_one(ray_local):
     net = build_tiny_model("gpt2")
     chunks = calibration_chunks(4, 12)
@@ -81,8 +89,7 @@ def test_backend_none_matches_zero3_at_world_one(ray_local):
         assert_same_ranking(zero.candidates[metric], replica.candidates[metric], rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_tied", "llama_odd"])
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("family,world_size", _layouts([("llama", 2), ("llama_tied", 3)]))
 def test_fsdp2_topk_equals_single_process_and_zero3(ray_local, family, world_size):
     net = build_tiny_model(family)
     chunks = calibration_chunks(5, 14, ragged=True)
