@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,9 @@ def _tiny_config(family: str):
 
 
 FAMILIES = ["llama", "llama_tied", "gpt2", "gpt_neox", "opt"]
+
+SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
+"""CLI flags of a small, quick run (short windows, few texts)."""
 
 
 def wide_llama_config(tied: bool = False):
@@ -192,3 +196,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.ray)
+
+
+def brute_force_topk(scores: dict[str, torch.Tensor], k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The one reference ranking the tests compare with: (names, flat indices, scores) of the k
+    highest scores over every tensor, ordered by score (highest first), then parameter name, then
+    flat index, the tie order the package documents. A full sort of each tensor's candidates in
+    float64; elements below their own tensor's k-th score cannot be in the top k (ties at it are
+    all kept)."""
+    names, flats, values = [], [], []
+    for name, s in scores.items():
+        s = s.detach().reshape(-1).double()
+        idx = torch.nonzero(s >= torch.topk(s, k).values[-1]).reshape(-1) if len(s) > k else torch.arange(len(s))
+        names += [name] * len(idx)
+        flats.append(idx.numpy())
+        values.append(s[idx].numpy())
+    flat, score = np.concatenate(flats), np.concatenate(values)
+    order = np.lexsort((flat, np.unique(names, return_inverse=True)[1], -score))[:k]
+    return [names[i] for i in order], flat[order], score[order]
+
+
+def random_specs(net, n: int, k: int = 20):
+    """n random-control experiments of k weights each over the model's weight matrices."""
+    from cwa_dist.perturb import PerturbationSpec, random_targets
+    from cwa_dist.sensitivity import select_parameters
+
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    numels = [dict(net.named_parameters())[x].numel() for x in names]
+    return [PerturbationSpec(key=f"random|seed={i}", method="random", is_control=True, topk=k, mask_ratio=1.0,
+                             seed=i, mode="zero", targets=random_targets(names, numels, k, seed=i)) for i in range(n)]

@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SMALL, brute_force_topk
 
 from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.outputs import PERTURBATION_COLUMNS, RANKING_COLUMNS, TOPK_CSV_COLUMNS
 from cwa_dist.run import main
 from cwa_dist.sensitivity import select_parameters
-
-SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +81,11 @@ def test_cli_ranking_equals_plain_pytorch_reference(full_run, tiny_model_dir):
                for c in split.calibration) / tokens
     loss.backward()
     params = dict(net.named_parameters())
-    entries = []
-    for n in select_parameters(net, include_bias=False, include_norm=False):
-        s = (params[n].grad * params[n].detach()).abs().reshape(-1)
-        entries += [(-float(v), n, i) for i, v in enumerate(s.tolist())]
-    ref = sorted(entries)[:20]
+    names, flat, score = brute_force_topk({n: (params[n].grad * params[n].detach()).abs()
+                                           for n in select_parameters(net, include_bias=False, include_norm=False)}, 20)
     got = pd.read_csv(run_dir / "top_20_weights_grad_x_weight.csv")
-    assert list(zip(got["layer"], got["flat_index"])) == [(n, i) for _, n, i in ref]
-    np.testing.assert_allclose(got["sensitivity"], [-s for s, _, _ in ref], rtol=1e-4)
+    assert list(zip(got["layer"], got["flat_index"])) == list(zip(names, flat.tolist()))
+    np.testing.assert_allclose(got["sensitivity"], score, rtol=1e-4)
 
 
 def test_perturbation_results(full_run):

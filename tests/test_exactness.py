@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_wide_llama, run_gradient_group, token_chunks, wide_llama_config
+from conftest import brute_force_topk, build_wide_llama, run_gradient_group, token_chunks, wide_llama_config
 
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.sensitivity import select_parameters
@@ -69,12 +69,8 @@ def float64_reference(net, chunks, names):
 
 def reference_topk(ref, metric, k):
     """(name, flat index) of the float64 top-k, best first, ties by name then index."""
-    entries = []
-    for n, (_, _, scores) in ref.items():
-        s = scores[metric]
-        top = torch.topk(s, min(len(s), k)).indices.tolist()
-        entries += [(-float(s[i]), n, i) for i in top]
-    return [(n, i) for _, n, i in sorted(entries)[:k]]
+    names, flat, _ = brute_force_topk({n: scores[metric] for n, (_, _, scores) in ref.items()}, k)
+    return list(zip(names, flat.tolist()))
 
 
 def assert_matches_reference(cand, ref, metric, loaded, rtol):

@@ -10,18 +10,15 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny_model, calibration_chunks, saved_model
+from conftest import SMALL, build_tiny_model, calibration_chunks, random_specs, saved_model
 
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.worker_group import GradientWorkerError
 from cwa_dist.evaluate import Perplexity
-from cwa_dist.perturb import PerturbationSpec, random_targets
 from cwa_dist.run import main
 from cwa_dist.sensitivity import select_parameters
-
-SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
 
 
 def _one_error_line(capsys) -> str:
@@ -66,13 +63,6 @@ def test_a_checkpoint_holding_nan_is_named_as_corrupt(ray_local, tiny_model_dir,
     assert manifest["status"] == "failed"
 
 
-def _specs(net, n):
-    names = select_parameters(net, include_bias=False, include_norm=False)
-    numels = [dict(net.named_parameters())[k].numel() for k in names]
-    return [PerturbationSpec(key=f"random|seed={i}", method="random", is_control=True, topk=20, mask_ratio=1.0,
-                             seed=i, mode="zero", targets=random_targets(names, numels, 20, seed=i)) for i in range(n)]
-
-
 def test_a_stuck_eval_actor_is_killed_and_its_experiment_retried(ray_local):
     net = build_tiny_model("llama")
     pool = EvalPool(saved_model(net), calibration_chunks(6, 24), num_actors=2, device="cpu",
@@ -88,7 +78,7 @@ def test_a_stuck_eval_actor_is_killed_and_its_experiment_retried(ray_local):
                 os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGSTOP)
                 stopped.append(victim)
 
-        pool.run(_specs(net, 8), on_result=on_result, on_failure=lambda s, e: failures.append((s.key, e)),
+        pool.run(random_specs(net, 8), on_result=on_result, on_failure=lambda s, e: failures.append((s.key, e)),
                  max_retries=2, timeout_s=8)
     finally:
         pool.shutdown()
@@ -155,7 +145,7 @@ def test_a_restore_that_is_not_exact_is_logged_as_failed():
     from cwa_dist.config import RunConfig
     from cwa_dist.results import result_row
 
-    spec = _specs(build_tiny_model("llama"), 1)[0]
+    spec = random_specs(build_tiny_model("llama"), 1)[0]
     base = Perplexity(10.0, 5, window_nll=(4.0, 6.0))
     bad = ExperimentResult(key=spec.key, perturbed=Perplexity(12.0, 5, window_nll=(5.0, 7.0)), baseline=base,
                            weights_masked=20, wall_s=0.1, restored_exact=False, actor="h:1")

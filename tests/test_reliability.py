@@ -11,7 +11,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import build_tiny_model, calibration_chunks, saved_model
+from conftest import SMALL, build_tiny_model, calibration_chunks, random_specs, saved_model
 
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.eval_actors import EvalPool
@@ -20,7 +20,6 @@ from cwa_dist.distributed.worker_group import GradientWorkerError
 from cwa_dist.evaluate import Perplexity
 from cwa_dist.model_sources import resolve_checkpoint, resolve_source
 from cwa_dist.models import ModelRef
-from cwa_dist.perturb import PerturbationSpec, random_targets
 from cwa_dist.run import main
 from cwa_dist.sensitivity import (
     NonFiniteGradientError,
@@ -31,15 +30,6 @@ from cwa_dist.sensitivity import (
     select_parameters,
 )
 
-SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
-
-
-def _specs(net, n):
-    names = select_parameters(net, include_bias=False, include_norm=False)
-    numels = [dict(net.named_parameters())[k].numel() for k in names]
-    return [PerturbationSpec(key=f"random|seed={i}", method="random", is_control=True, topk=20, mask_ratio=1.0,
-                             seed=i, mode="zero", targets=random_targets(names, numels, 20, seed=i)) for i in range(n)]
-
 
 def _pid(actor_name: str) -> int:
     return int(actor_name.rsplit(":", 1)[1])
@@ -49,7 +39,7 @@ def test_killed_eval_actor_is_replaced_and_every_experiment_runs_once(ray_local)
     net = build_tiny_model("llama")
     pool = EvalPool(saved_model(net), calibration_chunks(6, 24), num_actors=2, device="cpu", gpus_per_actor=0,
                     batch_size=2)
-    specs = _specs(net, 10)
+    specs = random_specs(net, 10)
     results, failures, killed = [], [], []
     try:
         names = [name for name, _ in pool.describe()]
@@ -87,7 +77,7 @@ def test_experiment_is_recorded_as_failed_after_its_retries(ray_local):
             if len(results) == 1:
                 os.kill(_pid(r.actor), signal.SIGKILL)  # the next experiment finds its actor dead
 
-        pool.run(_specs(net, 4), on_result=on_result, on_failure=lambda s, e: failures.append((s.key, e)),
+        pool.run(random_specs(net, 4), on_result=on_result, on_failure=lambda s, e: failures.append((s.key, e)),
                  max_retries=0)
     finally:
         pool.shutdown()

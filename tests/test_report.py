@@ -9,11 +9,11 @@ import shutil
 
 import pandas as pd
 import pytest
+from conftest import SMALL
 
 from cwa_dist.html_report import build, jaccard, ratio_table
 from cwa_dist.run import main
 
-SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
 METRICS = ["grad_x_weight", "wanda"]
 
 

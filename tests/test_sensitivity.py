@@ -4,7 +4,7 @@ depend on batching or chunk order."""
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, build_tiny_model, calibration_chunks
+from conftest import FAMILIES, brute_force_topk, build_tiny_model, calibration_chunks
 
 from cwa_dist.evaluate import predicted_tokens
 from cwa_dist.sensitivity import (
@@ -26,17 +26,11 @@ def reference_ranking(net, chunks, names, metric, k):
     ids = torch.stack(chunks)
     net(input_ids=ids, labels=ids).loss.backward()
     params = dict(net.named_parameters())
-    all_names, all_flat, all_scores = [], [], []
+    scores = {}
     for n in names:
         g, w = params[n].grad.reshape(-1).double(), params[n].detach().reshape(-1).double()
-        s = (g * w).abs() if metric == "grad_x_weight" else g * g
-        all_scores.append(s.float().numpy())
-        all_flat.append(np.arange(s.numel()))
-        all_names += [n] * s.numel()
-    score, flat = np.concatenate(all_scores), np.concatenate(all_flat)
-    name_rank = np.unique(all_names, return_inverse=True)[1]
-    order = np.lexsort((flat, name_rank, -score))[:k]
-    return [all_names[i] for i in order], flat[order], score[order]
+        scores[n] = ((g * w).abs() if metric == "grad_x_weight" else g * g).float()
+    return brute_force_topk(scores, k)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
