@@ -1,4 +1,5 @@
-"""The ZeRO-3 backend's fence around DeepSpeed's internals (cwa_dist/distributed/backends.py)."""
+"""The sharding backends: the ZeRO-3 fence around DeepSpeed's internals (backends/zero3.py), and the
+order of a backend's steps (backends/base.py)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,31 @@ def test_the_deepspeed_config_is_the_ranks_whatever_the_driver_has(device, pinne
     zero = config["zero_optimization"]
     assert zero["offload_param"]["pin_memory"] is pinned and zero["offload_optimizer"]["pin_memory"] is pinned
     assert config["bf16"]["enabled"] is True
+
+
+def test_backend_steps_run_only_in_order(tiny_model_dir):
+    """loaded → start → steps → finish_scoring → scored: a step before start, or after scoring
+    without a fresh start, is refused in one line; a fresh start makes the next stage possible."""
+    from cwa_dist.distributed.backends import ReplicaBackend
+    from cwa_dist.models import ModelRef
+    from cwa_dist.sensitivity import select_parameters
+
+    d = str(tiny_model_dir["llama"])
+    backend = ReplicaBackend()
+    backend.load(ModelRef(source=d, checkpoint_dir=d, dtype="float32"), device="cpu", rank=0, world_size=1,
+                 settings=ZeroSettings())
+    with pytest.raises(RuntimeError, match="a step needs phase 'started', but the backend is 'loaded'"):
+        backend.step_start(final=True)
+    names = select_parameters(backend.model, include_bias=False, include_norm=False)
+    ids = torch.randint(0, backend.model.config.vocab_size, (2, 12))
+    for _ in range(2):  # two stages on one backend, each started afresh
+        backend.prepare(names, False, metrics=["grad_x_weight"], k=5)
+        backend.step_start(final=True)
+        backend.forward_backward(ids, torch.ones_like(ids), total_tokens=22)
+        backend.step_end(None)
+        scorer = backend.finish_scoring(["grad_x_weight"], 5)
+        assert len(scorer.done) == len(names)
+        with pytest.raises(RuntimeError, match="is 'scored'; call start"):
+            backend.step_start()
+        with pytest.raises(RuntimeError, match="scoring needs phase 'started'"):
+            backend.finish_scoring(["grad_x_weight"], 5)

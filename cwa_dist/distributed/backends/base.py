@@ -39,7 +39,11 @@ class Backend:
 
     A step is one call of `step_start`, `forward_backward` or `dummy`, then `step_end`. With a
     scorer (`start(..., metrics=...)`), the step marked final is the calibration pass's last: from
-    then on a parameter whose gradient has arrived is scored and, unless `keep_gradients`, freed."""
+    then on a parameter whose gradient has arrived is scored and, unless `keep_gradients`, freed.
+
+    The order is enforced, not assumed (`phase`): loaded → `start` → steps → `finish_scoring` →
+    scored; a step or a second scoring without a fresh `start` is refused, since the accumulators
+    it would use belong to a finished stage."""
 
     world_size = 1
     device = torch.device("cpu")  # where this rank computes, and scores
@@ -48,6 +52,12 @@ class Backend:
     scorer: ShardScorer | None = None
     hooks: GradientHooks | None = None  # per-parameter gradient hooks, where the backend has them
     final = False
+    phase = "loaded"  # loaded | started | scored
+
+    def _require(self, phase: str, what: str) -> None:
+        if self.phase != phase:
+            raise RuntimeError(f"{type(self).__name__}: {what} needs phase {phase!r}, but the backend is "
+                               f"{self.phase!r}; call start (through prepare) first")
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -74,6 +84,7 @@ class Backend:
         self.freed: set[str] = set()
         self.final = False
         self._norms_reduced = False
+        self.phase = "started"
 
     @property
     def per_window(self) -> bool:
@@ -85,6 +96,7 @@ class Backend:
         return self.final and self.scorer is not None
 
     def step_start(self, final: bool = False) -> None:
+        self._require("started", "a step")
         self.final = final
         if self.hooks is not None:
             self.hooks.final = final
@@ -107,6 +119,7 @@ class Backend:
     def step_end(self, window_scale: float | None) -> None:
         """After a step's backward, real or dummy: in per-window mode, take this rank's slice of the
         window's gradient into `sums`."""
+        self._require("started", "the end of a step")
         if self.per_window:
             self._collect_window(window_scale)
 
@@ -131,12 +144,14 @@ class Backend:
     def finish_scoring(self, metrics: Sequence[str], k: int) -> ShardScorer:
         """Score what backward did not (everything, without a scorer from `start`; parameters the
         loss never reached; per-window sums of sharded ranks) and return the scorer."""
+        self._require("started", "scoring")
         self.reduce_feature_norms()
         if self.scorer is None:
             self.scorer = ShardScorer(metrics, k, self.feature_norms)
         for name in self.scored:
             if name not in self.scorer.done:
                 self.score_ready(name)
+        self.phase = "scored"
         return self.scorer
 
     def shard(self, name: str) -> ParamShard:

@@ -145,9 +145,9 @@ class Zero3Backend(Backend):
         buffer DeepSpeed allocates up front, so scoring frees nothing here.) `partition_grads` is
         a private method: its signature is checked before it is wrapped."""
         optimizer = self.engine.optimizer
-        original = getattr(optimizer, "_cwa_partition_grads", None) or optimizer.partition_grads
+        # DeepSpeed's own method, kept by the backend (a second stage wraps it again, not our wrapper).
+        original = self._partition_grads = getattr(self, "_partition_grads", None) or optimizer.partition_grads
         check_wrapped_signature(original, PARTITION_GRADS_PARAMETERS)
-        optimizer._cwa_partition_grads = original
         wanted = set(self.scored)
         # The backend's own table, not an attribute on DeepSpeed's parameter objects.
         names = {id(p): name for name, p in self.params.items()}
