@@ -9,10 +9,10 @@ cluster from the Ray cluster this process joined, or from a cluster file (--clus
 from __future__ import annotations
 
 from cwa_dist.config import RunConfig
+from cwa_dist.console import Reporter
 from cwa_dist.errors import UsageError
 from cwa_dist.model_sources import resolve_source
 from cwa_dist.models import empty_model, read_config, stored_dtype
-from cwa_dist.report import Reporter
 from cwa_dist.run_plan import ClusterView, RunPlan, cluster_file_view, make_plan, refusal, summary_lines
 from cwa_dist.sizing import GiB, model_facts, plan_table
 

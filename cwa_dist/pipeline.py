@@ -11,6 +11,7 @@ import os
 
 from cwa_dist import resume
 from cwa_dist.config import RunConfig
+from cwa_dist.console import Reporter
 from cwa_dist.data import load_texts
 from cwa_dist.distributed.runtime import start_ray, stop_ray
 from cwa_dist.dry_run import cluster_view, dry_run, plan_run
@@ -18,7 +19,6 @@ from cwa_dist.errors import UsageError
 from cwa_dist.model_sources import resolve_origin, resolve_source
 from cwa_dist.outputs import RunDirectory
 from cwa_dist.perturb import flip_bit_index
-from cwa_dist.report import Reporter
 from cwa_dist.run_plan import refusal
 from cwa_dist.stages import data, export, model, perturbation, ranking, sensitivity, start
 from cwa_dist.stages.context import Context

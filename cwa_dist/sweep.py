@@ -102,7 +102,7 @@ def run_logged(cfg, log) -> str | None:
     """One sweep run, its console output into `log`: where its directory is (None for a dry run,
     which plans and writes no directory). Runs in the run's coordinating Ray task."""
     from cwa_dist import pipeline
-    from cwa_dist.report import Reporter
+    from cwa_dist.console import Reporter
 
     run_dir = pipeline.run(cfg, Reporter(cfg.verbose, stream=log))
     return None if run_dir is None else run_dir.where

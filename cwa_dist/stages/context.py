@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cwa_dist.config import RunConfig
+from cwa_dist.console import Reporter
 from cwa_dist.model_sources import Origin
 from cwa_dist.models import ModelRef
-from cwa_dist.report import Reporter
 from cwa_dist.run_plan import RunPlan
 
 

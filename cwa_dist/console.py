@@ -1,4 +1,4 @@
-"""Console report, stage by stage, in the original tool's layout."""
+"""The console: one Reporter every stage prints through, stage by stage, in the original tool's layout."""
 
 from __future__ import annotations
 
