@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", type=int, default=24)
     parser.add_argument("--workload", choices=["ablation", "topk"], default="ablation")
-    parser.add_argument("--budget-gb", type=float, default=RunConfig(model="x").replay_memory_gb)
+    parser.add_argument("--budget-gb", type=float, default=RunConfig.of(model="x").replay_memory_gb)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()

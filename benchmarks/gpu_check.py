@@ -200,7 +200,7 @@ def step_memory(args) -> dict:
         gpu = torch.cuda.get_device_properties(0).total_memory if args.device == "cuda" else 0
         view = ClusterView(gpus_now=1 if gpu else 0, gpus_possible=0, source="gpu check", free_cpus=4,
                            task_memory_bytes=2**40, gpu_bytes=gpu or None, gpu_node=None)
-        plan = plan_run(RunConfig(model=tmp, dtype="bfloat16", offload_optimizer=True, num_workers=1,
+        plan = plan_run(RunConfig.of(model=tmp, dtype="bfloat16", offload_optimizer=True, num_workers=1,
                                   batch_size=2, no_perturbation=True, device=args.device), view)
     rank = plan.needs[0]
     measured = {"peak_device_bytes": report.peak_device_bytes, "peak_rss_bytes": report.peak_rss_bytes,

@@ -1,279 +1,229 @@
-"""The run configuration: typed, documented, validated once, written to config.json."""
+"""The run configuration: typed, documented, validated once, written to config.json.
+
+`RunConfig` is made of sections (model, data, analysis, perturbation, sharding, run), each a
+dataclass that validates itself; ZeRO's knobs and the perturbation modes' options are sections of
+their own, declared where they are used. Every setting keeps one flat name, which is its flag, its
+key in config.json and in sweep files (`cwa_dist.settings` holds that machinery)."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 import re
-import typing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
+from cwa_dist import settings
 from cwa_dist.errors import UsageError
 from cwa_dist.metrics import METRICS
-from cwa_dist.perturb import MODES
+from cwa_dist.perturb import MODES, ModeOptions
+from cwa_dist.settings import check_choices, non_negative, positive, setting
 from cwa_dist.sharding import ZeroSettings
 
-CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "dtype": ("auto", "float32", "bfloat16"),
-    "shard_backend": ("auto", "zero3", "fsdp2", "none"),
-}
-"""The closed sets of values, checked in RunConfig and listed in --help."""
-
-
-def setting(default=dataclasses.MISSING, *, section: str, flag: str | None = None, operational: bool = False):
-    """A RunConfig field. `section` groups it in --help; `flag` overrides --field-name; an
-    `operational` setting changes how a run is carried out, not what it computes, so a resume
-    may change it."""
-    return dataclasses.field(default=default, metadata={"section": section, "flag": flag, "operational": operational})
+SECTION_TITLES = {"sharding": "sharded gradients"}
+"""--help's name of a section, where it is not the section's own."""
 
 
 @dataclass(kw_only=True, slots=True)
-class RunConfig:
-    """Every setting of a run, in one place: the command line (`run.build_parser`), sweep files
-    and resume checks are generated from these fields, their types and the docstrings below them."""
+class ModelSection:
+    """Which model, read how."""
 
-    # -- model
-    model: str = setting(section="model")
+    name: str = setting(flat="model")
     """Hugging Face Hub id, local save_pretrained directory, or .gguf file."""
-    device: str = setting("auto", section="model", operational=True)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", operational=True)
     """Where workers run: cuda, cpu, or auto (cuda when the Ray cluster has GPUs). The dtype it
     resolves is recorded and checked on resume."""
-    dtype: str = setting("auto", section="model")
+    dtype: Literal["auto", "float32", "bfloat16"] = setting("auto")
     """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU). float16 is refused: its
     gradients underflow without loss scaling; float32 holds a float16 checkpoint exactly."""
-    revision: str | None = setting(None, section="model")
+    revision: str | None = setting(None)
     """A Hub model's branch, tag or commit (default: the main branch's head). The driver resolves it to
     one commit, recorded in config.json, and every node reads the weights at that commit."""
-    trust_remote_code: bool = setting(False, section="model")
+    trust_remote_code: bool = setting(False)
     """Allow the model repository to run its own Python code."""
-    # -- analysis
-    metrics: tuple[str, ...] = setting(("grad_x_weight",), section="analysis", flag="--metric")
-    """Sensitivity metrics to rank by."""
-    topk: tuple[int, ...] = setting((100,), section="analysis")
-    """Ranking sizes; the largest is computed once and the others are its prefixes."""
-    include_bias: bool = setting(False, section="analysis")
-    """Also score 1-D bias vectors."""
-    include_norm: bool = setting(False, section="analysis")
-    """Also score normalisation weights (and other 1-D non-bias parameters)."""
-    # -- data
-    data_file: str | None = setting(None, section="data")
-    """Text file, one text per line (blank lines ignored); the bundled English prose when not given."""
-    eval_limit: int | None = setting(100, section="data")
-    """Use at most this many texts."""
-    seq_len: int = setting(128, section="data")
-    """Tokens per chunk."""
-    stride: int | None = setting(None, section="data")
-    """Rolling-context scoring: a text's next window starts this many tokens later and predicts only
-    its last `stride` tokens, reading the rest as context; the default, --seq-len, is non-overlapping."""
-    batch_size: int = setting(4, section="data")
-    """Chunks per forward/backward pass (changes speed and memory, not results)."""
-    gradient_checkpointing: bool = setting(False, section="data")
-    """Recompute block activations during backward: less memory, about a third more time."""
-    calibration_fraction: float = setting(0.5, section="data")
-    """Share of chunks used for gradients; the rest, disjoint, measure perplexity."""
-    seed: int = setting(0, section="data")
-    """Seeds the chunk split and the random controls."""
-    # -- perturbation
-    perturbation_ratios: tuple[float, ...] = setting((0.1, 0.25, 0.5, 1.0), section="perturbation")
-    """Fractions of each top-K to perturb, each in (0, 1]."""
-    perturbation_mode: str = setting("zero", section="perturbation")
-    """How a selected weight is perturbed: zero; sign_flip (−w); scale (w·--perturbation-scale);
-    gauss_noise (w + --perturbation-noise·|w|·ε, seeded per experiment); bit_flip (one bit of the
-    stored value, --perturbation-bit). Every mode is undone bit for bit after each experiment."""
-    perturbation_scale: float = setting(0.5, section="perturbation")
-    """scale mode: the factor each selected weight is multiplied by."""
-    perturbation_noise: float = setting(1.0, section="perturbation")
-    """gauss_noise mode: the noise's standard deviation relative to |w|."""
-    perturbation_bit: int | None = setting(None, section="perturbation")
-    """bit_flip mode: the bit to flip, 0 = least significant; default the most significant exponent
-    bit of the weights' dtype (30 in float32, 14 in bfloat16)."""
-    random_seeds: int = setting(3, section="perturbation")
-    """Random-K controls per (K, ratio)."""
-    no_magnitude_control: bool = setting(False, section="perturbation")
-    """Skip the largest-|W| control experiments (the |W| ranking is still written)."""
-    bootstrap_samples: int = setting(1000, section="perturbation")
-    """Resamples of the evaluation windows for each perplexity's 95% confidence interval."""
-    super_weights: int = setting(3, section="perturbation")
-    """Super-weight candidates to detect from MLP activation outliers (Yu et al. 2024) and zero one at
-    a time; 0 turns detection off."""
-    ablation_study: int = setting(0, section="perturbation")
-    """Single-weight ablation study: the top N of every metric and N random weights, each zeroed
-    alone; per metric, Spearman's ρ between score and the measured change in NLL (0: off)."""
-    fast_perturbation: bool = setting(False, section="perturbation")
-    """Measure perturbation perplexity on the first --fast-eval-chunks evaluation chunks."""
-    fast_eval_chunks: int = setting(4, section="perturbation")
-    """Size of that subset."""
-    no_perturbation: bool = setting(False, section="perturbation")
-    """Stop after the ranking."""
-    gpus_per_eval_actor: int | None = setting(None, section="perturbation", operational=True)
-    """GPUs per evaluation actor; default on a GPU cluster: as many as one replica needs (1 when the GPUs'
-    memory is unknown). The model is split over them by blocks."""
-    num_eval_actors: int | None = setting(None, section="perturbation", operational=True)
-    """Evaluation actors in the pool; default one per free CPU (or GPU), at most one per experiment."""
-    replay_memory_gb: float = setting(1.0, section="perturbation", operational=True)
-    """Memory each evaluation actor may spend on kept block outputs, so an experiment recomputes only
-    from the first block it changes (same perplexity, bit for bit); 0 runs every experiment as a
-    full forward."""
-    # -- sharded gradients
-    num_workers: int | None = setting(None, section="sharded gradients", operational=True)
-    """Gradient workers (ranks of one process group); parameters are sharded across them. Default:
-    1 on CPU; on a GPU cluster one GPU node's GPUs, or as many more as the model needs to fit."""
-    shard_backend: str = setting("auto", section="sharded gradients")
-    """zero3 (DeepSpeed ZeRO-3), fsdp2 (PyTorch FSDP2), none (one worker holding the whole model),
-    or auto: none for a single CPU worker without offload, else zero3."""
-    cpus_per_worker: int | None = setting(None, section="sharded gradients", operational=True)
-    """CPUs per gradient worker; default the free CPUs divided evenly."""
-    gpus_per_worker: int | None = setting(None, section="sharded gradients", operational=True)
-    """GPUs per gradient worker; default 1 on a GPU cluster, else 0."""
-    offload_params: bool = setting(False, section="sharded gradients", operational=True)
-    """ZeRO-3: keep parameter partitions in CPU memory between uses (models larger than the GPUs)."""
-    offload_optimizer: bool = setting(False, section="sharded gradients", operational=True)
-    """ZeRO-3: keep DeepSpeed's fp32 master and gradient partitions in CPU memory."""
-    zero_reduce_bucket_size: int = setting(50_000_000, section="sharded gradients", operational=True)
-    """ZeRO-3: elements per gradient reduce-scatter bucket."""
-    zero_prefetch_bucket_size: int = setting(50_000_000, section="sharded gradients", operational=True)
-    """ZeRO-3: elements of parameters gathered ahead of use."""
-    zero_max_live_parameters: int = setting(1_000_000_000, section="sharded gradients", operational=True)
-    """ZeRO-3: most gathered parameter elements alive at once per rank."""
-    zero_max_reuse_distance: int = setting(50_000_000, section="sharded gradients", operational=True)
-    """ZeRO-3: a gathered parameter is kept (not re-gathered) only if it is used again within this
-    many elements. DeepSpeed's default of 1e9 keeps every parameter of a smaller model gathered from
-    its forward to its backward, that is the whole model on every rank."""
-    zero_param_persistence_threshold: int = setting(100_000, section="sharded gradients", operational=True)
-    """ZeRO-3: parameters smaller than this stay gathered (saves collectives on tiny tensors)."""
-    # -- run
-    ray_address: str | None = setting(None, section="run", operational=True)
-    """Ray cluster to join; default RAY_ADDRESS, else a local Ray started and stopped for the run."""
-    output: str = setting("outputs", section="run", operational=True)
-    """Parent directory of the run directory."""
-    experiment_id: str | None = setting(None, section="run", operational=True)
-    """Run directory name; default critical_analysis_<timestamp>."""
-    resume: bool = setting(False, section="run", operational=True)
-    """Continue an interrupted run: the one named by --experiment-id, else the newest unfinished run
-    under --output; finished stages and experiments are kept."""
-    max_retries: int = setting(2, section="run", operational=True)
-    """Times an experiment is retried after its actor died or timed out, before it is recorded as failed."""
-    stage_timeout_s: float = setting(3600.0, section="run", operational=True)
-    """Deadline of each call to the gradient workers (load, one lockstep step, scoring): ranks that
-    have not answered by then fail the stage, named."""
-    experiment_timeout_s: float = setting(1800.0, section="run", operational=True)
-    """Deadline of one perturbation experiment: a stuck evaluation actor is killed and the
-    experiment retried, as for an actor that died."""
-    dry_run: bool = setting(False, section="run", operational=True)
-    """Read only the model's config, resolve device, dtype, backend, workers and actors, estimate each
-    process's memory, check it against the cluster's devices, print the plan and exit; a plan that
-    cannot fit is refused with the flags that would make it fit."""
-    gpu_memory_gb: float | None = setting(None, section="run", operational=True)
-    """Memory of one GPU in GB, for the plan's check on a cluster whose GPU nodes do not exist yet (or
-    a --cluster file); default: asked of a GPU of the cluster."""
-    cluster: str | None = setting(None, section="run", operational=True)
-    """With --dry-run: plan against this Ray autoscaler cluster file (`ray up`'s, e.g. cluster.yaml)
-    instead of a running cluster: its node types' GPUs, CPUs and `memory`; nothing is started."""
-    placement_timeout_s: float | None = setting(None, section="run", operational=True)
-    """How long the gradient workers wait to be placed (progress is printed meanwhile); default 600 s
-    on a fixed cluster, 3600 s where the autoscaler may first have to start GPU nodes."""
-    verbose: bool = setting(False, section="run", operational=True)
-    """More console output (per-process memory and timings), Ray's worker logs, tracebacks on errors."""
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.name:
             raise UsageError("--model is empty; give a Hub id, a local model directory or a .gguf file")
-        _one_of("--device", self.device, CHOICES["device"])
         if self.dtype == "float16":
             raise UsageError("--dtype float16 is not supported: small gradients underflow in float16 without loss "
                              "scaling; use --dtype bfloat16, or float32 (which holds a float16 checkpoint exactly)")
-        _one_of("--dtype", self.dtype, CHOICES["dtype"])
+        check_choices(self)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    """Which texts, cut into which windows."""
+
+    data_file: str | None = setting(None)
+    """Text file, one text per line (blank lines ignored); the bundled English prose when not given."""
+    eval_limit: int | None = setting(100)
+    """Use at most this many texts."""
+    seq_len: int = setting(128)
+    """Tokens per chunk."""
+    stride: int | None = setting(None)
+    """Rolling-context scoring: a text's next window starts this many tokens later and predicts only
+    its last `stride` tokens, reading the rest as context; the default, --seq-len, is non-overlapping."""
+    batch_size: int = setting(4)
+    """Chunks per forward/backward pass (changes speed and memory, not results)."""
+    calibration_fraction: float = setting(0.5)
+    """Share of the texts whose windows give the gradients; the other texts' windows, disjoint,
+    measure perplexity (the split is by text, so no text is on both sides)."""
+    seed: int = setting(0)
+    """Seeds the split of the texts and the random controls."""
+
+    def __post_init__(self) -> None:
+        positive("--seq-len", self.seq_len, minimum=2)
+        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
+            raise UsageError(f"--stride {self.stride} is outside 1..--seq-len ({self.seq_len}); a window moves on by "
+                             "at most its own length")
+        positive("--batch-size", self.batch_size)
+        if self.eval_limit is not None:
+            positive("--eval-limit", self.eval_limit)
+        if not (0 < self.calibration_fraction < 1):
+            raise UsageError(f"--calibration-fraction {self.calibration_fraction} is outside (0, 1)")
+
+
+@dataclass(kw_only=True, slots=True)
+class AnalysisSection:
+    """What is scored and how much of it is ranked."""
+
+    metrics: tuple[str, ...] = setting(("grad_x_weight",), flag="--metric")
+    """Sensitivity metrics to rank by."""
+    topk: tuple[int, ...] = setting((100,))
+    """Ranking sizes; the largest is computed once and the others are its prefixes."""
+    include_bias: bool = setting(False)
+    """Also score 1-D bias vectors."""
+    include_norm: bool = setting(False)
+    """Also score normalisation weights (and other 1-D non-bias parameters)."""
+
+    def __post_init__(self) -> None:
         if not self.metrics:
             raise UsageError("--metric needs at least one metric")
         for m in self.metrics:
             if m not in METRICS:
                 raise UsageError(METRICS.unknown_message(m))
-        if self.perturbation_mode not in MODES:
-            raise UsageError(MODES.unknown_message(self.perturbation_mode))
-        if not math.isfinite(self.perturbation_scale):
-            raise UsageError(f"--perturbation-scale {self.perturbation_scale} is not a finite number")
-        if not (self.perturbation_noise > 0 and math.isfinite(self.perturbation_noise)):
-            raise UsageError(f"--perturbation-noise {self.perturbation_noise} must be a positive number")
-        if self.perturbation_bit is not None and not 0 <= self.perturbation_bit < 64:
-            raise UsageError(f"--perturbation-bit {self.perturbation_bit} is outside 0..63")
         if not self.topk:
             raise UsageError("--topk needs at least one value")
         for k in self.topk:
             if k <= 0:
                 raise UsageError(f"--topk {k} is not positive; every K must be at least 1")
-        for r in self.perturbation_ratios:
-            if not (0 < r <= 1) or math.isnan(r):
-                raise UsageError(f"--perturbation-ratios {r} is outside (0, 1]; a ratio is the share of the top-K "
-                                 "to perturb")
-        _positive("--seq-len", self.seq_len, minimum=2)
-        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
-            raise UsageError(f"--stride {self.stride} is outside 1..--seq-len ({self.seq_len}); a window moves on by "
-                             "at most its own length")
-        _positive("--batch-size", self.batch_size)
-        if not (self.replay_memory_gb >= 0 and math.isfinite(self.replay_memory_gb)):
-            raise UsageError(f"--replay-memory-gb {self.replay_memory_gb} must be a number of GB, 0 or more")
-        _positive("--fast-eval-chunks", self.fast_eval_chunks)
-        _positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)
-        if self.eval_limit is not None:
-            _positive("--eval-limit", self.eval_limit)
-        for flag, v in (("--stage-timeout-s", self.stage_timeout_s),
-                        ("--experiment-timeout-s", self.experiment_timeout_s)):
-            if not v > 0:
-                raise UsageError(f"{flag} {v} must be a positive number of seconds")
-        _non_negative("--max-retries", self.max_retries)
-        _non_negative("--ablation-study", self.ablation_study)
-        _non_negative("--super-weights", self.super_weights)
-        _non_negative("--random-seeds", self.random_seeds)
-        if self.num_workers is not None:
-            _positive("--num-workers", self.num_workers)
-        _one_of("--shard-backend", self.shard_backend, CHOICES["shard_backend"])
-        if self.shard_backend == "fsdp2" and self.gradient_checkpointing:
-            raise UsageError("--gradient-checkpointing works with --shard-backend zero3 or none, not fsdp2")
-        if self.shard_backend == "none" and (self.num_workers or 1) > 1:
-            raise UsageError("--shard-backend none runs one worker; use --shard-backend zero3 with --num-workers > 1")
-        if self.cpus_per_worker is not None:
-            _positive("--cpus-per-worker", self.cpus_per_worker)
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise UsageError(f"--gpus-per-worker {self.gpus_per_worker} is negative")
-        if self.zero_max_reuse_distance < 0:
-            raise UsageError(f"--zero-max-reuse-distance {self.zero_max_reuse_distance} is negative")
-        for flag, v in (("--zero-reduce-bucket-size", self.zero_reduce_bucket_size),
-                        ("--zero-prefetch-bucket-size", self.zero_prefetch_bucket_size),
-                        ("--zero-max-live-parameters", self.zero_max_live_parameters)):
-            _positive(flag, v)
-        if self.gpus_per_eval_actor is not None:
-            _positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
-        if self.cluster is not None and not self.dry_run:
-            raise UsageError("--cluster plans against a cluster file and needs --dry-run; a run uses the cluster it "
-                             "joins (--ray-address, RAY_ADDRESS, or ray job submit)")
-        if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
-            raise UsageError(f"--placement-timeout-s {self.placement_timeout_s} must be a positive number of seconds")
-        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
-            raise UsageError(f"--gpu-memory-gb {self.gpu_memory_gb} must be a positive number of GB")
-        if self.num_eval_actors is not None:
-            _positive("--num-eval-actors", self.num_eval_actors)
-        if self.experiment_id is not None:
-            check_run_id(self.experiment_id, "--experiment-id")
-        if not (0 < self.calibration_fraction < 1):
-            raise UsageError(f"--calibration-fraction {self.calibration_fraction} is outside (0, 1)")
         # Duplicates would only repeat work and rows.
         self.metrics = tuple(dict.fromkeys(self.metrics))
         self.topk = tuple(sorted(set(self.topk)))
-        self.perturbation_ratios = tuple(sorted(set(self.perturbation_ratios)))
 
     @property
-    def asks_for_gpus(self) -> bool:
-        return bool(self.gpus_per_worker) or self.gpus_per_eval_actor is not None
+    def max_k(self) -> int:
+        return max(self.topk)
+
+
+@dataclass(kw_only=True, slots=True)
+class PerturbationSection:
+    """Which experiments perturb the ranked weights, their controls, and the pool that measures them."""
+
+    ratios: tuple[float, ...] = setting((0.1, 0.25, 0.5, 1.0), flat="perturbation_ratios")
+    """Fractions of each top-K to perturb, each in (0, 1]."""
+    mode: str = setting("zero", flat="perturbation_mode")
+    """How a selected weight is perturbed: zero; sign_flip (−w); scale (w·--perturbation-scale);
+    gauss_noise (w + --perturbation-noise·|w|·ε, seeded per experiment); bit_flip (one bit of the
+    stored value, --perturbation-bit). Every mode is undone bit for bit after each experiment."""
+    options: ModeOptions = setting(ModeOptions)
+    random_seeds: int = setting(3)
+    """Random-K controls per (K, ratio)."""
+    no_magnitude_control: bool = setting(False)
+    """Skip the largest-|W| control experiments (the |W| ranking is still written)."""
+    bootstrap_samples: int = setting(1000)
+    """Resamples of the evaluation windows for each perplexity's 95% confidence interval."""
+    super_weights: int = setting(3)
+    """Super-weight candidates to detect from MLP activation outliers (Yu et al. 2024) and zero one at
+    a time; 0 turns detection off."""
+    ablation_study: int = setting(0)
+    """Single-weight ablation study: the top N of every metric and N random weights, each zeroed
+    alone; per metric, Spearman's ρ between score and the measured change in NLL (0: off)."""
+    fast_perturbation: bool = setting(False)
+    """Measure perturbation perplexity on the first --fast-eval-chunks evaluation chunks."""
+    fast_eval_chunks: int = setting(4)
+    """Size of that subset."""
+    no_perturbation: bool = setting(False)
+    """Stop after the ranking."""
+    gpus_per_eval_actor: int | None = setting(None, operational=True)
+    """GPUs per evaluation actor; default on a GPU cluster: as many as one replica needs (1 when the GPUs'
+    memory is unknown). The model is split over them by blocks."""
+    num_eval_actors: int | None = setting(None, operational=True)
+    """Evaluation actors in the pool; default one per free CPU (or GPU), at most one per experiment."""
+    replay_memory_gb: float = setting(1.0, operational=True)
+    """Memory each evaluation actor may spend on kept block outputs, so an experiment recomputes only
+    from the first block it changes (same perplexity, bit for bit); 0 runs every experiment as a
+    full forward."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(MODES.unknown_message(self.mode))
+        options = self.options
+        if not math.isfinite(options.scale):
+            raise UsageError(f"--perturbation-scale {options.scale} is not a finite number")
+        if not (options.noise > 0 and math.isfinite(options.noise)):
+            raise UsageError(f"--perturbation-noise {options.noise} must be a positive number")
+        if options.bit is not None and not 0 <= options.bit < 64:
+            raise UsageError(f"--perturbation-bit {options.bit} is outside 0..63")
+        for r in self.ratios:
+            if not (0 < r <= 1) or math.isnan(r):
+                raise UsageError(f"--perturbation-ratios {r} is outside (0, 1]; a ratio is the share of the top-K "
+                                 "to perturb")
+        if not (self.replay_memory_gb >= 0 and math.isfinite(self.replay_memory_gb)):
+            raise UsageError(f"--replay-memory-gb {self.replay_memory_gb} must be a number of GB, 0 or more")
+        positive("--fast-eval-chunks", self.fast_eval_chunks)
+        positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)
+        non_negative("--ablation-study", self.ablation_study)
+        non_negative("--super-weights", self.super_weights)
+        non_negative("--random-seeds", self.random_seeds)
+        if self.gpus_per_eval_actor is not None:
+            positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
+        if self.num_eval_actors is not None:
+            positive("--num-eval-actors", self.num_eval_actors)
+        self.ratios = tuple(sorted(set(self.ratios)))
 
     @property
     def replay_budget_bytes(self) -> int:
         return int(self.replay_memory_gb * 2**30)
 
-    @property
-    def max_k(self) -> int:
-        return max(self.topk)
+
+@dataclass(kw_only=True, slots=True)
+class ShardingSection:
+    """How the gradient workers split the model."""
+
+    num_workers: int | None = setting(None, operational=True)
+    """Gradient workers (ranks of one process group); parameters are sharded across them. Default:
+    1 on CPU; on a GPU cluster one GPU node's GPUs, or as many more as the model needs to fit."""
+    shard_backend: Literal["auto", "zero3", "fsdp2", "none"] = setting("auto")
+    """zero3 (DeepSpeed ZeRO-3), fsdp2 (PyTorch FSDP2), none (one worker holding the whole model),
+    or auto: none for a single CPU worker without offload, else zero3."""
+    cpus_per_worker: int | None = setting(None, operational=True)
+    """CPUs per gradient worker; default the free CPUs divided evenly."""
+    gpus_per_worker: int | None = setting(None, operational=True)
+    """GPUs per gradient worker; default 1 on a GPU cluster, else 0."""
+    gradient_checkpointing: bool = setting(False)
+    """Recompute block activations during backward: less memory, about a third more time."""
+    zero: ZeroSettings = setting(ZeroSettings, operational=True)
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None:
+            positive("--num-workers", self.num_workers)
+        check_choices(self)
+        if self.shard_backend == "fsdp2" and self.gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing works with --shard-backend zero3 or none, not fsdp2")
+        if self.shard_backend == "none" and (self.num_workers or 1) > 1:
+            raise UsageError("--shard-backend none runs one worker; use --shard-backend zero3 with --num-workers > 1")
+        if self.cpus_per_worker is not None:
+            positive("--cpus-per-worker", self.cpus_per_worker)
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise UsageError(f"--gpus-per-worker {self.gpus_per_worker} is negative")
+        z = self.zero
+        if z.max_reuse_distance < 0:
+            raise UsageError(f"--zero-max-reuse-distance {z.max_reuse_distance} is negative")
+        for flag, v in (("--zero-reduce-bucket-size", z.reduce_bucket_size),
+                        ("--zero-prefetch-bucket-size", z.prefetch_bucket_size),
+                        ("--zero-max-live-parameters", z.max_live_parameters)):
+            positive(flag, v)
 
     def backend_for(self, device: str, num_workers: int | None = None) -> str:
         """The backend `auto` stands for with `num_workers` (default --num-workers, else 1). One CPU
@@ -282,81 +232,106 @@ class RunConfig:
         if self.shard_backend != "auto":
             return self.shard_backend
         workers = num_workers or self.num_workers or 1
-        single_cpu = workers == 1 and device == "cpu" and not (self.offload_params or self.offload_optimizer)
-        return "none" if single_cpu else "zero3"
+        return "none" if workers == 1 and device == "cpu" and not self.zero.offloads else "zero3"
 
-    def mode_options(self):
-        from cwa_dist.perturb import ModeOptions
 
-        return ModeOptions(scale=self.perturbation_scale, noise=self.perturbation_noise, bit=self.perturbation_bit,
-                           seed=self.seed)
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    """Where the run goes, where it runs, and how long it may take."""
 
-    def zero_settings(self):
-        return ZeroSettings(
-            offload_params=self.offload_params,
-            offload_optimizer=self.offload_optimizer,
-            reduce_bucket_size=self.zero_reduce_bucket_size,
-            prefetch_bucket_size=self.zero_prefetch_bucket_size,
-            max_live_parameters=self.zero_max_live_parameters,
-            max_reuse_distance=self.zero_max_reuse_distance,
-            param_persistence_threshold=self.zero_param_persistence_threshold,
-        )
+    ray_address: str | None = setting(None, operational=True)
+    """Ray cluster to join; default RAY_ADDRESS, else a local Ray started and stopped for the run."""
+    output: str = setting("outputs", operational=True)
+    """Parent directory of the run directory."""
+    experiment_id: str | None = setting(None, operational=True)
+    """Run directory name; default critical_analysis_<timestamp>."""
+    resume: bool = setting(False, operational=True)
+    """Continue an interrupted run: the one named by --experiment-id, else the newest unfinished run
+    under --output; finished stages and experiments are kept."""
+    max_retries: int = setting(2, operational=True)
+    """Times an experiment is retried after its actor died or timed out, before it is recorded as failed."""
+    stage_timeout_s: float = setting(3600.0, operational=True)
+    """Deadline of each call to the gradient workers (load, one lockstep step, scoring): ranks that
+    have not answered by then fail the stage, named."""
+    experiment_timeout_s: float = setting(1800.0, operational=True)
+    """Deadline of one perturbation experiment: a stuck evaluation actor is killed and the
+    experiment retried, as for an actor that died."""
+    dry_run: bool = setting(False, operational=True)
+    """Read only the model's config, resolve device, dtype, backend, workers and actors, estimate each
+    process's memory, check it against the cluster's devices, print the plan and exit; a plan that
+    cannot fit is refused with the flags that would make it fit."""
+    gpu_memory_gb: float | None = setting(None, operational=True)
+    """Memory of one GPU in GB, for the plan's check on a cluster whose GPU nodes do not exist yet (or
+    a --cluster file); default: asked of a GPU of the cluster."""
+    cluster: str | None = setting(None, operational=True)
+    """With --dry-run: plan against this Ray autoscaler cluster file (`ray up`'s, e.g. cluster.yaml)
+    instead of a running cluster: its node types' GPUs, CPUs and `memory`; nothing is started."""
+    placement_timeout_s: float | None = setting(None, operational=True)
+    """How long the gradient workers wait to be placed (progress is printed meanwhile); default 600 s
+    on a fixed cluster, 3600 s where the autoscaler may first have to start GPU nodes."""
+    verbose: bool = setting(False, operational=True)
+    """More console output (per-process memory and timings), Ray's worker logs, tracebacks on errors."""
+
+
+    def __post_init__(self) -> None:
+        for flag, v in (("--stage-timeout-s", self.stage_timeout_s),
+                        ("--experiment-timeout-s", self.experiment_timeout_s)):
+            if not v > 0:
+                raise UsageError(f"{flag} {v} must be a positive number of seconds")
+        non_negative("--max-retries", self.max_retries)
+        if self.cluster is not None and not self.dry_run:
+            raise UsageError("--cluster plans against a cluster file and needs --dry-run; a run uses the cluster it "
+                             "joins (--ray-address, RAY_ADDRESS, or ray job submit)")
+        if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
+            raise UsageError(f"--placement-timeout-s {self.placement_timeout_s} must be a positive number of seconds")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise UsageError(f"--gpu-memory-gb {self.gpu_memory_gb} must be a positive number of GB")
+        if self.experiment_id is not None:
+            check_run_id(self.experiment_id, "--experiment-id")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Every setting of a run, in sections: the command line (`run.build_parser`), sweep files,
+    config.json and resume checks are generated from their fields, types and docstrings. Build one
+    from flat names with `RunConfig.of(model=..., topk=(10,))`."""
+
+    model: ModelSection
+    data: DataSection = setting(DataSection)
+    analysis: AnalysisSection = setting(AnalysisSection)
+    perturbation: PerturbationSection = setting(PerturbationSection)
+    sharding: ShardingSection = setting(ShardingSection)
+    run: RunSection = setting(RunSection)
+
+    @classmethod
+    def of(cls, **flat) -> RunConfig:
+        """A RunConfig from settings by their flat names; the others keep their defaults."""
+        return settings.build(cls, flat)
+
+    def replace(self, **flat) -> RunConfig:
+        """A copy with the given settings (by flat name) changed, validated anew."""
+        return settings.build(RunConfig, {**self.to_dict(), **flat})
+
+    @property
+    def asks_for_gpus(self) -> bool:
+        return bool(self.sharding.gpus_per_worker) or self.perturbation.gpus_per_eval_actor is not None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """{flat name: value}: config.json's settings, as the flags name them."""
+        return settings.flatten(self)
 
 
 def operational_settings() -> frozenset[str]:
     """Settings a resume may change (they change how a run is carried out, not what it computes)."""
-    return frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["operational"])
-
-
-def setting_docs() -> dict[str, str]:
-    """Each field's docstring, read from this file's source (one place for the documentation)."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(RunConfig)).body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+    return frozenset(leaf.flat for leaf in settings.leaves(RunConfig) if leaf.operational)
 
 
 def config_from_mapping(values: dict, where: str) -> RunConfig:
     """A RunConfig from plain data (a sweep file's entry), with each key and type checked so a typo
     is named, with the closest setting, instead of being ignored."""
-    hints = typing.get_type_hints(RunConfig)
-    known = [f.name for f in dataclasses.fields(RunConfig)]
-    out = {}
-    for key, value in values.items():
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"{where}: unknown setting {key!r}.{hint}")
-        out[key] = _coerce(hints[key], value, f"{where}: {key}")
-    if "model" not in out:
+    if "model" not in values:
         raise UsageError(f"{where}: no 'model' given")
-    return RunConfig(**out)
-
-
-def _coerce(hint, value, where: str):
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a list in YAML, or one value
-        items = value if isinstance(value, list) else [value]
-        return tuple(_coerce(args[0], v, where) for v in items)
-    if type(None) in args:  # X | None
-        return None if value is None else _coerce(next(a for a in args if a is not type(None)), value, where)
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(hint, True)
-    if not ok:
-        raise UsageError(f"{where} should be {hint.__name__}, not {value!r}")
-    return float(value) if hint is float else value
+    return settings.build(RunConfig, values, where)
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
@@ -372,18 +347,3 @@ def check_run_id(value: str, what: str) -> None:
     digits, '.', '_' and '-', and not '.' or '..', so it can never point outside --output."""
     if not _RUN_ID.fullmatch(value) or value in (".", ".."):
         raise UsageError(f"{what} {value!r} must be one path component of letters, digits, '.', '_' and '-'")
-
-
-def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
-
-
-def _non_negative(flag: str, value: int) -> None:
-    if value < 0:
-        raise UsageError(f"{flag} {value} is negative")
-
-
-def _positive(flag: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise UsageError(f"{flag} {value} is too small; it must be at least {minimum}")

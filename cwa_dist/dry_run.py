@@ -19,22 +19,22 @@ from cwa_dist.sizing import GiB, model_facts, plan_table
 
 def cluster_view(cfg: RunConfig) -> ClusterView:
     """The cluster file's view with --cluster; else the live cluster's (Ray must be running)."""
-    if cfg.cluster:
-        return cluster_file_view(cfg.cluster, gpu_memory_gb=cfg.gpu_memory_gb)
+    if cfg.run.cluster:
+        return cluster_file_view(cfg.run.cluster, gpu_memory_gb=cfg.run.gpu_memory_gb)
     from cwa_dist.distributed.capacity import live_view
 
-    return live_view(gpu_memory_gb=cfg.gpu_memory_gb)
+    return live_view(gpu_memory_gb=cfg.run.gpu_memory_gb)
 
 
 def plan_run(cfg: RunConfig, view: ClusterView) -> RunPlan:
     """The run's plan, from the model's config (nothing converted or downloaded but config.json)."""
-    source = resolve_source(cfg.model)
-    config = read_config(source, trust_remote_code=cfg.trust_remote_code)
+    source = resolve_source(cfg.model.name)
+    config = read_config(source, trust_remote_code=cfg.model.trust_remote_code)
     facts = {}
 
     def facts_for(dtype):
         if dtype not in facts:
-            facts[dtype] = model_facts(empty_model(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code),
+            facts[dtype] = model_facts(empty_model(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code),
                                        config)
         return facts[dtype]
 
@@ -44,7 +44,7 @@ def plan_run(cfg: RunConfig, view: ClusterView) -> RunPlan:
 def print_plan(cfg: RunConfig, plan: RunPlan, rep: Reporter) -> None:
     lay, facts = plan.layout, plan.facts
     model_bytes = facts.num_parameters * lay.dtype_bytes
-    rep.line(f"🤖 Model: {cfg.model}: {facts.num_parameters:,} parameters, {facts.layers} blocks (largest "
+    rep.line(f"🤖 Model: {cfg.model.name}: {facts.num_parameters:,} parameters, {facts.layers} blocks (largest "
              f"{facts.largest_block:,}), {model_bytes / GiB:.1f} GiB in {plan.dtype_name}")
     rep.line(f"🔧 Device: {plan.device} ({plan.device_reason}); dtype {plan.dtype_name}; backend {plan.backend}"
              + (f"; {'nccl' if plan.device == 'cuda' else 'gloo'}" if plan.backend != "none" else ""))

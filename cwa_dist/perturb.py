@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,12 +20,17 @@ from cwa_dist.topk import Candidates
 @dataclass(frozen=True, slots=True)
 class ModeOptions:
     """What the modes other than `zero` need: a scale factor, a relative noise level with its seed,
-    and the bit to flip (None: the most significant exponent bit of the weight's dtype)."""
+    and the bit to flip (None: the most significant exponent bit of the weight's dtype). The run's
+    configuration holds one as a section; the field metadata give the flat names of its settings."""
 
-    scale: float = 0.5
-    noise: float = 1.0
-    bit: int | None = None
-    seed: int = 0
+    scale: float = field(default=0.5, metadata={"flat": "perturbation_scale"})
+    """scale mode: the factor each selected weight is multiplied by."""
+    noise: float = field(default=1.0, metadata={"flat": "perturbation_noise"})
+    """gauss_noise mode: the noise's standard deviation relative to |w|."""
+    bit: int | None = field(default=None, metadata={"flat": "perturbation_bit"})
+    """bit_flip mode: the bit to flip, 0 = least significant; default the most significant exponent
+    bit of the weights' dtype (30 in float32, 14 in bfloat16)."""
+    seed: int = field(default=0, metadata={"setting": False})  # per experiment: the plan derives it
 
 
 ModeFn = Callable[[torch.Tensor, ModeOptions], torch.Tensor]

@@ -27,12 +27,12 @@ from cwa_dist.storage import Output, durable_output
 
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     """The stages, in order; None for a dry run, which plans and writes nothing."""
-    rep = rep or Reporter(cfg.verbose)
-    if cfg.dry_run:
+    rep = rep or Reporter(cfg.run.verbose)
+    if cfg.run.dry_run:
         _plan_only(cfg, rep)
         return None
-    texts = load_texts(cfg.data_file, cfg.eval_limit)  # cheap input errors before anything slow
-    output = Output(durable_output(cfg.output, rep.line))
+    texts = load_texts(cfg.data.data_file, cfg.data.eval_limit)  # cheap input errors before anything slow
+    output = Output(durable_output(cfg.run.output, rep.line))
     output.check_writable()
     experiment_id = resume.experiment_id(cfg, output)
     output.pull(experiment_id)  # a run stored under a URI: its files, to continue it
@@ -41,11 +41,11 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     if previous and previous.get("status") == "complete":
         rep.line(f"✅ {where} is already complete; nothing to resume")
         return RunDirectory(run_path, where=where)
-    started_ray = start_ray(cfg.ray_address, verbose=cfg.verbose)
+    started_ray = start_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
     try:
         ctx = _context(cfg, rep)
         # The weights' origin: a Hub id's commit (pinned for every node), or the local checkpoint.
-        origin = resolve_origin(resolve_source(cfg.model), revision=cfg.revision, announce=rep.line)
+        origin = resolve_origin(resolve_source(cfg.model.name), revision=cfg.model.revision, announce=rep.line)
         identity = resume.run_identity(texts, ctx.plan.dtype, origin.identity)
         if previous:
             resume.check_identity(run_path, where, identity)
@@ -63,7 +63,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
                 restore=lambda: ranking.read(ctx, record),
             )
             results = None
-            if not cfg.no_perturbation:
+            if not cfg.perturbation.no_perturbation:
                 results = record.stage(
                     "perturbation",
                     compute=lambda: perturbation.run(ctx, record, loaded, split, rankings),
@@ -81,7 +81,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
 
 def _plan_only(cfg: RunConfig, rep: Reporter) -> None:
     """--dry-run: the plan, printed; a plan from a cluster file needs no Ray at all."""
-    started_ray = not cfg.cluster and start_ray(cfg.ray_address, verbose=cfg.verbose)
+    started_ray = not cfg.run.cluster and start_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
     try:
         dry_run(cfg, rep)
     finally:
@@ -96,7 +96,8 @@ def _context(cfg: RunConfig, rep: Reporter) -> Context:
     plan = plan_run(cfg, cluster_view(cfg))
     if not plan.fit.ok:
         raise UsageError(refusal(plan))
-    if cfg.perturbation_mode == "bit_flip":
-        flip_bit_index(plan.dtype, cfg.perturbation_bit)  # a bit the weights' dtype has, checked before any work
-    joined = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    if cfg.perturbation.mode == "bit_flip":
+        # A bit the weights' dtype has, checked before any work.
+        flip_bit_index(plan.dtype, cfg.perturbation.options.bit)
+    joined = bool(cfg.run.ray_address or os.environ.get("RAY_ADDRESS"))
     return Context(cfg=cfg, rep=rep, plan=plan, joined_cluster=joined)

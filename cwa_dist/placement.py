@@ -11,8 +11,8 @@ def actor_count(cfg: RunConfig, device: str, n_specs: int, model_bytes: int, fre
     """Evaluation actors: --num-eval-actors, else one per free CPU (one per `gpus_per_actor` free GPUs
     on a GPU cluster), as many as Ray's memory allows a replica plus activations each, and never
     more than there are experiments."""
-    if cfg.num_eval_actors:
-        return cfg.num_eval_actors
+    if cfg.perturbation.num_eval_actors:
+        return cfg.perturbation.num_eval_actors
     slots = int(free.get("GPU", 0)) // gpus_per_actor if device == "cuda" else int(free.get("CPU", 0))
     # On CPU each actor's replica and activations come out of Ray's memory budget; on GPUs its GPUs hold them.
     by_memory = slots

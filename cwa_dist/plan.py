@@ -50,11 +50,11 @@ def plan_experiments(
     specs = []
     for (k, r), n in sizes.items():
         for metric, ranked in by_metric.items():
-            specs.append(_spec(metric, False, k, r, None, mode, ranked.head(n), options))
+            specs.append(_spec(metric, False, k, r, None, mode, ranked.head(n), options, seed))
         for i, draw in enumerate(draws):
-            specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n), options))
+            specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n), options, seed))
         if magnitude_control:
-            specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n), options))
+            specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n), options, seed))
     return specs
 
 
@@ -64,7 +64,7 @@ def noise_seed(key: str, seed: int) -> int:
 
 
 def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mode: str, targets: Targets,
-          options: ModeOptions):
+          options: ModeOptions, run_seed: int):
     key = experiment_key(method, k, r, seed)
     return PerturbationSpec(
         key=key,
@@ -75,7 +75,7 @@ def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mod
         seed=seed,
         mode=mode,
         targets=targets,
-        options=replace(options, seed=noise_seed(key, options.seed)),
+        options=replace(options, seed=noise_seed(key, run_seed)),
     )
 
 

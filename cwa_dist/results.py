@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 def result_row(spec: PerturbationSpec, r: ExperimentResult, tokens: list[int], cfg: RunConfig) -> dict:
     base, pert = r.baseline.value, r.perturbed.value
-    ci = bootstrap_intervals(tokens, r.baseline.window_nll, r.perturbed.window_nll, samples=cfg.bootstrap_samples,
-                             seed=cfg.seed)
+    ci = bootstrap_intervals(tokens, r.baseline.window_nll, r.perturbed.window_nll,
+                             samples=cfg.perturbation.bootstrap_samples, seed=cfg.data.seed)
     return {
         "metric": spec.method,
         "topk": spec.topk,
@@ -59,8 +59,8 @@ def failed_row(spec: PerturbationSpec, error: str, baseline_ppl: float) -> dict:
 
 
 def baseline_interval(tokens: list[int], baseline, cfg: RunConfig) -> list[float]:
-    ci = bootstrap_intervals(tokens, baseline.window_nll, baseline.window_nll, samples=cfg.bootstrap_samples,
-                             seed=cfg.seed)
+    ci = bootstrap_intervals(tokens, baseline.window_nll, baseline.window_nll,
+                             samples=cfg.perturbation.bootstrap_samples, seed=cfg.data.seed)
     return [ci["ppl_ci_low"], ci["ppl_ci_high"]]
 
 

@@ -111,12 +111,13 @@ class ResultLog:
 
 
 def experiment_id(cfg: RunConfig, output: Output) -> str:
-    if cfg.experiment_id:
-        return cfg.experiment_id
-    if cfg.resume:
+    if cfg.run.experiment_id:
+        return cfg.run.experiment_id
+    if cfg.run.resume:
         latest = latest_unfinished(output.manifests())
         if latest is None:
-            raise UsageError(f"--resume: no unfinished run under {cfg.output}; give --experiment-id or start a new run")
+            raise UsageError(f"--resume: no unfinished run under {cfg.run.output}; give --experiment-id or start a "
+                             "new run")
         return latest
     return dt.datetime.now().strftime("critical_analysis_%Y%m%d_%H%M%S")
 
@@ -129,7 +130,7 @@ def previous_run(cfg: RunConfig, path: Path, where: str, experiment_id: str) -> 
     """The manifest of the run to continue, after checking that continuing it is safe."""
     manifest, config = path / "manifest.json", path / "config.json"
     if not manifest.exists() or not config.exists():
-        if cfg.resume:
+        if cfg.run.resume:
             raise UsageError(f"--resume: {where} holds no run to continue; start it without --resume")
         return None  # RunDirectory.create refuses a non-empty directory that is not a run
     stored = json.loads(config.read_text())

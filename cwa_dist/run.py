@@ -10,51 +10,50 @@ import traceback
 import typing
 from collections.abc import Callable
 
-from cwa_dist.config import CHOICES, RunConfig, setting_docs
+from cwa_dist.config import SECTION_TITLES, RunConfig
 from cwa_dist.errors import UsageError
 from cwa_dist.metrics import METRICS
 from cwa_dist.perturb import MODES
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+from cwa_dist.settings import leaves
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every RunConfig field becomes a flag, in its section, with its docstring as help."""
+    """Every setting of RunConfig becomes a flag, in its section, with its docstring as help."""
     p = argparse.ArgumentParser(
         prog="python -m cwa_dist.run",
         description="Rank the weights of a causal language model by gradient-based sensitivity, "
         "then perturb the top-K against random and magnitude controls and measure perplexity.",
     )
-    hints, docs, groups = typing.get_type_hints(RunConfig), setting_docs(), {}
-    listed = {"metrics": METRICS.names(), "perturbation_mode": MODES.names(), **CHOICES}
-    for f in dataclasses.fields(RunConfig):
-        group = groups.get(f.metadata["section"]) or groups.setdefault(
-            f.metadata["section"], p.add_argument_group(f.metadata["section"]))
-        help_text = docs[f.name].replace("%", "%%")
-        if f.name in listed:
-            help_text += f" One of: {', '.join(listed[f.name])}."
-        hint = hints[f.name]
-        if hint is bool:
-            group.add_argument(_flag(f), dest=f.name, action="store_true", help=help_text)
+    groups = {}
+    listed = {"metrics": METRICS.names(), "perturbation_mode": MODES.names()}
+    for leaf in leaves(RunConfig):
+        title = SECTION_TITLES.get(leaf.section, leaf.section)
+        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        help_text = leaf.doc.replace("%", "%%")
+        choices = listed.get(leaf.flat) or leaf.choices
+        if choices:
+            help_text += f" One of: {', '.join(choices)}."
+        if leaf.hint is bool:
+            group.add_argument(leaf.flag, dest=leaf.flat, action="store_true", help=help_text)
             continue
-        args = typing.get_args(hint)
-        many = typing.get_origin(hint) is tuple
-        kind = args[0] if many else next((a for a in args if a is not type(None)), hint)
-        default = None if f.default is dataclasses.MISSING else (list(f.default) if many else f.default)
+        args = typing.get_args(leaf.hint)
+        many = typing.get_origin(leaf.hint) is tuple
+        kind = args[0] if many else next((a for a in args if a is not type(None)), leaf.hint)
+        if leaf.choices:
+            kind = str
+        required = leaf.default is dataclasses.MISSING
+        default = None if required else (list(leaf.default) if many else leaf.default)
         group.add_argument(
-            _flag(f), dest=f.name, type=kind, default=default, required=f.default is dataclasses.MISSING,
-            nargs="+" if many else None, metavar=f.name.upper().removesuffix("S") if many else None,
+            leaf.flag, dest=leaf.flat, type=kind, default=default, required=required,
+            nargs="+" if many else None, metavar=leaf.flat.upper().removesuffix("S") if many else None,
             help=help_text + (" (default: %(default)s)" if default is not None else ""),
         )
     return p
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    hints = typing.get_type_hints(RunConfig)
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in values.items()})
+    values = {leaf.flat: getattr(ns, leaf.flat) for leaf in leaves(RunConfig)}
+    return RunConfig.of(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -85,12 +85,12 @@ class RunPlan:
 
 
 def experiment_count(cfg: RunConfig) -> int:
-    if cfg.no_perturbation:
+    if cfg.perturbation.no_perturbation:
         return 0
     # |w| asked for as a metric is run once, as the control it also is.
-    targeted = len(set(cfg.metrics) - {MAGNITUDE.name})
-    controls = cfg.random_seeds + (0 if cfg.no_magnitude_control else 1)
-    return len(cfg.topk) * len(cfg.perturbation_ratios) * (targeted + controls)
+    targeted = len(set(cfg.analysis.metrics) - {MAGNITUDE.name})
+    controls = cfg.perturbation.random_seeds + (0 if cfg.perturbation.no_magnitude_control else 1)
+    return len(cfg.analysis.topk) * len(cfg.perturbation.ratios) * (targeted + controls)
 
 
 def dtype_choices(requested: str, device: str, stored: torch.dtype | None) -> list[torch.dtype]:
@@ -116,15 +116,15 @@ def rounding_note(dtype: torch.dtype, stored: torch.dtype | None, why: str = "")
 
 def make_plan(cfg: RunConfig, facts_for, *, stored: torch.dtype | None, view: ClusterView) -> RunPlan:
     """The run's plan. `facts_for(dtype)` gives the model's ModelFacts in a dtype (from its config)."""
-    device, why = device_for(cfg.device, gpus_now=view.gpus_now, gpus_possible=view.gpus_possible,
+    device, why = device_for(cfg.model.device, gpus_now=view.gpus_now, gpus_possible=view.gpus_possible,
                              gpus_asked=cfg.asks_for_gpus)
-    if device == "cuda" and cfg.device == "cuda" and not view.gpus_total:
+    if device == "cuda" and cfg.model.device == "cuda" and not view.gpus_total:
         raise UsageError("--device cuda, but the Ray cluster has no GPUs and its autoscaler cannot add any; "
                          "use --device cpu, join a GPU cluster, or plan against a cluster file with --cluster")
     if view.gpus_possible and not view.gpus_now:
         why += f" (read from {view.source})"
     plans = [_plan_in(cfg, facts_for(dtype), dtype, device, why, view)
-             for dtype in dtype_choices(cfg.dtype, device, stored)]
+             for dtype in dtype_choices(cfg.model.dtype, device, stored)]
     # The first that fits; when none does, the last, whose remedies are the cheapest to follow.
     chosen = next((p for p in plans if p.fit.ok), plans[-1])
     note = rounding_note(chosen.dtype, stored, " (float32 would not fit)" if chosen is not plans[0] else "")
@@ -135,25 +135,29 @@ def _plan_in(cfg: RunConfig, facts: ModelFacts, dtype: torch.dtype, device: str,
              view: ClusterView) -> RunPlan:
     n_specs = experiment_count(cfg)
     node = view.gpu_node if device == "cuda" else None
-    gpus_per_worker = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if device == "cuda" else 0)
+    sharding, zero = cfg.sharding, cfg.sharding.zero
+    gpus_per_worker = sharding.gpus_per_worker
+    if gpus_per_worker is None:
+        gpus_per_worker = 1 if device == "cuda" else 0
     lay = Layout(
-        device=device, dtype_bytes=dtype.itemsize, backend=cfg.backend_for(device), num_workers=cfg.num_workers or 1,
-        gpus_per_worker=gpus_per_worker, cpus_per_worker=1, num_eval_actors=0,
-        gpus_per_eval_actor=cfg.gpus_per_eval_actor or 1, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-        gradient_checkpointing=cfg.gradient_checkpointing, offload_params=cfg.offload_params,
-        offload_optimizer=cfg.offload_optimizer, max_live_parameters=cfg.zero_max_live_parameters,
-        prefetch_bucket_size=cfg.zero_prefetch_bucket_size, reduce_bucket_size=cfg.zero_reduce_bucket_size,
-        per_window=FISHER in needed_inputs(cfg.metrics), replay_budget_bytes=cfg.replay_budget_bytes,
+        device=device, dtype_bytes=dtype.itemsize, backend=sharding.backend_for(device),
+        num_workers=sharding.num_workers or 1, gpus_per_worker=gpus_per_worker, cpus_per_worker=1, num_eval_actors=0,
+        gpus_per_eval_actor=cfg.perturbation.gpus_per_eval_actor or 1, batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len, gradient_checkpointing=sharding.gradient_checkpointing,
+        offload_params=zero.offload_params, offload_optimizer=zero.offload_optimizer,
+        max_live_parameters=zero.max_live_parameters, prefetch_bucket_size=zero.prefetch_bucket_size,
+        reduce_bucket_size=zero.reduce_bucket_size, per_window=FISHER in needed_inputs(cfg.analysis.metrics),
+        replay_budget_bytes=cfg.perturbation.replay_budget_bytes,
     )
     gpu_bytes = view.gpu_bytes
     if device == "cuda":
         node_gpus = node.gpus if node and node.gpus else max(view.gpus_total, 1)
-        if cfg.num_workers is None:
+        if cfg.sharding.num_workers is None:
             lay = replace(lay, num_workers=_default_workers(lay, view.gpus_total, node_gpus))
-            lay = replace(lay, backend=cfg.backend_for(device, lay.num_workers))
-        if cfg.gpus_per_eval_actor is None:
+            lay = replace(lay, backend=cfg.sharding.backend_for(device, lay.num_workers))
+        if cfg.perturbation.gpus_per_eval_actor is None:
             lay = replace(lay, gpus_per_eval_actor=_default_actor_gpus(facts, lay, gpu_bytes, node_gpus))
-    cpus = cfg.cpus_per_worker or _default_worker_cpus(lay, node, view.free_cpus)
+    cpus = cfg.sharding.cpus_per_worker or _default_worker_cpus(lay, node, view.free_cpus)
     lay = replace(lay, cpus_per_worker=cpus)
     if n_specs:  # the same count the run makes once the gradient stage has freed the cluster
         free = {"CPU": view.free_cpus, "GPU": view.gpus_total, "memory": view.task_memory_bytes}

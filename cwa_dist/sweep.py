@@ -69,8 +69,8 @@ def load_sweep(path: str) -> tuple[str, str, list[RunConfig]]:
         cfg = config_from_mapping({**defaults, **run}, where)
         configs.append(cfg)
     for i, cfg in enumerate(configs):  # fixed ids make a re-run of the sweep a resume
-        cfg.experiment_id = f"{i + 1:02d}_{path_component(Path(cfg.model).name)}"
-        cfg.output = directory
+        cfg.run.experiment_id = f"{i + 1:02d}_{path_component(Path(cfg.model.name).name)}"
+        cfg.run.output = directory
     return name, directory, configs
 
 
@@ -81,7 +81,7 @@ def default_concurrency(configs: list[RunConfig], joined_cluster: bool) -> int:
         return len(configs)
     from cwa_dist.distributed.runtime import available_cpus
 
-    widest = max((c.num_workers or 1) * (c.cpus_per_worker or 1) for c in configs)
+    widest = max((c.sharding.num_workers or 1) * (c.sharding.cpus_per_worker or 1) for c in configs)
     return max(1, min(len(configs), available_cpus() // widest))
 
 
@@ -92,10 +92,10 @@ def share_the_machine(configs: list[RunConfig], concurrent: int) -> None:
 
     free = available_cpus()
     for cfg in configs:
-        if cfg.cpus_per_worker is None:
-            cfg.cpus_per_worker = max(1, free // (concurrent * (cfg.num_workers or 1)))
-        if cfg.num_eval_actors is None:
-            cfg.num_eval_actors = max(1, free // concurrent)
+        if cfg.sharding.cpus_per_worker is None:
+            cfg.sharding.cpus_per_worker = max(1, free // (concurrent * (cfg.sharding.num_workers or 1)))
+        if cfg.perturbation.num_eval_actors is None:
+            cfg.perturbation.num_eval_actors = max(1, free // concurrent)
 
 
 def run_logged(cfg, log) -> str | None:
@@ -104,7 +104,7 @@ def run_logged(cfg, log) -> str | None:
     from cwa_dist import pipeline
     from cwa_dist.console import Reporter
 
-    run_dir = pipeline.run(cfg, Reporter(cfg.verbose, stream=log))
+    run_dir = pipeline.run(cfg, Reporter(cfg.run.verbose, stream=log))
     return None if run_dir is None else run_dir.where
 
 
@@ -112,7 +112,7 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
     name, directory, configs = load_sweep(path)
     print(f"🧪 Sweep {name}: {len(configs)} run(s) into {directory}")
     for cfg in configs:
-        print(f"  {cfg.experiment_id}: {cfg.model}")
+        print(f"  {cfg.run.experiment_id}: {cfg.model.name}")
     if check:
         return 0
     from cwa_dist.compare import compare
@@ -124,14 +124,14 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
     output = Output(directory)
     output.check_writable()
     for cfg in configs:
-        cfg.output = directory
+        cfg.run.output = directory
     started = start_ray(None, verbose=verbose)
     try:
         joined = not started or bool(os.environ.get("RAY_ADDRESS"))
         concurrent = max_concurrent or default_concurrency(configs, joined)
         print(f"🚀 Up to {concurrent} run(s) at a time; each run's console output: {output.local / 'logs'}")
         for cfg in configs:
-            cfg.verbose = cfg.verbose or verbose
+            cfg.run.verbose = cfg.run.verbose or verbose
         if not joined and concurrent > 1:
             share_the_machine(configs, concurrent)
 
@@ -148,7 +148,7 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
     finally:
         if started:
             stop_ray()
-    order = {cfg.experiment_id: i for i, cfg in enumerate(configs)}
+    order = {cfg.run.experiment_id: i for i, cfg in enumerate(configs)}
     outcomes = sorted(outcomes, key=lambda o: order[o.experiment_id])  # the file's order, not the finishing order
     finished = [o for o in outcomes if o.error is None and o.where is not None]  # dry runs have no results
     for o in finished:

@@ -166,4 +166,4 @@ def test_stride_is_checked():
     from cwa_dist.config import RunConfig
 
     with pytest.raises(UsageError, match="--stride 200 is outside 1..--seq-len"):
-        RunConfig(model="x", seq_len=128, stride=200)
+        RunConfig.of(model="x", seq_len=128, stride=200)

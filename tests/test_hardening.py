@@ -149,7 +149,7 @@ def test_a_restore_that_is_not_exact_is_logged_as_failed():
     base = Perplexity(10.0, 5, window_nll=(4.0, 6.0))
     bad = ExperimentResult(key=spec.key, perturbed=Perplexity(12.0, 5, window_nll=(5.0, 7.0)), baseline=base,
                            weights_masked=20, wall_s=0.1, restored_exact=False, actor="h:1")
-    cfg = RunConfig(model="m")
+    cfg = RunConfig.of(model="m")
     row = result_row(spec, bad, [2, 3], cfg)
     assert row["status"] == "failed" and "not restored bit for bit" in row["error"]
     good = result_row(spec, ExperimentResult(key=spec.key, perturbed=bad.perturbed, baseline=base, weights_masked=20,

@@ -56,10 +56,11 @@ def test_shipped_cluster_and_documented_command_resolve_to_cuda_zero3_on_one_nod
     gpus = autoscaler_gpus(config)
     assert gpus == 16  # two 8-GPU nodes
     cfg = config_from_args(build_parser().parse_args(documented_command()))
-    assert cfg.model == "meta-llama/Llama-2-70b-hf" and cfg.num_workers is None and cfg.offload_optimizer
+    assert cfg.model.name == "meta-llama/Llama-2-70b-hf" and cfg.sharding.num_workers is None
+    assert cfg.sharding.zero.offload_optimizer
     # The Hub model's config, as its repository holds it (no network here).
     local = write_llama_config(tmp_path / "70b", hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8)
-    plan = plan_run(replace(cfg, model=str(local)), cluster_file_view(str(REPO / "cluster.yaml"), gpu_memory_gb=80))
+    plan = plan_run(cfg.replace(model=str(local)), cluster_file_view(str(REPO / "cluster.yaml"), gpu_memory_gb=80))
     assert plan.device == "cuda" and plan.backend == "zero3" and plan.layout.num_workers == 8
     assert plan.fit.ok
 

@@ -2,12 +2,12 @@
 RunConfig): every flag documented, no flag documented that does not exist, and every default the
 tables state in the closing "(`value`)" equal to RunConfig's."""
 
-import dataclasses
 import re
 from pathlib import Path
 
 from cwa_dist.config import RunConfig
 from cwa_dist.run import build_parser
+from cwa_dist.settings import leaves
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\| ((?:`--[a-z0-9-]+`(?:, )?)+) \| (.*) \|$")
@@ -23,7 +23,7 @@ def _rows() -> dict[tuple[str, ...], str]:
 
 
 def _parser_flags() -> dict[str, str]:
-    """flag → RunConfig field."""
+    """flag → flat setting name."""
     return {opt: a.dest for a in build_parser()._actions for opt in a.option_strings
             if opt.startswith("--") and opt != "--help"}
 
@@ -43,7 +43,7 @@ def _shown(value) -> str:
 
 
 def test_the_stated_defaults_are_the_configs():
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    defaults = {leaf.flat: leaf.default for leaf in leaves(RunConfig)}
     flags = _parser_flags()
     checked = 0
     for names, text in _rows().items():

@@ -65,12 +65,12 @@ def test_auto_dtype_keeps_the_stored_values_where_it_can():
 
 
 def test_a_float16_checkpoint_on_gpus_runs_in_float32_or_says_it_rounds(configs):
-    small = plan_run(RunConfig(model=configs["13b"]), gpu_cluster(16))
+    small = plan_run(RunConfig.of(model=configs["13b"]), gpu_cluster(16))
     assert small.fit.ok and small.dtype == torch.float32 and small.dtype_note is None
-    big = plan_run(RunConfig(model=configs["70b"], offload_optimizer=True), gpu_cluster(8))
+    big = plan_run(RunConfig.of(model=configs["70b"], offload_optimizer=True), gpu_cluster(8))
     if big.dtype == torch.bfloat16:  # float32 did not fit: said, once, and recorded
         assert "float32 would not fit" in big.dtype_note and big.record()["dtype_note"] == big.dtype_note
-        as_float32 = plan_run(RunConfig(model=configs["70b"], offload_optimizer=True, dtype="float32"),
+        as_float32 = plan_run(RunConfig.of(model=configs["70b"], offload_optimizer=True, dtype="float32"),
                               gpu_cluster(8))
         assert not as_float32.fit.ok
     else:
@@ -79,7 +79,7 @@ def test_a_float16_checkpoint_on_gpus_runs_in_float32_or_says_it_rounds(configs)
 
 
 def test_13b_on_one_8_gpu_node_plans_a_fitting_run_with_default_flags(configs):
-    plan = plan_run(RunConfig(model=configs["13b"]), gpu_cluster(8))
+    plan = plan_run(RunConfig.of(model=configs["13b"]), gpu_cluster(8))
     lay = plan.layout
     assert plan.fit.ok and plan.device == "cuda" and plan.backend == "zero3"
     assert lay.num_workers == 8 and lay.gpus_per_worker == 1 and lay.cpus_per_worker == 12  # 96 CPUs / 8 GPUs
@@ -89,7 +89,7 @@ def test_13b_on_one_8_gpu_node_plans_a_fitting_run_with_default_flags(configs):
 
 
 def test_default_workers_are_one_nodes_gpus_and_more_nodes_are_a_named_remedy(configs):
-    cfg = RunConfig(model=configs["70b"], dtype="bfloat16")
+    cfg = RunConfig.of(model=configs["70b"], dtype="bfloat16")
     plan = plan_run(cfg, gpu_cluster(32))
     assert plan.layout.num_workers == 8 and not plan.fit.ok
     offload, more = plan.fit.fix.split(" (or ")
@@ -98,18 +98,18 @@ def test_default_workers_are_one_nodes_gpus_and_more_nodes_are_a_named_remedy(co
     assert 8 < n <= 32  # the fewest ranks that fit, on more than one node
     assert rank_need(plan.facts, replace(plan.layout, num_workers=n)).device_bytes <= 80e9
     assert rank_need(plan.facts, replace(plan.layout, num_workers=n - 1)).device_bytes > 80e9
-    assert plan_run(replace(cfg, num_workers=n), gpu_cluster(32)).fit.ok
-    assert plan_run(replace(cfg, offload_optimizer=True), gpu_cluster(32)).fit.ok
-    assert plan_run(RunConfig(model=configs["13b"]), gpu_cluster(4)).layout.num_workers == 4  # all there is
+    assert plan_run(cfg.replace(num_workers=n), gpu_cluster(32)).fit.ok
+    assert plan_run(cfg.replace(offload_optimizer=True), gpu_cluster(32)).fit.ok
+    assert plan_run(RunConfig.of(model=configs["13b"]), gpu_cluster(4)).layout.num_workers == 4  # all there is
 
 
 def test_70b_planned_from_the_shipped_cluster_file_needs_optimizer_offload_and_fits_with_it(configs):
     view = cluster_file_view(str(REPO / "cluster.yaml"), gpu_memory_gb=80)
     assert view.gpus_now == 0 and view.gpus_possible == 16 and view.gpu_node.gpus == 8
     assert view.gpu_node.memory_bytes == 1000 * GiB
-    refused = plan_run(RunConfig(model=configs["70b"]), view)
+    refused = plan_run(RunConfig.of(model=configs["70b"]), view)
     assert not refused.fit.ok and refused.fit.fix.startswith("--offload-optimizer")
-    plan = plan_run(RunConfig(model=configs["70b"], offload_optimizer=True), view)
+    plan = plan_run(RunConfig.of(model=configs["70b"], offload_optimizer=True), view)
     assert plan.fit.ok, plan.fit.problems
     lay = plan.layout
     assert plan.device == "cuda" and lay.num_workers == 8 and lay.cpus_per_worker == 12
@@ -119,7 +119,7 @@ def test_70b_planned_from_the_shipped_cluster_file_needs_optimizer_offload_and_f
 
 
 def test_host_memory_per_node_is_checked(configs):
-    cfg = RunConfig(model=configs["70b"], dtype="bfloat16", offload_optimizer=True)
+    cfg = RunConfig.of(model=configs["70b"], dtype="bfloat16", offload_optimizer=True)
     plan = plan_run(cfg, gpu_cluster(8, node_memory_gib=200))
     assert not plan.fit.ok
     assert any("per node" in p and "host memory" in p for p in plan.fit.problems)
@@ -150,7 +150,7 @@ def test_a_cluster_file_plan_starts_nothing(configs, tmp_path):
     assert "8 more GPU" not in accepted.stdout and "up to 16 more from the autoscaler" in accepted.stdout
     assert "✅ The plan fits" in accepted.stdout
     with pytest.raises(UsageError, match="needs --dry-run"):
-        RunConfig(model=configs["70b"], cluster=str(REPO / "cluster.yaml"))
+        RunConfig.of(model=configs["70b"], cluster=str(REPO / "cluster.yaml"))
 
 
 def test_a_cpu_run_whose_plan_cannot_fit_is_refused_before_any_worker(configs, tmp_path):

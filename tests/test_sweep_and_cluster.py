@@ -19,8 +19,8 @@ def test_shipped_jobs_start_with_their_command_and_validate(job):
     first = job.read_text().splitlines()[0]
     assert first.startswith("# Launch: ") and "cwa_dist.sweep jobs/" + job.name in first
     name, directory, configs = load_sweep(str(job))
-    assert configs and all(c.output == directory for c in configs)
-    assert len({c.experiment_id for c in configs}) == len(configs)
+    assert configs and all(c.run.output == directory for c in configs)
+    assert len({c.run.experiment_id for c in configs}) == len(configs)
 
 
 def test_cluster_file_passes_rays_autoscaler_schema():

@@ -40,19 +40,19 @@ def run_all(configs: list, *, run_one: Callable, max_concurrent: int, log_dir: P
     while pending or running:
         while pending and len(running) < max_concurrent:
             cfg = pending.pop(0)
-            ref = _coordinate.options(scheduling_strategy=here, name=f"cwa_sweep:{cfg.experiment_id}").remote(
-                run_one, cfg, str(log_dir / f"{cfg.experiment_id}.log"))
+            ref = _coordinate.options(scheduling_strategy=here, name=f"cwa_sweep:{cfg.run.experiment_id}").remote(
+                run_one, cfg, str(log_dir / f"{cfg.run.experiment_id}.log"))
             running[ref] = cfg
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             cfg = running.pop(ref)
             try:
-                outcome = Outcome(cfg.experiment_id, cfg.model, ray.get(ref), None)
+                outcome = Outcome(cfg.run.experiment_id, cfg.model.name, ray.get(ref), None)
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
-                outcome = Outcome(cfg.experiment_id, cfg.model, None, _one_line(cause))
+                outcome = Outcome(cfg.run.experiment_id, cfg.model.name, None, _one_line(cause))
             except ray.exceptions.RayError as e:  # the coordinator's worker died
-                outcome = Outcome(cfg.experiment_id, cfg.model, None, _one_line(e))
+                outcome = Outcome(cfg.run.experiment_id, cfg.model.name, None, _one_line(e))
             outcomes.append(outcome)
             on_done(outcome)
     return outcomes

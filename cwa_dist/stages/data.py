@@ -9,14 +9,14 @@ from cwa_dist.stages.context import Context
 
 def prepare(ctx: Context, texts: list[str], tokenizer) -> tuple[Split, dict]:
     """Texts → windows (never spanning two texts) → a split by text, and the facts the summary records."""
-    rep = ctx.rep
-    documents = tokenize_documents(tokenizer, texts, ctx.cfg.seq_len, ctx.cfg.stride)
-    split = split_documents(documents, ctx.cfg.calibration_fraction, ctx.cfg.seed)
+    rep, data = ctx.rep, ctx.cfg.data
+    documents = tokenize_documents(tokenizer, texts, data.seq_len, data.stride)
+    split = split_documents(documents, data.calibration_fraction, data.seed)
     windows = sum(len(d) for d in documents)
     rep.heading("📚 Evaluation Data")
-    rolling = f", rolling with stride {ctx.cfg.stride}" if ctx.cfg.stride not in (None, ctx.cfg.seq_len) else ""
-    rep.line(f"✅ {len(texts)} texts → {windows} windows of ≤{ctx.cfg.seq_len} tokens (none spans two texts{rolling})")
-    facts = {"texts": len(texts), "windows": windows, "seq_len": ctx.cfg.seq_len, "stride": ctx.cfg.stride}
+    rolling = f", rolling with stride {data.stride}" if data.stride not in (None, data.seq_len) else ""
+    rep.line(f"✅ {len(texts)} texts → {windows} windows of ≤{data.seq_len} tokens (none spans two texts{rolling})")
+    facts = {"texts": len(texts), "windows": windows, "seq_len": data.seq_len, "stride": data.stride}
     for name, text_ids, part in (("calibration", split.calibration_texts, split.calibration),
                                  ("evaluation", split.evaluation_texts, split.evaluation)):
         tokens = predicted_tokens(part)

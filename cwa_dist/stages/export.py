@@ -15,7 +15,8 @@ from cwa_dist.stages.context import Context
 def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.DataFrame | None) -> None:
     cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
     with rep.stage("💾 Exporting Results", record.timings, "export"):
-        out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(rankings[rankings["metric"].isin(cfg.metrics)]))
+        ranked = rankings[rankings["metric"].isin(cfg.analysis.metrics)]
+        out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(ranked))
         final: dict = {}
         ok = None if results is None else results[results["status"] == "ok"]
         final["experiments_completed"] = 0 if ok is None else len(ok)

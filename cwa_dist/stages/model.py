@@ -18,14 +18,15 @@ def load(ctx: Context, timings: dict[str, float], origin: Origin) -> LoadedModel
     cfg, rep = ctx.cfg, ctx.rep
     with rep.stage("🤖 Loading Model", timings, "model"):
         dtype = ctx.plan.dtype
-        rep.line(f"🔄 Loading {cfg.model} ...")
+        rep.line(f"🔄 Loading {cfg.model.name} ...")
         path, ckpt = origin.directory, origin.checkpoint
-        config = load_config(path, trust_remote_code=cfg.trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-        skeleton = empty_model(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        config = load_config(path, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+        skeleton = empty_model(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
         checkpoint_keys(skeleton, ckpt)  # every parameter is in the files, in its size: refuse now, not in a worker
         params = dict(skeleton.named_parameters())
-        scored = select_parameters(skeleton, include_bias=cfg.include_bias, include_norm=cfg.include_norm)
+        scored = select_parameters(skeleton, include_bias=cfg.analysis.include_bias,
+                                   include_norm=cfg.analysis.include_norm)
         shapes = {n: tuple(params[n].shape) for n in scored}
         n_params = sum(p.numel() for p in params.values())
         n_scored = sum(numel(s) for s in shapes.values())
@@ -36,15 +37,15 @@ def load(ctx: Context, timings: dict[str, float], origin: Origin) -> LoadedModel
                  "each worker reads its own part" + (", downloaded on its node" if origin.revision else "") + ")")
         rep.line(f"✅ Parameters: {n_params:,}")
         rep.line(f"✅ Scored: {len(scored)} tensors, {n_scored:,} weights")
-        if cfg.max_k > n_scored:
+        if cfg.analysis.max_k > n_scored:
             raise UsageError(
-                f"--topk {cfg.max_k} is larger than the {n_scored:,} weights being scored; "
+                f"--topk {cfg.analysis.max_k} is larger than the {n_scored:,} weights being scored; "
                 "lower K or score more parameters (--include-bias, --include-norm)"
             )
         # Local sources travel as absolute paths: a worker's working directory may be another.
-        where = cfg.model if origin.kind == "hub" else str(Path(cfg.model).expanduser().resolve())
+        where = cfg.model.name if origin.kind == "hub" else str(Path(cfg.model.name).expanduser().resolve())
         model = ModelRef(source=where, checkpoint_dir=str(path), dtype=str(dtype).removeprefix("torch."),
-                         trust_remote_code=cfg.trust_remote_code, revision=origin.revision)
+                         trust_remote_code=cfg.model.trust_remote_code, revision=origin.revision)
     return LoadedModel(model=model, tokenizer=tokenizer, scored=scored, shapes=shapes,
                        model_class=type(skeleton).__name__, num_parameters=n_params,
                        model_bytes=n_params * dtype.itemsize, origin=origin)

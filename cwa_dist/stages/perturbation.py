@@ -52,8 +52,8 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split, rank
     cfg, rep = ctx.cfg, ctx.rep
     with rep.stage("🎯 Perturbation Analysis", record.timings, "perturbation"):
         work = _resume(ctx, record, _plan(ctx, loaded, rankings))
-        need_super = cfg.super_weights > 0 and "super_weights" not in record.summary
-        need_ablation = cfg.ablation_study > 0 and "ablation_study" not in record.summary
+        need_super = cfg.perturbation.super_weights > 0 and "super_weights" not in record.summary
+        need_ablation = cfg.perturbation.ablation_study > 0 and "ablation_study" not in record.summary
         intact = True
         if work.todo or need_super or need_ablation:
             intact = _on_actors(ctx, record, loaded, split, rankings, work, need_super, need_ablation)
@@ -80,17 +80,18 @@ def _plan(ctx: Context, loaded: LoadedModel, rankings: pd.DataFrame) -> list[Per
     candidates = candidates_from_rankings(rankings)
     return plan_experiments(
         # `magnitude` asked for as a metric runs once, as the control, unless the control is off.
-        rankings={m: candidates[m] for m in cfg.metrics if m != MAGNITUDE.name or cfg.no_magnitude_control},
+        rankings={m: candidates[m] for m in cfg.analysis.metrics
+                  if m != MAGNITUDE.name or cfg.perturbation.no_magnitude_control},
         magnitude=candidates[MAGNITUDE.name],
-        magnitude_control=not cfg.no_magnitude_control,
+        magnitude_control=not cfg.perturbation.no_magnitude_control,
         param_names=loaded.scored,
         numels=[numel(loaded.shapes[n]) for n in loaded.scored],
-        topk=cfg.topk,
-        ratios=cfg.perturbation_ratios,
-        random_seeds=cfg.random_seeds,
-        seed=cfg.seed,
-        mode=cfg.perturbation_mode,
-        options=cfg.mode_options(),
+        topk=cfg.analysis.topk,
+        ratios=cfg.perturbation.ratios,
+        random_seeds=cfg.perturbation.random_seeds,
+        seed=cfg.data.seed,
+        mode=cfg.perturbation.mode,
+        options=cfg.perturbation.options,
     )
 
 
@@ -112,17 +113,18 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
     """Run what is left on a pool of evaluation actors; True when every actor's weights are intact
     at the end."""
     cfg, rep = ctx.cfg, ctx.rep
-    chunks = split.evaluation[: cfg.fast_eval_chunks] if cfg.fast_perturbation else split.evaluation
+    fast = cfg.perturbation.fast_perturbation
+    chunks = split.evaluation[: cfg.perturbation.fast_eval_chunks] if fast else split.evaluation
     study = pd.read_parquet(record.run_dir.path / "ablation_weights.parquet") if need_ablation else None
     todo = work.todo
-    n_extra = cfg.super_weights + (len(study) if need_ablation else 0)
+    n_extra = cfg.perturbation.super_weights + (len(study) if need_ablation else 0)
     n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources(),
                            gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor)
     rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
              f"{len(chunks)} evaluation chunk(s) each")
     pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
-                    gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor, batch_size=cfg.batch_size,
-                    replay_budget_bytes=cfg.replay_budget_bytes)
+                    gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor, batch_size=cfg.data.batch_size,
+                    replay_budget_bytes=cfg.perturbation.replay_budget_bytes)
     try:
         described = pool.describe()
         baselines = {round(b.value, 6) for _, b in described}
@@ -135,7 +137,7 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
             rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
         found, extra_specs = [], {}
         if need_super:
-            found = pool.super_weights(split.calibration[:8], cfg.super_weights)
+            found = pool.super_weights(split.calibration[:8], cfg.perturbation.super_weights)
             extra_specs.update({spec.key: spec for spec in map(super_weight_spec, found)})
             rep.line(f"🦸 {len(found)} super-weight candidate(s) from MLP down-projection activation outliers; "
                      "each is zeroed alone")
@@ -154,8 +156,8 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
                 todo + extra_todo,
                 on_result=lambda r: keep(result_row(every[r.key], r, tokens, cfg)),
                 on_failure=lambda spec, error: keep(failed_row(spec, error, min(baselines))),
-                max_retries=cfg.max_retries,
-                timeout_s=cfg.experiment_timeout_s,
+                max_retries=cfg.run.max_retries,
+                timeout_s=cfg.run.experiment_timeout_s,
             )
         intact = pool.all_weights_intact()
         actors = pool.memory()
@@ -177,13 +179,13 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
 def _export_super_weights(ctx: Context, record: RunRecord, found: list, rows: dict, rankings: pd.DataFrame) -> None:
     """super_weights.csv/.parquet and the summary's list: each candidate, its zeroed-alone
     perplexity, and its rank under every ranking (empty when outside that ranking's top-K)."""
-    table = super_weight_table(found, rows, rankings, ranked_metrics(ctx.cfg.metrics))
+    table = super_weight_table(found, rows, rankings, ranked_metrics(ctx.cfg.analysis.metrics))
     record.run_dir.write_csv("super_weights.csv", table)
     record.run_dir.write_parquet("super_weights.parquet", table)
     record.fact(super_weights=json.loads(table.to_json(orient="records")))
     for c in table.itertuples(index=False):
         ranks = ", ".join(f"{m} {getattr(c, 'rank_' + m) if pd.notna(getattr(c, 'rank_' + m)) else '>K'}"
-                          for m in ranked_metrics(ctx.cfg.metrics))
+                          for m in ranked_metrics(ctx.cfg.analysis.metrics))
         ctx.rep.line(f"  🦸 {c.param} [{c.row}, {c.col}] = {c.weight:.4g}, "
                      f"|activation| in {c.max_input_activation:.4g} → "
                      f"out {c.max_output_activation:.4g}: zeroed alone PPL {c.baseline_ppl:.2f} → {c.zeroed_ppl:.2f} "
@@ -195,7 +197,8 @@ def _export_ablation(ctx: Context, record: RunRecord, weights: pd.DataFrame, row
     table = ablation.study_table(weights, rows, ablation_key)
     record.run_dir.write_csv("ablation_study.csv", table)
     record.run_dir.write_parquet("ablation_study.parquet", table)
-    summary = ablation.study_summary(table, list(cfg.metrics), samples=cfg.bootstrap_samples, seed=cfg.seed)
+    summary = ablation.study_summary(table, list(cfg.analysis.metrics), samples=cfg.perturbation.bootstrap_samples,
+                                     seed=cfg.data.seed)
     record.fact(ablation_study=summary)
     ctx.rep.line(f"📐 Does sensitivity predict impact? {summary['measured']} weights zeroed one at a time:")
     for m, s in summary["metrics"].items():

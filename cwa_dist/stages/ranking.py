@@ -14,12 +14,12 @@ def export(ctx: Context, record: RunRecord, merged: ShardScores, shapes) -> pd.D
     cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
     with rep.stage("🏆 Ranking Critical Weights", record.timings, "ranking"):
         frames = []
-        for metric in ranked_metrics(cfg.metrics):
+        for metric in ranked_metrics(cfg.analysis.metrics):
             frame = ranking_frame(metric, merged.candidates[metric], shapes)
             frames.append(frame)
-            if metric not in cfg.metrics:  # the control's ranking: in rankings.parquet only
+            if metric not in cfg.analysis.metrics:  # the control's ranking: in rankings.parquet only
                 continue
-            for k in cfg.topk:
+            for k in cfg.analysis.topk:
                 out.write_csv(f"top_{k}_weights_{metric}.csv", topk_csv_frame(frame, k))
                 top = frame.head(k)
                 rep.line(f"  {metric} top-{k}: {top['param'].nunique()} tensors, "

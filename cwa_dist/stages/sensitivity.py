@@ -18,7 +18,7 @@ from cwa_dist.stages.context import Context, LoadedModel
 def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> ShardScores:
     cfg, rep, scored = ctx.cfg, ctx.rep, loaded.scored
     with rep.stage("🧮 Computing Sensitivity Metrics", record.timings, "sensitivity"):
-        settings = cfg.zero_settings()
+        settings = cfg.sharding.zero
         lay, backend = ctx.plan.layout, ctx.plan.backend
         if backend == "zero3":
             record.run_dir.write_json("deepspeed_config.json", deepspeed_config(settings, ctx.plan.dtype, ctx.device))
@@ -27,21 +27,21 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
         group = GradientGroup(loaded.model, num_workers=lay.num_workers, backend=backend, device=ctx.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
-                              autoscaling=ctx.joined_cluster, call_timeout_s=cfg.stage_timeout_s,
+                              autoscaling=ctx.joined_cluster, call_timeout_s=cfg.run.stage_timeout_s,
                               placement_timeout_s=_placement_timeout_s(ctx), on_wait=rep.line,
                               node_gpus=ctx.plan.view.gpu_node.gpus if ctx.plan.view.gpu_node else None)
         try:
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
                 result = group.sensitivity(
                     evaluation=split.evaluation, calibration=split.calibration, scored=scored,
-                    metrics=list(cfg.metrics), k=cfg.max_k, batch_size=cfg.batch_size,
-                    checkpointing=cfg.gradient_checkpointing,
+                    metrics=list(cfg.analysis.metrics), k=cfg.analysis.max_k, batch_size=cfg.data.batch_size,
+                    checkpointing=cfg.sharding.gradient_checkpointing,
                     # The ablation study reads gradients back from the ranks after scoring.
-                    keep_gradients=bool(cfg.ablation_study and not cfg.no_perturbation),
+                    keep_gradients=bool(cfg.perturbation.ablation_study and not cfg.perturbation.no_perturbation),
                     on_baseline=lambda b: rep.line(f"📏 Baseline perplexity (evaluation chunks): {b.value:.4f}"),
                     on_step=bar.update,
                 )
-            if cfg.ablation_study and not cfg.no_perturbation:
+            if cfg.perturbation.ablation_study and not cfg.perturbation.no_perturbation:
                 _study_weights(ctx, record, loaded, group, result.merged)
         finally:
             group.shutdown()
@@ -57,7 +57,7 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
             {"rank": r.rank, "node": r.node, "peak_rss_bytes": r.peak_rss_bytes,
              "peak_device_bytes": r.peak_device_bytes, "live_tensor_bytes": r.live_tensor_bytes} for r in reports
         ])
-        for metric in cfg.metrics:
+        for metric in cfg.analysis.metrics:
             overall = merged.statistics[metric].overall().finalize(with_histogram=False)
             rep.line(f"🔄 {metric}:")
             rep.line(f"  ✅ Tensors: {len(scored)}")
@@ -82,8 +82,8 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
 def _placement_timeout_s(ctx: Context) -> float:
     """--placement-timeout-s, else 600 s, or an hour where the autoscaler may have to start GPU
     nodes first (a cold GPU node runs its setup commands before it joins)."""
-    if ctx.cfg.placement_timeout_s:
-        return ctx.cfg.placement_timeout_s
+    if ctx.cfg.run.placement_timeout_s:
+        return ctx.cfg.run.placement_timeout_s
     return 3600.0 if ctx.joined_cluster and ctx.plan.view.gpus_possible else 600.0
 
 
@@ -92,21 +92,21 @@ def _study_weights(ctx: Context, record: RunRecord, loaded: LoadedModel, group: 
     """The weights of the single-weight ablation study (the top N of every metric and N random ones)
     with their score under every metric, read from the ranks while their gradients exist, and
     written to ablation_weights.parquet (a resumed run reads them back)."""
-    cfg, n = ctx.cfg, ctx.cfg.ablation_study
+    cfg, n = ctx.cfg, ctx.cfg.perturbation.ablation_study
     chosen: dict[tuple[str, int], list[str]] = {}
-    for m in cfg.metrics:
+    for m in cfg.analysis.metrics:
         c = merged.candidates[m]
         for name, flat in zip(c.names()[:n], c.flat_index[:n].tolist()):
             chosen.setdefault((name, flat), []).append(f"top:{m}")
     numels = [numel(loaded.shapes[x]) for x in loaded.scored]
-    draw = random_targets(loaded.scored, numels, min(n, sum(numels)), seed=cfg.seed + 7919)
+    draw = random_targets(loaded.scored, numels, min(n, sum(numels)), seed=cfg.data.seed + 7919)
     for i, flat in zip(draw.param.tolist(), draw.flat_index.tolist()):
         chosen.setdefault((loaded.scored[i], flat), []).append("random")
     wanted: dict[str, list[int]] = {}
     for name, flat in chosen:
         wanted.setdefault(name, []).append(flat)
     values = group.values_at({name: torch.tensor(flats, dtype=torch.int64) for name, flats in wanted.items()})
-    frame = ablation.weights_frame(chosen, values, list(cfg.metrics), loaded.shapes)
+    frame = ablation.weights_frame(chosen, values, list(cfg.analysis.metrics), loaded.shapes)
     record.run_dir.write_parquet("ablation_weights.parquet", frame)
     ctx.rep.line(f"📐 Ablation study: {len(frame)} weights chosen (top {n} of each metric, {n} random), "
                  "each to be zeroed alone")

@@ -20,13 +20,13 @@ def header(ctx: Context, where: str, n_texts: int) -> None:
     rep.line("🔬 Critical Weight Analysis (cwa_dist)")
     rep.rule()
     rep.line(f"📅 Started: {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
-    rep.line(f"🤖 Model: {cfg.model}")
+    rep.line(f"🤖 Model: {cfg.model.name}")
     rep.line(f"🔧 Device: {ctx.device} ({ctx.plan.device_reason}); dtype {ctx.plan.dtype_name}")
     if ctx.plan.dtype_note:
         rep.line(f"⚠️  {ctx.plan.dtype_note}")
     rep.line(_plan_line(ctx.plan))
-    rep.line(f"📊 Metrics: {', '.join(cfg.metrics)}")
-    rep.line(f"🏆 Top-K values: {list(cfg.topk)}")
+    rep.line(f"📊 Metrics: {', '.join(cfg.analysis.metrics)}")
+    rep.line(f"🏆 Top-K values: {list(cfg.analysis.topk)}")
     rep.line(f"📚 Evaluation texts: {n_texts}")
     rep.line(f"💾 Output directory: {where}")
     rep.rule()
@@ -76,6 +76,6 @@ def record_facts(ctx: Context, record: RunRecord, loaded: LoadedModel, timings: 
                  data_facts: dict) -> None:
     """What the summary says of the model and the data, once both are known; the model stage is done."""
     record.timings.update(timings)
-    record.fact(model_name=ctx.cfg.model, num_parameters=loaded.num_parameters,
+    record.fact(model_name=ctx.cfg.model.name, num_parameters=loaded.num_parameters,
                 num_scored_weights=sum(numel(s) for s in loaded.shapes.values()), data=data_facts)
     record.mark("model")
