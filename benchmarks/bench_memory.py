@@ -64,14 +64,14 @@ def llama600m(path: Path) -> None:
 
 
 def main() -> None:
-    from cwa_dist.checkpoint import Checkpoint
-    from cwa_dist.data import load_texts, tokenize_chunks
+    from cwa_dist.analysis.data import load_texts, tokenize_chunks
+    from cwa_dist.analysis.sensitivity import select_parameters
     from cwa_dist.distributed.backends import ZeroSettings
     from cwa_dist.distributed.eval_actors import EvalPool
     from cwa_dist.distributed.grad_workers import GradientGroup
-    from cwa_dist.model_sources import resolve_checkpoint, resolve_source
-    from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer
-    from cwa_dist.sensitivity import select_parameters
+    from cwa_dist.modeling.checkpoint import Checkpoint
+    from cwa_dist.modeling.loading import ModelRef, empty_model, load_config, load_tokenizer
+    from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
     from cwa_dist.smollm2 import ensure_smollm2
 
     ap = argparse.ArgumentParser()

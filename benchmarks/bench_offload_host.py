@@ -44,11 +44,11 @@ def storages(tensors) -> dict[int, int]:
 def rank(path: str, offload: bool) -> dict:
     import torch
 
+    from cwa_dist.analysis.sensitivity import select_parameters
     from cwa_dist.distributed.backends import Zero3Backend, ZeroSettings
     from cwa_dist.distributed.process_group import init_group
-    from cwa_dist.memory import current_rss_bytes, live_tensor_bytes, peak_rss_bytes
-    from cwa_dist.models import ModelRef
-    from cwa_dist.sensitivity import select_parameters
+    from cwa_dist.modeling.loading import ModelRef
+    from cwa_dist.reporting.memory import current_rss_bytes, live_tensor_bytes, peak_rss_bytes
 
     torch.set_num_threads(2)
     init_group(rank=0, world_size=1, address="127.0.0.1", port=29533 + offload, backend="gloo")

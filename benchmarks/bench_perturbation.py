@@ -24,14 +24,14 @@ import time
 import ray
 import torch
 
+from cwa_dist.analysis.data import load_texts, split_documents, tokenize_documents
+from cwa_dist.analysis.experiments import single_weight_spec
+from cwa_dist.analysis.perturb import PerturbationSpec, Targets
+from cwa_dist.analysis.sensitivity import numel, select_parameters
 from cwa_dist.config import RunConfig
-from cwa_dist.data import load_texts, split_documents, tokenize_documents
 from cwa_dist.distributed.eval_actors import EvalPool
-from cwa_dist.model_sources import resolve_checkpoint, resolve_source
-from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer
-from cwa_dist.perturb import PerturbationSpec, Targets
-from cwa_dist.plan import single_weight_spec
-from cwa_dist.sensitivity import numel, select_parameters
+from cwa_dist.modeling.loading import ModelRef, empty_model, load_config, load_tokenizer
+from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
 from cwa_dist.smollm2 import ensure_smollm2
 
 
@@ -103,8 +103,8 @@ def main() -> None:
     if args.workload == "ablation":
         specs = single_weight_specs(names, shapes, args.experiments, seed=0)
     else:
-        from cwa_dist.checkpoint import Checkpoint
-        from cwa_dist.models import load_replica
+        from cwa_dist.modeling.checkpoint import Checkpoint
+        from cwa_dist.modeling.loading import load_replica
 
         ckpt = Checkpoint(path)
         net = load_replica(ckpt, load_config(path, trust_remote_code=False), dtype=torch.float32,

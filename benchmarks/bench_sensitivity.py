@@ -34,12 +34,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cwa_dist.data import load_texts, split_documents, tokenize_documents
+from cwa_dist.analysis.data import load_texts, split_documents, tokenize_documents
+from cwa_dist.analysis.evaluate import attention_mask, batches, predicted_tokens
+from cwa_dist.analysis.sensitivity import checkpoint_blocks, prepare_gradients, select_parameters
 from cwa_dist.distributed.backends import ReplicaBackend, ZeroSettings
-from cwa_dist.evaluate import attention_mask, batches, predicted_tokens
-from cwa_dist.model_sources import resolve_checkpoint, resolve_source
-from cwa_dist.models import ModelRef, load_tokenizer
-from cwa_dist.sensitivity import checkpoint_blocks, prepare_gradients, select_parameters
+from cwa_dist.modeling.loading import ModelRef, load_tokenizer
+from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
 from cwa_dist.smollm2 import ensure_smollm2
 
 

@@ -19,12 +19,12 @@ import time
 import ray
 import torch
 
-from cwa_dist.data import load_texts, tokenize_chunks
+from cwa_dist.analysis.data import load_texts, tokenize_chunks
+from cwa_dist.analysis.sensitivity import select_parameters
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
-from cwa_dist.model_sources import resolve_checkpoint, resolve_source
-from cwa_dist.models import ModelRef, empty_model, load_config, load_tokenizer
-from cwa_dist.sensitivity import select_parameters
+from cwa_dist.modeling.loading import ModelRef, empty_model, load_config, load_tokenizer
+from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
 from cwa_dist.smollm2 import ensure_smollm2
 
 

@@ -75,10 +75,10 @@ def start_ray(device: str) -> None:
 
 def gradient_group(path: str, dtype: str, device: str, backend: str, settings=None, metrics=METRICS, k=K):
     """One rank's report and the merged scores, through the real worker group."""
+    from cwa_dist.analysis.sensitivity import select_parameters
     from cwa_dist.distributed.backends import ZeroSettings
     from cwa_dist.distributed.grad_workers import GradientGroup, merge_reports
-    from cwa_dist.models import ModelRef, empty_model, load_config
-    from cwa_dist.sensitivity import select_parameters
+    from cwa_dist.modeling.loading import ModelRef, empty_model, load_config
 
     config = load_config(Path(path), trust_remote_code=False)
     names = select_parameters(empty_model(config, dtype=__import__("torch").float32, trust_remote_code=False),
@@ -188,8 +188,8 @@ def step_memory(args) -> dict:
 
     from cwa_dist.config import RunConfig
     from cwa_dist.distributed.backends import ZeroSettings
-    from cwa_dist.dry_run import plan_run
-    from cwa_dist.run_plan import ClusterView
+    from cwa_dist.planning.run_plan import ClusterView
+    from cwa_dist.stages.plan import plan_run
 
     start_ray(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,11 +216,11 @@ def step_memory(args) -> dict:
 def step_evaluation(args) -> dict:
     import torch
 
-    from cwa_dist.checkpoint import Checkpoint
-    from cwa_dist.evaluate import perplexity
-    from cwa_dist.models import load_config, load_replica
-    from cwa_dist.perturb import MODES, ModeOptions, Targets, apply, restore, restored_exactly
-    from cwa_dist.replay import BlockReplay
+    from cwa_dist.analysis.evaluate import perplexity
+    from cwa_dist.analysis.perturb import MODES, ModeOptions, Targets, apply, restore, restored_exactly
+    from cwa_dist.analysis.replay import BlockReplay
+    from cwa_dist.modeling.checkpoint import Checkpoint
+    from cwa_dist.modeling.loading import load_config, load_replica
 
     out, ok = {}, True
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,7 +251,7 @@ def step_evaluation(args) -> dict:
 
 
 def step_big_tensor(args) -> dict:
-    from cwa_dist.checkpoint import Checkpoint
+    from cwa_dist.modeling.checkpoint import Checkpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from test_checkpoint import LINUX_READ_MAX, sparse_safetensors

@@ -21,7 +21,7 @@ import pandas as pd
 
 from cwa_dist.config import path_component
 from cwa_dist.errors import UsageError
-from cwa_dist.outputs import describe_param
+from cwa_dist.reporting.outputs import describe_param
 
 COMPARISON_COLUMNS = {
     "model": "--model of the run",
@@ -128,7 +128,7 @@ def compare(run_dirs: list[Path], output: Path) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from cwa_dist import plots
+    from cwa_dist.reporting import plots
 
     if not run_dirs:
         raise UsageError("nothing to compare: give at least one finished run directory")

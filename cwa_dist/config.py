@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cwa_dist import settings
+from cwa_dist.analysis.metrics import METRICS
+from cwa_dist.analysis.perturb import MODES, ModeOptions
 from cwa_dist.errors import UsageError
-from cwa_dist.metrics import METRICS
-from cwa_dist.perturb import MODES, ModeOptions
 from cwa_dist.settings import check_choices, non_negative, positive, setting
 from cwa_dist.sharding import ZeroSettings
 

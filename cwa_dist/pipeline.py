@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import os
 
-from cwa_dist import resume
+from cwa_dist.analysis.data import load_texts
+from cwa_dist.analysis.perturb import flip_bit_index
 from cwa_dist.config import RunConfig
-from cwa_dist.console import Reporter
-from cwa_dist.data import load_texts
 from cwa_dist.distributed.runtime import start_ray, stop_ray
-from cwa_dist.dry_run import cluster_view, dry_run, plan_run
 from cwa_dist.errors import UsageError
-from cwa_dist.model_sources import resolve_origin, resolve_source
-from cwa_dist.outputs import RunDirectory
-from cwa_dist.perturb import flip_bit_index
-from cwa_dist.run_plan import refusal
+from cwa_dist.modeling.sources import resolve_origin, resolve_source
+from cwa_dist.planning import resume
+from cwa_dist.planning.run_plan import refusal
+from cwa_dist.reporting.console import Reporter
+from cwa_dist.reporting.outputs import RunDirectory
+from cwa_dist.reporting.storage import Output, durable_output
 from cwa_dist.stages import data, export, model, perturbation, ranking, sensitivity, start
 from cwa_dist.stages.context import Context
-from cwa_dist.storage import Output, durable_output
+from cwa_dist.stages.plan import cluster_view, dry_run, plan_run
 
 
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:

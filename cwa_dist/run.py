@@ -10,10 +10,10 @@ import traceback
 import typing
 from collections.abc import Callable
 
+from cwa_dist.analysis.metrics import METRICS
+from cwa_dist.analysis.perturb import MODES
 from cwa_dist.config import SECTION_TITLES, RunConfig
 from cwa_dist.errors import UsageError
-from cwa_dist.metrics import METRICS
-from cwa_dist.perturb import MODES
 from cwa_dist.settings import leaves
 
 

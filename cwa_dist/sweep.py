@@ -102,7 +102,7 @@ def run_logged(cfg, log) -> str | None:
     """One sweep run, its console output into `log`: where its directory is (None for a dry run,
     which plans and writes no directory). Runs in the run's coordinating Ray task."""
     from cwa_dist import pipeline
-    from cwa_dist.console import Reporter
+    from cwa_dist.reporting.console import Reporter
 
     run_dir = pipeline.run(cfg, Reporter(cfg.run.verbose, stream=log))
     return None if run_dir is None else run_dir.where
@@ -118,7 +118,7 @@ def run_sweep(path: str, *, check: bool, verbose: bool, max_concurrent: int | No
     from cwa_dist.compare import compare
     from cwa_dist.distributed.runtime import start_ray, stop_ray
     from cwa_dist.distributed.sweep_runner import run_all
-    from cwa_dist.storage import Output, durable_output
+    from cwa_dist.reporting.storage import Output, durable_output
 
     directory = durable_output(directory, print)
     output = Output(directory)

@@ -1,10 +1,12 @@
 """Shared fixtures: tiny randomly initialised models of several families, saved with
-save_pretrained; a local Ray with fixed resources; the real SmolLM2 model."""
+save_pretrained; a local Ray with fixed resources; the real SmolLM2 model. The tests mirror the
+package (tests/analysis/ for cwa_dist/analysis/, ...); whole runs and entry points sit at the top."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+REPO = Path(__file__).resolve().parent.parent
 VOCAB = 96
 
 
@@ -162,7 +165,7 @@ def saved_model(net, path=None, max_shard_size="2MB"):
     max_shard_size) and return the ModelRef that workers and actors load it by."""
     import tempfile
 
-    from cwa_dist.models import ModelRef
+    from cwa_dist.modeling.loading import ModelRef
 
     path = path or tempfile.mkdtemp(prefix="cwa_model_")
     net.save_pretrained(path, max_shard_size=max_shard_size)
@@ -218,8 +221,8 @@ def brute_force_topk(scores: dict[str, torch.Tensor], k: int) -> tuple[list[str]
 
 def random_specs(net, n: int, k: int = 20):
     """n random-control experiments of k weights each over the model's weight matrices."""
-    from cwa_dist.perturb import PerturbationSpec, random_targets
-    from cwa_dist.sensitivity import select_parameters
+    from cwa_dist.analysis.perturb import PerturbationSpec, random_targets
+    from cwa_dist.analysis.sensitivity import select_parameters
 
     names = select_parameters(net, include_bias=False, include_norm=False)
     numels = [dict(net.named_parameters())[x].numel() for x in names]

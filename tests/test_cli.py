@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import SMALL, brute_force_topk
 
-from cwa_dist.data import load_texts, split_documents, tokenize_documents
-from cwa_dist.outputs import PERTURBATION_COLUMNS, RANKING_COLUMNS, TOPK_CSV_COLUMNS
+from cwa_dist.analysis.data import load_texts, split_documents, tokenize_documents
+from cwa_dist.analysis.sensitivity import select_parameters
+from cwa_dist.reporting.outputs import PERTURBATION_COLUMNS, RANKING_COLUMNS, TOPK_CSV_COLUMNS
 from cwa_dist.run import main
-from cwa_dist.sensitivity import select_parameters
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_every_output_file_is_written(full_run):
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
-    from cwa_dist.outputs import SUPER_WEIGHT_COLUMNS
+    from cwa_dist.reporting.outputs import SUPER_WEIGHT_COLUMNS
 
     sw = pd.read_csv(run_dir / "super_weights.csv")
     declared = [c for c in SUPER_WEIGHT_COLUMNS if c != "rank_<metric>"]
@@ -124,7 +124,7 @@ def test_summary_manifest_and_config(full_run):
     assert done >= {"sensitivity", "perturbation", "export"}
     assert manifest["versions"]["torch"] and manifest["versions"]["ray"]
     # Every key written is declared (and documented) beside the column schemas; nothing else is.
-    from cwa_dist.outputs import MANIFEST_FIELDS, SUMMARY_FIELDS, RunDirectory, RunRecord
+    from cwa_dist.reporting.outputs import MANIFEST_FIELDS, SUMMARY_FIELDS, RunDirectory, RunRecord
 
     assert set(manifest) <= set(MANIFEST_FIELDS) and set(summary) <= set(SUMMARY_FIELDS)
     assert {"memory", "stages", "summary"} <= set(manifest)
@@ -151,7 +151,7 @@ def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
 ALL_METRICS = ["grad_x_weight", "grad_squared", "fisher", "obd", "wanda", "magnitude"]
 
 
-@pytest.mark.extended  # two minutes; the report's run (tests/test_report.py) runs the study by default
+@pytest.mark.extended  # two minutes; the report's run (tests/reporting/test_report.py) runs the study by default
 def test_a_perturbation_mode_and_the_ablation_study_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_path):
     """Every metric, rolling windows, a bit-flip mode and the ablation study, on two ZeRO-3 ranks."""
     code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--metric", *ALL_METRICS, "--stride", "24",
@@ -301,8 +301,8 @@ def test_more_workers_than_the_cluster_holds_is_refused_at_once(ray_local, tiny_
 
 
 def test_the_plan_and_the_checkpoint_are_recorded(full_run, tiny_model_dir):
-    from cwa_dist.checkpoint import Checkpoint
-    from cwa_dist.model_sources import headers_digest
+    from cwa_dist.modeling.checkpoint import Checkpoint
+    from cwa_dist.modeling.sources import headers_digest
 
     run_dir, proc = full_run
     config = json.loads((run_dir / "config.json").read_text())

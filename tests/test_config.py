@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from cwa_dist.analysis.perturb import ModeOptions
 from cwa_dist.config import RunConfig, config_from_mapping, operational_settings
 from cwa_dist.errors import UsageError
-from cwa_dist.perturb import ModeOptions
 from cwa_dist.run import build_parser, config_from_args
 from cwa_dist.settings import leaves
 from cwa_dist.sharding import ZeroSettings

@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import SMALL, build_tiny_model, calibration_chunks, random_specs, saved_model
 
+from cwa_dist.analysis.evaluate import Perplexity
+from cwa_dist.analysis.sensitivity import select_parameters
 from cwa_dist.distributed.backends import ZeroSettings
 from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.worker_group import GradientWorkerError
-from cwa_dist.evaluate import Perplexity
 from cwa_dist.run import main
-from cwa_dist.sensitivity import select_parameters
 
 
 def _one_error_line(capsys) -> str:
@@ -143,7 +143,7 @@ def test_resume_refuses_other_data_weights_or_resolved_dtype(ray_local, tiny_mod
 
 def test_a_restore_that_is_not_exact_is_logged_as_failed():
     from cwa_dist.config import RunConfig
-    from cwa_dist.results import result_row
+    from cwa_dist.reporting.results import result_row
 
     spec = random_specs(build_tiny_model("llama"), 1)[0]
     base = Perplexity(10.0, 5, window_nll=(4.0, 6.0))
@@ -223,7 +223,7 @@ def test_a_replica_that_does_not_fit_its_gpus_is_refused(monkeypatch):
     """accelerate's device_map would silently put what does not fit on the CPU or disk; the
     evaluation actor refuses instead (the GPUs' free memory is stubbed: this machine has none)."""
     from cwa_dist.errors import UsageError
-    from cwa_dist.models import _gpu_map, empty_model
+    from cwa_dist.modeling.loading import _gpu_map, empty_model
 
     net = empty_model(build_tiny_model("llama").config, dtype=torch.float32, trust_remote_code=False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (4096, 8192))  # 4 KiB free per GPU

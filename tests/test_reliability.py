@@ -13,15 +13,8 @@ import pytest
 import torch
 from conftest import SMALL, build_tiny_model, calibration_chunks, random_specs, saved_model
 
-from cwa_dist.distributed.backends import ZeroSettings
-from cwa_dist.distributed.eval_actors import EvalPool
-from cwa_dist.distributed.grad_workers import GradientGroup
-from cwa_dist.distributed.worker_group import GradientWorkerError
-from cwa_dist.evaluate import Perplexity
-from cwa_dist.model_sources import resolve_checkpoint, resolve_source
-from cwa_dist.models import ModelRef
-from cwa_dist.run import main
-from cwa_dist.sensitivity import (
+from cwa_dist.analysis.evaluate import Perplexity
+from cwa_dist.analysis.sensitivity import (
     NonFiniteGradientError,
     accumulate_gradients,
     full_shards,
@@ -29,6 +22,13 @@ from cwa_dist.sensitivity import (
     score_shards,
     select_parameters,
 )
+from cwa_dist.distributed.backends import ZeroSettings
+from cwa_dist.distributed.eval_actors import EvalPool
+from cwa_dist.distributed.grad_workers import GradientGroup
+from cwa_dist.distributed.worker_group import GradientWorkerError
+from cwa_dist.modeling.loading import ModelRef
+from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
+from cwa_dist.run import main
 
 
 def _pid(actor_name: str) -> int:
@@ -240,6 +240,6 @@ def test_safetensors_wins_over_a_pickle_checkpoint(ray_local, tiny_model_dir, tm
         (_, baseline), = pool.describe()
     finally:
         pool.shutdown()
-    from cwa_dist.evaluate import perplexity
+    from cwa_dist.analysis.evaluate import perplexity
 
     assert baseline == perplexity(net, calibration_chunks(2, 16), 2)  # the real weights, not the zeros

@@ -41,8 +41,8 @@ def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, t
     assert ranking["layer"].str.startswith("model.").all()
     # Texts are documents: no special token is inserted between them, so none of the special
     # tokens' embedding rows can lead the ranking (an end-of-turn EOS between texts once did).
-    from cwa_dist.model_sources import resolve_checkpoint, resolve_source
-    from cwa_dist.models import load_tokenizer
+    from cwa_dist.modeling.loading import load_tokenizer
+    from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
 
     tok = load_tokenizer(resolve_checkpoint(resolve_source(str(smollm2_path)), announce=print), trust_remote_code=False)
     top10 = ranking.head(10)
@@ -54,8 +54,8 @@ def test_top_weights_matter_far_more_than_random_ones(ray_local, smollm2_path, t
 def test_the_gguf_is_converted_once_reused_and_rebuilt_when_corrupt(smollm2_path, tmp_path, monkeypatch):
     """The real .gguf: dequantised into a safetensors cache once (in a child process), reused
     without converting, and converted again when a byte of the cached weights is damaged."""
-    from cwa_dist.checkpoint import Checkpoint
-    from cwa_dist.model_sources import resolve_checkpoint, resolve_source
+    from cwa_dist.modeling.checkpoint import Checkpoint
+    from cwa_dist.modeling.sources import resolve_checkpoint, resolve_source
 
     monkeypatch.setenv("CWA_DIST_CACHE", str(tmp_path))
     source, said = resolve_source(str(smollm2_path)), []

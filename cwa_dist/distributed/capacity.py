@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from cwa_dist.run_plan import ClusterView, NodeShape, autoscaler_gpus, gpu_node, worker_types
+from cwa_dist.planning.run_plan import ClusterView, NodeShape, autoscaler_gpus, gpu_node, worker_types
 
 
 @dataclass(frozen=True, slots=True)

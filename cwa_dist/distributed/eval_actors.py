@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from cwa_dist.devices import to_cpu
+from cwa_dist.analysis.devices import to_cpu
+from cwa_dist.analysis.evaluate import Perplexity, perplexity
+from cwa_dist.analysis.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
+from cwa_dist.analysis.replay import BlockReplay
+from cwa_dist.analysis.superweights import Candidate, detect
 from cwa_dist.errors import last_line
-from cwa_dist.evaluate import Perplexity, perplexity
-from cwa_dist.memory import peak_device_bytes, peak_rss_bytes
-from cwa_dist.models import ModelRef, load_replica
-from cwa_dist.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
-from cwa_dist.replay import BlockReplay
-from cwa_dist.superweights import Candidate, detect
+from cwa_dist.modeling.loading import ModelRef, load_replica
+from cwa_dist.reporting.memory import peak_device_bytes, peak_rss_bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,23 +19,23 @@ import numpy as np
 import ray
 import torch
 
-from cwa_dist.data import lockstep_batches, per_window_steps
-from cwa_dist.devices import shared_visibility, to_cpu
-from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
-from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
-from cwa_dist.distributed.worker_group import WorkerGroup, placement_strategy
-from cwa_dist.errors import UsageError
-from cwa_dist.evaluate import Perplexity, batches, predicted_tokens
-from cwa_dist.memory import live_tensor_bytes, peak_device_bytes, peak_pinned_bytes, peak_rss_bytes
-from cwa_dist.metrics import FISHER, needed_inputs
-from cwa_dist.models import ModelRef
-from cwa_dist.sensitivity import (
+from cwa_dist.analysis.data import lockstep_batches, per_window_steps
+from cwa_dist.analysis.devices import shared_visibility, to_cpu
+from cwa_dist.analysis.evaluate import Perplexity, batches, predicted_tokens
+from cwa_dist.analysis.metrics import FISHER, needed_inputs
+from cwa_dist.analysis.sensitivity import (
     ShardScores,
     corrupt_weights_message,
     merge_scores,
     non_finite_tensors,
     values_at,
 )
+from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
+from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
+from cwa_dist.distributed.worker_group import WorkerGroup, placement_strategy
+from cwa_dist.errors import UsageError
+from cwa_dist.modeling.loading import ModelRef
+from cwa_dist.reporting.memory import live_tensor_bytes, peak_device_bytes, peak_pinned_bytes, peak_rss_bytes
 
 
 @dataclass

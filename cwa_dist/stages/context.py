@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cwa_dist.config import RunConfig
-from cwa_dist.console import Reporter
-from cwa_dist.model_sources import Origin
-from cwa_dist.models import ModelRef
-from cwa_dist.run_plan import RunPlan
+from cwa_dist.modeling.loading import ModelRef
+from cwa_dist.modeling.sources import Origin
+from cwa_dist.planning.run_plan import RunPlan
+from cwa_dist.reporting.console import Reporter
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cwa_dist.data import Split, split_documents, tokenize_documents
-from cwa_dist.evaluate import predicted_tokens
+from cwa_dist.analysis.data import Split, split_documents, tokenize_documents
+from cwa_dist.analysis.evaluate import predicted_tokens
 from cwa_dist.stages.context import Context
 
 

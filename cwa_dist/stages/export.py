@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cwa_dist import html_report, plots
 from cwa_dist.errors import last_line
-from cwa_dist.memory import peak_rss_bytes
-from cwa_dist.outputs import RunRecord
-from cwa_dist.results import perturbation_summary
+from cwa_dist.reporting import html_report, plots
+from cwa_dist.reporting.memory import peak_rss_bytes
+from cwa_dist.reporting.outputs import RunRecord
+from cwa_dist.reporting.results import perturbation_summary
 from cwa_dist.stages.context import Context
 
 
@@ -41,7 +41,7 @@ def _write_report(ctx: Context, out) -> None:
         out.write_text("report.html", html_report.build(out.path))
     except Exception as e:  # noqa: BLE001 - the run's results stand without the page
         ctx.rep.line(f"⚠️  report.html could not be built ({last_line(e, 200)}); the results are complete. "
-                     f"Rebuild it with: python -m cwa_dist.html_report {out.path}")
+                     f"Rebuild it with: python -m cwa_dist.reporting.html_report {out.path}")
 
 
 def _final_report(ctx: Context, summary: dict) -> None:

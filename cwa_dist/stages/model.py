@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cwa_dist.analysis.sensitivity import numel, select_parameters
 from cwa_dist.errors import UsageError
-from cwa_dist.model_sources import Origin
-from cwa_dist.models import ModelRef, checkpoint_keys, empty_model, load_config, load_tokenizer
-from cwa_dist.sensitivity import numel, select_parameters
+from cwa_dist.modeling.loading import ModelRef, checkpoint_keys, empty_model, load_config, load_tokenizer
+from cwa_dist.modeling.sources import Origin
 from cwa_dist.stages.context import Context, LoadedModel
 
 

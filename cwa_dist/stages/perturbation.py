@@ -9,19 +9,26 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from cwa_dist import ablation
-from cwa_dist.data import Split
+from cwa_dist.analysis import ablation
+from cwa_dist.analysis.data import Split
+from cwa_dist.analysis.evaluate import window_tokens
+from cwa_dist.analysis.experiments import (
+    ABLATION,
+    SUPER_WEIGHT,
+    ablation_key,
+    ablation_spec,
+    plan_experiments,
+    super_weight_spec,
+)
+from cwa_dist.analysis.metrics import MAGNITUDE, ranked_metrics
+from cwa_dist.analysis.perturb import PerturbationSpec
+from cwa_dist.analysis.sensitivity import numel
 from cwa_dist.distributed.eval_actors import EvalPool
 from cwa_dist.distributed.runtime import settled_free_resources
-from cwa_dist.evaluate import window_tokens
-from cwa_dist.metrics import MAGNITUDE, ranked_metrics
-from cwa_dist.outputs import PERTURBATION_COLUMNS, RunRecord, candidates_from_rankings, super_weight_table
-from cwa_dist.perturb import PerturbationSpec
-from cwa_dist.placement import actor_count
-from cwa_dist.plan import ABLATION, SUPER_WEIGHT, ablation_key, ablation_spec, plan_experiments, super_weight_spec
-from cwa_dist.results import baseline_interval, describe, failed_row, result_row
-from cwa_dist.resume import ResultLog
-from cwa_dist.sensitivity import numel
+from cwa_dist.planning.placement import actor_count
+from cwa_dist.planning.resume import ResultLog
+from cwa_dist.reporting.outputs import PERTURBATION_COLUMNS, RunRecord, candidates_from_rankings, super_weight_table
+from cwa_dist.reporting.results import baseline_interval, describe, failed_row, result_row
 from cwa_dist.stages.context import Context, LoadedModel
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cwa_dist.metrics import ranked_metrics
-from cwa_dist.outputs import RunRecord, ranking_frame, topk_csv_frame
-from cwa_dist.sensitivity import ShardScores
+from cwa_dist.analysis.metrics import ranked_metrics
+from cwa_dist.analysis.sensitivity import ShardScores
+from cwa_dist.reporting.outputs import RunRecord, ranking_frame, topk_csv_frame
 from cwa_dist.stages.context import Context
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from cwa_dist import ablation
-from cwa_dist.data import Split
+from cwa_dist.analysis import ablation
+from cwa_dist.analysis.data import Split
+from cwa_dist.analysis.perturb import random_targets
+from cwa_dist.analysis.sensitivity import ShardScores, numel
 from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.grad_workers import GradientGroup
-from cwa_dist.outputs import RunRecord
-from cwa_dist.perturb import random_targets
-from cwa_dist.sensitivity import ShardScores, numel
+from cwa_dist.reporting.outputs import RunRecord
 from cwa_dist.stages.context import Context, LoadedModel
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+from cwa_dist.analysis.sensitivity import numel
 from cwa_dist.distributed.runtime import cluster_resources
-from cwa_dist.outputs import RunDirectory, RunRecord
-from cwa_dist.provenance import git_revision, host, versions
-from cwa_dist.resume import config_record
-from cwa_dist.run_plan import RunPlan
-from cwa_dist.sensitivity import numel
+from cwa_dist.planning.resume import config_record
+from cwa_dist.planning.run_plan import RunPlan
+from cwa_dist.reporting.outputs import RunDirectory, RunRecord
+from cwa_dist.reporting.provenance import git_revision, host, versions
+from cwa_dist.reporting.storage import Output
 from cwa_dist.stages.context import Context, LoadedModel
-from cwa_dist.storage import Output
 
 
 def header(ctx: Context, where: str, n_texts: int) -> None:

@@ -7,19 +7,19 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from cwa_dist.checkpoint import Checkpoint
-from cwa_dist.devices import colocated
-from cwa_dist.evaluate import batch_nll_sum
-from cwa_dist.feature_norms import FeatureNorms
-from cwa_dist.metrics import FEATURE_NORM, FISHER
-from cwa_dist.models import buffer_keys
-from cwa_dist.sensitivity import (
+from cwa_dist.analysis.devices import colocated
+from cwa_dist.analysis.evaluate import batch_nll_sum
+from cwa_dist.analysis.feature_norms import FeatureNorms
+from cwa_dist.analysis.metrics import FEATURE_NORM, FISHER
+from cwa_dist.analysis.sensitivity import (
     GradientHooks,
     GradientSums,
     ParamShard,
     ShardScorer,
     gradient_step,
 )
+from cwa_dist.modeling.checkpoint import Checkpoint
+from cwa_dist.modeling.loading import buffer_keys
 
 
 def refuse_float16_gradients(dtype: torch.dtype) -> None:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cwa_dist.devices import compute_device
-from cwa_dist.distributed.backends.base import (
-    Backend,
-)
-from cwa_dist.models import ModelRef, load_replica
-from cwa_dist.sensitivity import (
+from cwa_dist.analysis.devices import compute_device
+from cwa_dist.analysis.sensitivity import (
     GradientHooks,
     GradientSums,
     ParamShard,
@@ -17,6 +13,10 @@ from cwa_dist.sensitivity import (
     full_shard,
     prepare_gradients,
 )
+from cwa_dist.distributed.backends.base import (
+    Backend,
+)
+from cwa_dist.modeling.loading import ModelRef, load_replica
 from cwa_dist.sharding import ZeroSettings
 
 

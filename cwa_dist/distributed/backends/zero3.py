@@ -13,7 +13,11 @@ from collections.abc import Iterator
 
 import torch
 
-from cwa_dist.devices import compute_device
+from cwa_dist.analysis.devices import compute_device
+from cwa_dist.analysis.sensitivity import (
+    ParamShard,
+    checkpoint_blocks,
+)
 from cwa_dist.distributed.backends.base import (
     Backend,
     check_parameter_dtype,
@@ -21,11 +25,7 @@ from cwa_dist.distributed.backends.base import (
     put_buffers,
     refuse_float16_gradients,
 )
-from cwa_dist.models import ModelRef, checkpoint_keys, empty_model
-from cwa_dist.sensitivity import (
-    ParamShard,
-    checkpoint_blocks,
-)
+from cwa_dist.modeling.loading import ModelRef, checkpoint_keys, empty_model
 from cwa_dist.sharding import ZeroSettings
 
 

@@ -1,0 +1,114 @@
+"""Rows of perturbation_results (in outputs.PERTURBATION_COLUMNS' order) and the summary built from
+them: an experiment's measured result, a failure, the baseline's interval, a row's console line."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from cwa_dist.analysis.evaluate import bootstrap_intervals
+from cwa_dist.analysis.experiments import ABLATION, SUPER_WEIGHT
+from cwa_dist.analysis.perturb import PerturbationSpec
+from cwa_dist.config import RunConfig
+
+if TYPE_CHECKING:
+    from cwa_dist.distributed.eval_actors import ExperimentResult  # what an actor returns; no Ray here
+
+
+def result_row(spec: PerturbationSpec, r: ExperimentResult, tokens: list[int], cfg: RunConfig) -> dict:
+    base, pert = r.baseline.value, r.perturbed.value
+    ci = bootstrap_intervals(tokens, r.baseline.window_nll, r.perturbed.window_nll,
+                             samples=cfg.perturbation.bootstrap_samples, seed=cfg.data.seed)
+    return {
+        "metric": spec.method,
+        "topk": spec.topk,
+        "mask_ratio": spec.mask_ratio,
+        "weights_masked": r.weights_masked,
+        "baseline_ppl": base,
+        "perturbed_ppl": pert,
+        "ppl_increase": pert - base,
+        "ppl_ratio": pert / base,
+        **ci,
+        "is_control": spec.is_control,
+        "seed": spec.seed,
+        "mode": spec.mode,
+        "eval_tokens": r.perturbed.tokens,
+        "wall_s": round(r.wall_s, 3),
+        "restored_exact": r.restored_exact,
+        "actor": r.actor,
+        "key": r.key,
+        # A restore that was not bit-exact leaves the actor's model changed: the run fails, and a
+        # resume must run this experiment again rather than keep it.
+        "status": "ok" if r.restored_exact else "failed",
+        "error": "" if r.restored_exact else "the weights were not restored bit for bit after this experiment",
+    }
+
+
+def failed_row(spec: PerturbationSpec, error: str, baseline_ppl: float) -> dict:
+    """An experiment that kept failing: recorded, not dropped."""
+    return {
+        "metric": spec.method, "topk": spec.topk, "mask_ratio": spec.mask_ratio,
+        "weights_masked": len(spec.targets), "baseline_ppl": baseline_ppl, "perturbed_ppl": float("nan"),
+        "ppl_increase": float("nan"), "ppl_ratio": float("nan"), "ppl_ci_low": float("nan"),
+        "ppl_ci_high": float("nan"), "ppl_ratio_ci_low": float("nan"), "ppl_ratio_ci_high": float("nan"),
+        "is_control": spec.is_control, "seed": spec.seed,
+        "mode": spec.mode, "eval_tokens": 0, "wall_s": 0.0, "restored_exact": None, "actor": "", "key": spec.key,
+        "status": "failed", "error": error,
+    }
+
+
+def baseline_interval(tokens: list[int], baseline, cfg: RunConfig) -> list[float]:
+    ci = bootstrap_intervals(tokens, baseline.window_nll, baseline.window_nll,
+                             samples=cfg.perturbation.bootstrap_samples, seed=cfg.data.seed)
+    return [ci["ppl_ci_low"], ci["ppl_ci_high"]]
+
+
+def describe(row: dict) -> str:
+    if row["metric"] in (SUPER_WEIGHT, ABLATION) and row["status"] == "ok":
+        return (f"{row['metric'].replace('_', ' ')} {row['key'].split('|', 1)[1]}: "
+                f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} "
+                f"(×{row['ppl_ratio']:.3g})")
+    seed = f" seed {row['seed']}" if row["seed"] is not None else ""
+    if row["status"] != "ok":
+        return f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: FAILED ({row['error']})"
+    return (f"{row['metric']}{seed} Top-{row['topk']} {row['mask_ratio']:.0%}: "
+            f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} ({row['ppl_increase']:+.2f}; "
+            f"ratio 95% CI {row['ppl_ratio_ci_low']:.3g}–{row['ppl_ratio_ci_high']:.3g})")
+
+
+def perturbation_summary(results: pd.DataFrame) -> dict:
+    metric_rows = results[~results["is_control"]]
+    # A NaN perplexity (weights made inf or NaN, e.g. by bit_flip) is a destroyed model, not a maximum.
+    increases = metric_rows["ppl_increase"].dropna()
+    best = metric_rows.loc[increases.idxmax()] if len(increases) else None
+    comparison = []
+    for (k, r), df in results.groupby(["topk", "mask_ratio"], sort=True):
+        entry = {"topk": int(k), "mask_ratio": float(r), "weights_masked": int(df["weights_masked"].iloc[0])}
+        for metric, g in df[~df["is_control"]].groupby("metric"):
+            entry[metric] = float(g["perturbed_ppl"].iloc[0])
+        rnd = df[df["metric"] == "random"]["perturbed_ppl"]
+        if len(rnd):
+            entry["random_mean"] = float(rnd.mean())
+            entry["random_min"] = float(rnd.min())
+            entry["random_max"] = float(rnd.max())
+            entry["random_std"] = float(rnd.std(ddof=1)) if len(rnd) > 1 else 0.0
+        mag = df[df["metric"] == "magnitude"]["perturbed_ppl"]
+        if len(mag):
+            entry["magnitude"] = float(mag.iloc[0])
+        comparison.append(entry)
+    out = {
+        "max_ppl_increase": float(increases.max()) if len(increases) else None,
+        "comparison": comparison,
+    }
+    if best is not None:
+        out["most_impactful_perturbation"] = {
+            "metric": best["metric"],
+            "topk": int(best["topk"]),
+            "mask_ratio": float(best["mask_ratio"]),
+            "weights_masked": int(best["weights_masked"]),
+            "baseline_ppl": float(best["baseline_ppl"]),
+            "perturbed_ppl": float(best["perturbed_ppl"]),
+            "ppl_increase": float(best["ppl_increase"]),
+        }
+    return out
