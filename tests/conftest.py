@@ -4,6 +4,7 @@ package (tests/analysis/ for cwa_dist/analysis/, ...); whole runs and entry poin
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -145,6 +146,30 @@ def ray_local():
                  runtime_env={"worker_process_setup_hook": force_accelerator_without_fp16})
     yield ray
     ray.shutdown()
+
+
+def write_llama_config(path: Path, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> Path:
+    """A Llama-2 config, as its Hub repository holds it; no weights."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_attention_heads": heads, "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads, "vocab_size": 32000, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float16",
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sums_task(tmp_path_factory) -> Path:
+    """tests/tasks/ as an --eval-tasks-include directory: the cwa_sums task (24 multiple-choice
+    sums), its data file named by absolute path."""
+    out = tmp_path_factory.mktemp("tasks")
+    data = out / "cwa_sums.jsonl"
+    data.write_text((REPO / "tests" / "tasks" / "cwa_sums.jsonl").read_text())
+    task = (REPO / "tests" / "tasks" / "cwa_sums.yaml").read_text().replace("DATA_FILE", str(data))
+    (out / "cwa_sums.yaml").write_text(task)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, write_llama_config
 
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "cwa-test-bucket"
@@ -202,18 +202,6 @@ def test_autoscaler_adds_nodes_for_two_workers_and_releases_them(cluster, tiny_m
     # Released after the idle timeout (6 s; the autoscaler looks every second).
     _wait_for(lambda: all(n["state"] == "DEAD" for n in nodes(cluster) if not n["is_head_node"]), 90,
               "the added nodes to be released", 3)
-
-
-def write_llama_config(path: Path, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> Path:
-    """A Llama-2 config, as its Hub repository holds it; no weights."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_attention_heads": heads, "num_hidden_layers": layers,
-        "num_key_value_heads": kv_heads, "vocab_size": 32000, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float16",
-    }))
-    return path
 
 
 def test_dry_run_of_70b_resolves_to_gpus_the_autoscaler_can_add_and_needs_optimizer_offload(cluster, tmp_path):

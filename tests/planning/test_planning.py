@@ -11,8 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
-from conftest import REPO
-from test_cluster_operation import write_llama_config
+from conftest import REPO, write_llama_config
 
 from cwa_dist.distributed.capacity import autoscaler_gpus
 from cwa_dist.modeling.loading import empty_model, read_config

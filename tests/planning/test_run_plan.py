@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from test_cluster_operation import write_llama_config
+from conftest import REPO, write_llama_config
 
 from cwa_dist.config import RunConfig
 from cwa_dist.distributed.worker_group import placement_strategy
