@@ -22,6 +22,7 @@ import pandas as pd
 from cwa_dist.config import path_component
 from cwa_dist.errors import UsageError
 from cwa_dist.reporting.outputs import describe_param
+from cwa_dist.reporting.results import task_metrics
 
 COMPARISON_COLUMNS = {
     "model": "--model of the run",
@@ -41,6 +42,11 @@ COMPARISON_COLUMNS = {
     "random_ppl_ratio_mean": "the random controls' mean ratio at the same K and ratio",
     "magnitude_ppl_ratio": "the largest-|W| control's ratio there",
 }
+TASK_COLUMNS = {
+    "<task>.<metric>_baseline": "with --eval-tasks: the unperturbed model's score on each task metric",
+    "<task>.<metric>_change": "its change in the experiment of max_ppl_ratio",
+}
+"""Added after COMPARISON_COLUMNS, for every task metric any of the runs measured."""
 
 
 def module_family(module: str) -> str:
@@ -111,6 +117,9 @@ def summary_row(run: dict, label: str) -> dict:
             row.update(max_ppl_ratio=float(best["ppl_ratio"]), at_weights_masked=int(best["weights_masked"]),
                        random_ppl_ratio_mean=float(rnd["ppl_ratio"].mean()) if len(rnd) else None,
                        magnitude_ppl_ratio=float(mag["ppl_ratio"].iloc[0]) if len(mag) else None)
+            for name in task_metrics(res.columns):
+                row[f"{name}_baseline"] = float(best[f"{name}_baseline"])
+                row[f"{name}_change"] = float(best[f"{name}_change"])
     return row
 
 
@@ -143,7 +152,9 @@ def compare(run_dirs: list[Path], output: Path) -> pd.DataFrame:
             frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
     ds.write_dataset(pa.Table.from_pandas(frame, preserve_index=False), output / "dataset", format="parquet",
                      partitioning=["model"], partitioning_flavor="hive", existing_data_behavior="delete_matching")
-    table = pd.DataFrame([summary_row(r, lab) for r, lab in zip(runs, labels)], columns=list(COMPARISON_COLUMNS))
+    rows = [summary_row(r, lab) for r, lab in zip(runs, labels)]
+    tasks = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in COMPARISON_COLUMNS]
+    table = pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS) + tasks)
     table.to_csv(output / "comparison.csv", index=False)
     (output / "comparison.md").write_text(_markdown(table))
     depth = {lab: top_weights(r) for r, lab in zip(runs, labels)}

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from cwa_dist import settings
 from cwa_dist.analysis.metrics import METRICS
 from cwa_dist.analysis.perturb import MODES, ModeOptions
+from cwa_dist.analysis.zero_shot import TaskRequest
 from cwa_dist.errors import UsageError
 from cwa_dist.settings import check_choices, non_negative, positive, setting
 from cwa_dist.sharding import ZeroSettings
@@ -55,9 +57,26 @@ class DataSection:
     """Which texts, cut into which windows."""
 
     data_file: str | None = setting(None)
-    """Text file, one text per line (blank lines ignored); the bundled English prose when not given."""
+    """Text file, one text per line (blank lines ignored); the bundled English prose when neither it
+    nor --dataset is given."""
+    dataset: str | None = setting(None)
+    """A dataset read through 🤗 datasets: a Hub id (e.g. wikitext), a directory written by
+    save_to_disk, or a local data file (parquet, json/jsonl, csv, txt) or directory of them."""
+    dataset_config: str | None = setting(None)
+    """--dataset's configuration (subset), e.g. wikitext-2-raw-v1."""
+    dataset_split: str | None = setting(None)
+    """--dataset's split; default its only split, else test."""
+    text_column: str | None = setting(None)
+    """--dataset's column holding the text; default text, else its only string column."""
+    dataset_revision: str | None = setting(None)
+    """A Hub dataset's branch, tag or commit (default: main), resolved once to a commit that
+    config.json records and a resume checks."""
+    document_split: Literal["auto", "rows", "wikitext"] = setting("auto")
+    """What one document of --dataset is: rows (one row each), wikitext (rows joined into articles,
+    cut at top-level ' = Title = ' headings), or auto (wikitext for a dataset named wikitext, else
+    rows)."""
     eval_limit: int | None = setting(100)
-    """Use at most this many texts."""
+    """Use at most this many documents (texts), the first in the source's order."""
     seq_len: int = setting(128)
     """Tokens per chunk."""
     stride: int | None = setting(None)
@@ -72,6 +91,14 @@ class DataSection:
     """Seeds the split of the texts and the random controls."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
+        if self.data_file is not None and self.dataset is not None:
+            raise UsageError("--data-file and --dataset both name the texts; give one of them")
+        if self.dataset is None:
+            for flag, value in (("--dataset-config", self.dataset_config), ("--dataset-split", self.dataset_split),
+                                ("--text-column", self.text_column), ("--dataset-revision", self.dataset_revision)):
+                if value is not None:
+                    raise UsageError(f"{flag} needs --dataset")
         positive("--seq-len", self.seq_len, minimum=2)
         if self.stride is not None and not 1 <= self.stride <= self.seq_len:
             raise UsageError(f"--stride {self.stride} is outside 1..--seq-len ({self.seq_len}); a window moves on by "
@@ -145,6 +172,15 @@ class PerturbationSection:
     """Size of that subset."""
     no_perturbation: bool = setting(False)
     """Stop after the ranking."""
+    eval_tasks: tuple[str, ...] = setting(())
+    """lm-evaluation-harness tasks (e.g. arc_easy,piqa) run on the baseline and after every perturbation
+    experiment and super-weight candidate, on each evaluation actor's own model in memory; each row
+    gets each task's metric, its standard error and a paired 95% interval for the change."""
+    eval_tasks_limit: int | None = setting(None)
+    """At most this many examples per task (the first in the task's order); default all."""
+    eval_tasks_include: str | None = setting(None)
+    """A directory of your own task YAMLs, added to the harness's tasks (its include path); data files
+    they name should be absolute paths, as actors may run elsewhere."""
     gpus_per_eval_actor: int | None = setting(None, operational=True)
     """GPUs per evaluation actor; default on a GPU cluster: as many as one replica needs (1 when the GPUs'
     memory is unknown). The model is split over them by blocks."""
@@ -181,10 +217,26 @@ class PerturbationSection:
         if self.num_eval_actors is not None:
             positive("--num-eval-actors", self.num_eval_actors)
         self.ratios = tuple(sorted(set(self.ratios)))
+        # "arc_easy,piqa" or "arc_easy piqa": one task each, in the order given.
+        self.eval_tasks = tuple(dict.fromkeys(t.strip() for item in self.eval_tasks for t in item.split(",")
+                                              if t.strip()))
+        if self.eval_tasks_limit is not None:
+            positive("--eval-tasks-limit", self.eval_tasks_limit)
+        if not self.eval_tasks and (self.eval_tasks_limit is not None or self.eval_tasks_include is not None):
+            raise UsageError("--eval-tasks-limit and --eval-tasks-include need --eval-tasks")
+        if self.eval_tasks_include is not None and not Path(self.eval_tasks_include).expanduser().is_dir():
+            raise UsageError(f"--eval-tasks-include {self.eval_tasks_include} is not a directory of task YAMLs")
 
     @property
     def replay_budget_bytes(self) -> int:
         return int(self.replay_memory_gb * 2**30)
+
+    def task_request(self, batch_size: int) -> TaskRequest | None:
+        """What the evaluation actors run besides perplexity (None: perplexity only)."""
+        if not self.eval_tasks:
+            return None
+        include = str(Path(self.eval_tasks_include).expanduser().resolve()) if self.eval_tasks_include else None
+        return TaskRequest(self.eval_tasks, self.eval_tasks_limit, include, batch_size)
 
 
 @dataclass(kw_only=True, slots=True)

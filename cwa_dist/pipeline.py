@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 
-from cwa_dist.analysis.data import load_texts
 from cwa_dist.analysis.perturb import flip_bit_index
+from cwa_dist.analysis.zero_shot import check_tasks
 from cwa_dist.config import RunConfig
 from cwa_dist.distributed.runtime import start_ray, stop_ray
 from cwa_dist.errors import UsageError
+from cwa_dist.modeling.corpus import read_corpus
 from cwa_dist.modeling.sources import resolve_origin, resolve_source
 from cwa_dist.planning import resume
 from cwa_dist.planning.run_plan import refusal
@@ -28,10 +29,13 @@ from cwa_dist.stages.plan import cluster_view, dry_run, plan_run
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     """The stages, in order; None for a dry run, which plans and writes nothing."""
     rep = rep or Reporter(cfg.run.verbose)
+    if cfg.perturbation.eval_tasks:  # a missing harness or an unknown task: refused before any stage
+        check_tasks(cfg.perturbation.eval_tasks, cfg.perturbation.eval_tasks_include)
     if cfg.run.dry_run:
         _plan_only(cfg, rep)
         return None
-    texts = load_texts(cfg.data.data_file, cfg.data.eval_limit)  # cheap input errors before anything slow
+    corpus = read_corpus(cfg.data, rep.line)  # cheap input errors before anything slow
+    texts = corpus.texts
     output = Output(durable_output(cfg.run.output, rep.line))
     output.check_writable()
     experiment_id = resume.experiment_id(cfg, output)
@@ -46,14 +50,14 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
         ctx = _context(cfg, rep)
         # The weights' origin: a Hub id's commit (pinned for every node), or the local checkpoint.
         origin = resolve_origin(resolve_source(cfg.model.name), revision=cfg.model.revision, announce=rep.line)
-        identity = resume.run_identity(texts, ctx.plan.dtype, origin.identity)
+        identity = resume.run_identity(texts, ctx.plan.dtype, origin.identity, corpus.revision)
         if previous:
             resume.check_identity(run_path, where, identity)
-        start.header(ctx, where, len(texts))
+        start.header(ctx, where, corpus)
         timings: dict[str, float] = {}
         loaded = model.load(ctx, timings, origin)
         split, data_facts = data.prepare(ctx, texts, loaded.tokenizer)
-        record = start.open_record(ctx, output, experiment_id, previous, loaded, identity)
+        record = start.open_record(ctx, output, experiment_id, previous, loaded, identity, corpus)
         start.record_facts(ctx, record, loaded, timings, data_facts)
         try:
             rankings = record.stage(

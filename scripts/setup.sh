@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null; then
   DS_BUILD_SHM_COMM=1 .venv/bin/python -m pip install --quiet --no-cache-dir --no-build-isolation "deepspeed==0.19.8"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,eval]"
 # Debian's Chromium and its chromedriver, for the test that opens report.html in a real browser
 # (installed where this runs as root with apt; elsewhere that test is skipped, unless
 # CWA_DIST_REQUIRE_BROWSER=1, as in CI, makes it fail).

@@ -13,9 +13,10 @@ import torch
 from conftest import SMALL, build_tiny_model, calibration_chunks, random_specs, saved_model
 
 from cwa_dist.analysis.evaluate import Perplexity
+from cwa_dist.analysis.experiments import ExperimentResult
 from cwa_dist.analysis.sensitivity import select_parameters
 from cwa_dist.distributed.backends import ZeroSettings
-from cwa_dist.distributed.eval_actors import EvalPool, ExperimentResult
+from cwa_dist.distributed.eval_actors import EvalPool
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.distributed.worker_group import GradientWorkerError
 from cwa_dist.run import main

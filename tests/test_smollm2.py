@@ -73,3 +73,30 @@ def test_the_gguf_is_converted_once_reused_and_rebuilt_when_corrupt(smollm2_path
         f.write(bytes([byte[0] ^ 0x01]))
     assert resolve_checkpoint(source, announce=said.append) == entry
     assert "corrupt" in said[-2] and "Converting" in said[-1]
+
+
+@pytest.mark.extended  # about four minutes: 24 examples on the baseline and after each of 3 experiments
+def test_zeroing_the_super_weight_reports_its_accuracy_change(ray_local, smollm2_path, sums_task, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    code = main([
+        "--model", str(smollm2_path), "--topk", "10", "--perturbation-ratios", "1.0", "--random-seeds", "1",
+        "--no-magnitude-control", "--super-weights", "1", "--eval-limit", "8", "--seq-len", "64",
+        "--eval-tasks", "cwa_sums", "--eval-tasks-include", str(sums_task),
+        "--output", str(tmp_path), "--experiment-id", "smol_tasks",
+    ])
+    assert code == 0
+    run_dir = tmp_path / "smol_tasks"
+    sw = pd.read_csv(run_dir / "super_weights.csv")
+    assert len(sw) == 1 and sw["restored_exact"].all()
+    row = sw.iloc[0]
+    assert row["cwa_sums.acc_change_ci_low"] <= row["cwa_sums.acc_change"] <= row["cwa_sums.acc_change_ci_high"]
+    assert row["cwa_sums.acc_change"] == pytest.approx(row["cwa_sums.acc"] - row["cwa_sums.acc_baseline"])
+    summary = json.loads((run_dir / "experiment_summary.json").read_text())
+    assert summary["weights_intact_after_perturbation"] and summary["baseline_tasks"]["cwa_sums"]["examples"] == 24
+    # Which way accuracy moves is the data's answer; the figures go to the README.
+    with capsys.disabled():
+        print(f"\nSmolLM2 super weight {row['param']}[{row['row']}, {row['col']}] zeroed: cwa_sums acc "
+              f"{row['cwa_sums.acc_baseline']:.3f} → {row['cwa_sums.acc']:.3f} "
+              f"(change {row['cwa_sums.acc_change']:+.3f}, "
+              f"95% CI {row['cwa_sums.acc_change_ci_low']:+.3f} to {row['cwa_sums.acc_change_ci_high']:+.3f}); "
+              f"acc_norm {row['cwa_sums.acc_norm_baseline']:.3f} → {row['cwa_sums.acc_norm']:.3f}")

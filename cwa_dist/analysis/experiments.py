@@ -1,21 +1,39 @@
-"""The perturbation plan: which weights each experiment touches. Pure; no Ray."""
+"""The perturbation plan: which weights each experiment touches, and what one experiment measured.
+Pure; no Ray."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from cwa_dist.analysis.evaluate import Perplexity
 from cwa_dist.analysis.perturb import ModeOptions, PerturbationSpec, Targets, random_targets
 from cwa_dist.analysis.topk import Candidates
+from cwa_dist.analysis.zero_shot import TaskScores
 
 
 def weights_for(k: int, ratio: float) -> int:
     """How many of the top-k a ratio perturbs: ⌈ratio·k⌉, computed so 0.3·10 is 3, not 4."""
     return max(1, math.ceil(round(ratio * k, 9)))
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentResult:
+    """What one experiment measured, as an evaluation actor returns it."""
+
+    key: str
+    perturbed: Perplexity
+    baseline: Perplexity
+    weights_masked: int
+    wall_s: float
+    restored_exact: bool
+    actor: str  # host:pid, for tracing a result to a process
+    tasks: dict[str, TaskScores] | None = None  # zero-shot tasks on the perturbed model
+    baseline_tasks: dict[str, TaskScores] | None = None
 
 
 def experiment_key(method: str, k: int, ratio: float, seed: int | None) -> str:

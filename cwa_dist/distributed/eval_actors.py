@@ -2,8 +2,9 @@
 
 Each actor builds one model replica from the checkpoint files on its node (empty, then filled one
 tensor at a time; no weights travel through Ray), measures the baseline once, then runs specs one
-at a time: save the touched values, apply, measure perplexity, restore, and check the restore bit
-for bit. Idle actors take the next spec from the driver's queue.
+at a time: save the touched values, apply, measure perplexity (and, when asked, zero-shot task
+accuracy), restore, and check the restore bit for bit. Idle actors take the next spec from the
+driver's queue.
 """
 
 from __future__ import annotations
@@ -13,35 +14,25 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import ray
 import torch
 
 from cwa_dist.analysis.devices import to_cpu
 from cwa_dist.analysis.evaluate import Perplexity, perplexity
+from cwa_dist.analysis.experiments import ABLATION, ExperimentResult
 from cwa_dist.analysis.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
 from cwa_dist.analysis.replay import BlockReplay
 from cwa_dist.analysis.superweights import Candidate, detect
+from cwa_dist.analysis.zero_shot import TaskRequest, TaskScores, evaluate_tasks, task_manager
 from cwa_dist.errors import last_line
-from cwa_dist.modeling.loading import ModelRef, load_replica
+from cwa_dist.modeling.loading import ModelRef, load_replica, load_tokenizer
 from cwa_dist.reporting.memory import peak_device_bytes, peak_rss_bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentResult:
-    key: str
-    perturbed: Perplexity
-    baseline: Perplexity
-    weights_masked: int
-    wall_s: float
-    restored_exact: bool
-    actor: str  # host:pid, for tracing a result to a process
 
 
 class EvalActor:
     def __init__(self, model: ModelRef, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
-                 threads: int | None, replay_budget_bytes: int = 0):
+                 threads: int | None, replay_budget_bytes: int = 0, zero_shot: TaskRequest | None = None):
         if threads:
             torch.set_num_threads(threads)
         start = time.perf_counter()
@@ -50,6 +41,11 @@ class EvalActor:
                                   device=device, gpus=gpus)
         ckpt.close()
         self.load_s = time.perf_counter() - start
+        self.zero_shot, self.baseline_tasks = zero_shot, None
+        if zero_shot is not None:
+            self.tokenizer = load_tokenizer(ckpt.path, trust_remote_code=model.trust_remote_code)
+            self.tasks = task_manager(zero_shot.include)  # indexed once per actor
+            self.baseline_tasks = self._tasks()
         self.params = dict(self.model.named_parameters())
         self.chunks, self.batch_size = chunks, batch_size
         self.fingerprints = {n: fingerprint(p) for n, p in self.params.items()}
@@ -61,6 +57,14 @@ class EvalActor:
     def describe(self) -> tuple[str, Perplexity]:
         return to_cpu((self.name, self.baseline))
 
+    def baseline_scores(self) -> dict[str, TaskScores] | None:
+        return self.baseline_tasks
+
+    def _tasks(self) -> dict[str, TaskScores]:
+        req = self.zero_shot
+        return evaluate_tasks(self.model, self.tokenizer, req.tasks, limit=req.limit, include=req.include,
+                              batch_size=req.batch_size, manager=self.tasks)
+
     def super_weights(self, prompts: list[torch.Tensor], max_candidates: int) -> list[Candidate]:
         return to_cpu(detect(self.model, prompts, batch_size=self.batch_size, max_candidates=max_candidates))
 
@@ -70,12 +74,15 @@ class EvalActor:
                 "load_s": round(self.load_s, 3), "replay_blocks_kept": len(self.replay.kept),
                 "replay_bytes": self.replay.kept_bytes}
 
-    def run(self, spec: PerturbationSpec) -> ExperimentResult:
+    def run(self, spec: PerturbationSpec, with_tasks: bool = True) -> ExperimentResult:
         start = time.perf_counter()
         saved = apply(self.params, spec.targets, spec.mode, spec.options)
+        tasks = None
         try:
             with self.replay.from_block(self.replay.first_block(saved.values)):
                 perturbed = perplexity(self.model, self.chunks, self.batch_size)
+            if self.zero_shot is not None and with_tasks:
+                tasks = self._tasks()  # a full forward per example: replay keeps only the perplexity windows
         finally:
             restore(self.params, saved)
         # Checked where the weights live and only where they changed: apply and restore write at
@@ -90,6 +97,8 @@ class EvalActor:
             wall_s=time.perf_counter() - start,
             restored_exact=exact,
             actor=self.name,
+            tasks=tasks,
+            baseline_tasks=self.baseline_tasks if tasks is not None else None,
         ))
 
     def all_weights_intact(self) -> bool:
@@ -99,19 +108,23 @@ class EvalActor:
 
 class EvalPool:
     def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str,
-                 gpus_per_actor: int,
-                 batch_size: int, replay_budget_bytes: int = 0):
+                 gpus_per_actor: int, batch_size: int, replay_budget_bytes: int = 0,
+                 zero_shot: TaskRequest | None = None):
         gpus = gpus_per_actor if device == "cuda" else 0
         remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
         chunks_ref = ray.put(chunks)  # once, shared by every actor (and every replacement)
         self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads,
-                                                replay_budget_bytes)
+                                                replay_budget_bytes, zero_shot)
         self.actors = [self._new_actor() for _ in range(num_actors)]
 
     def describe(self) -> list[tuple[str, Perplexity]]:
         return ray.get([a.describe.remote() for a in self.actors])
+
+    def baseline_tasks(self) -> dict[str, TaskScores] | None:
+        """The unperturbed model's zero-shot scores (every actor's are the same weights)."""
+        return ray.get(self.actors[0].baseline_scores.remote())
 
     def super_weights(self, prompts: list[torch.Tensor], max_candidates: int) -> list[Candidate]:
         """Super-weight candidates, detected on one actor's replica (they all hold the same weights)."""
@@ -148,7 +161,8 @@ class EvalPool:
                 actor = idle.pop()
                 spec, tries = queue.popleft()
                 deadline = None if timeout_s is None else time.monotonic() + timeout_s
-                in_flight[actor.run.remote(spec)] = (actor, spec, tries, deadline)
+                # The ablation study's many single weights are measured by perplexity alone.
+                in_flight[actor.run.remote(spec, spec.method != ABLATION)] = (actor, spec, tries, deadline)
             deadlines = [d for *_, d in in_flight.values() if d is not None]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=wait_s)

@@ -1,3 +1,4 @@
-"""Where a model's weights come from and how one process builds its part of it: Hub, local
+"""Where a run's inputs come from and how one process builds its part of the model: Hub, local
 directory or .gguf sources, conversion to safetensors, content hashes, checkpoint reads by tensor
-or slice, and the loaders (empty skeleton, replica, config, tokenizer)."""
+or slice, the loaders (empty skeleton, replica, config, tokenizer), and the evaluation texts as
+documents (corpus.py: the bundled text, a file of lines, or a dataset through 🤗 datasets)."""

@@ -23,28 +23,29 @@ OPERATIONAL = operational_settings()
 
 # What a run was computed on, beyond its settings: recorded in config.json once the device is known,
 # and checked before a resume (a run begun on CPU in float32 must not continue on GPUs in bfloat16).
-IDENTITY = ("resolved_dtype", "data_sha256", "weights")
+IDENTITY = ("resolved_dtype", "data_sha256", "data_revision", "weights")
 # What config.json records beside the settings, for the reader: not compared on resume.
-RECORDED = ("plan", "checkpoint")
+RECORDED = ("plan", "checkpoint", "corpus")
 
 
-def run_identity(texts: list[str], dtype, weights: str) -> dict:
-    """The resolved dtype, a hash of the texts the run reads, and what identifies its weights (a Hub
-    commit, or a digest of the checkpoint's headers)."""
+def run_identity(texts: list[str], dtype, weights: str, data_revision: str | None = None) -> dict:
+    """The resolved dtype, a hash of the texts the run reads (and the Hub dataset's commit they were
+    read at), and what identifies its weights (a Hub commit, or the checkpoint's content hash)."""
     digest = hashlib.sha256()
     for t in texts:
         digest.update(t.encode())
         digest.update(b"\0")
-    return {"resolved_dtype": str(dtype).removeprefix("torch."), "data_sha256": digest.hexdigest(), "weights": weights}
+    return {"resolved_dtype": str(dtype).removeprefix("torch."), "data_sha256": digest.hexdigest(),
+            "data_revision": data_revision, "weights": weights}
 
 
 def differing_identity(stored: dict, identity: dict) -> list[str]:
     out = []
     for key in IDENTITY:
         if key in stored and stored[key] != identity[key]:  # a run recorded before a key existed passes it
-            what = {"data_sha256": "the texts",
+            what = {"data_sha256": "the texts", "data_revision": "the dataset's revision",
                     "weights": "the weights (Hub commit or checkpoint content)"}.get(key, key)
-            out.append(f"{what} differ (stored {str(stored.get(key))[:16]!r}, now {identity[key][:16]!r})")
+            out.append(f"{what} differ (stored {str(stored.get(key))[:16]!r}, now {str(identity[key])[:16]!r})")
     return out
 
 

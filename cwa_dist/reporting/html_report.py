@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from cwa_dist.reporting import plots
+from cwa_dist.reporting.results import task_metrics
 
 TOP_ROWS = 20  # rows of each ranking shown on the page (the CSVs hold all K)
 
@@ -180,6 +181,17 @@ def build(run: Path) -> str:
         parts.append('<p class="muted">Perplexity ratio of each experiment, with its paired 95% interval; every '
                      "experiment's perplexities are in perturbation_results.csv.</p>")
         parts.append(_table(ratio_table(main)))
+        names = task_metrics(main.columns)
+        if names:
+            parts.append("<h2>Zero-shot accuracy</h2>")
+            parts.append(_figure(plots.task_change_curves(main, names),
+                                 "Change in each zero-shot task metric (perturbed − baseline) against weights "
+                                 "perturbed: each metric with its paired 95% bootstrap interval over the task's "
+                                 "examples, beside the random controls and the largest-|W| control."))
+            shown = ["metric", "topk", "mask_ratio", "weights_masked"] + [
+                c for n in names for c in (f"{n}_baseline", n, f"{n}_change", f"{n}_change_ci_low",
+                                           f"{n}_change_ci_high")]
+            parts.append(_table(main[shown]))
 
     if supers is not None and len(supers):
         parts.append("<h2>Super-weight candidates</h2>")

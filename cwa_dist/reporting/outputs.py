@@ -122,8 +122,10 @@ def ranking_frame(metric: str, c: Candidates, shapes: dict[str, Sequence[int]]) 
 
 def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """One row per super-weight candidate (SUPER_WEIGHT_COLUMNS), from the detection, its
-    experiment's result row (keyed by the experiment key) and the rankings."""
+    experiment's result row (keyed by the experiment key) and the rankings; with --eval-tasks, each
+    task metric's columns follow (as in perturbation_results)."""
     from cwa_dist.analysis.experiments import super_weight_spec
+    from cwa_dist.reporting.results import TASK_SUFFIXES, task_metrics
 
     out = []
     for c in found:
@@ -138,8 +140,10 @@ def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics:
             hit = rankings[(rankings["metric"] == m) & (rankings["param"] == c.param)
                            & (rankings["flat_index"] == c.flat_index)]
             entry[f"rank_{m}"] = int(hit["rank"].iloc[0]) if len(hit) else None
+        entry.update({name + s: row[name + s] for name in task_metrics(row) for s in TASK_SUFFIXES})
         out.append(entry)
     columns = [k for k in SUPER_WEIGHT_COLUMNS if k != "rank_<metric>"] + [f"rank_{m}" for m in metrics]
+    columns += [c for c in dict.fromkeys(k for e in out for k in e) if c not in columns]
     table = pd.DataFrame(out, columns=columns)
     for m in metrics:
         table[f"rank_{m}"] = table[f"rank_{m}"].astype("Int64")
@@ -258,6 +262,8 @@ MANIFEST_FIELDS = {
                   "node read), headers_sha256 (every tensor's name, file, dtype and shape), content_sha256 (a "
                   "local checkpoint's files: names and bytes; null for the Hub, whose commit names its bytes), "
                   "files, bytes",
+    "corpus": "where the texts came from: kind (bundled, file, hub, saved, files), source, config, split, revision "
+              "(a Hub dataset's commit), column, document_split (rows or wikitext), documents",
     "ray": "the Ray cluster's resources when the run started",
     "model_class": "the transformers class of the model",
     "scored_parameters": "name → shape of every scored parameter",
@@ -275,6 +281,8 @@ SUMMARY_FIELDS = {
             "positions, windows, predicted tokens",
     "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
     "baseline_perplexity_ci": "its 95% bootstrap interval over evaluation windows [low, high]",
+    "baseline_tasks": "with --eval-tasks, per task: examples, and per metric (acc, acc_norm, ...) the unperturbed "
+                      "model's value and standard error",
     "super_weights": "super-weight candidates: the rows of super_weights.csv",
     "ablation_study": "weights (studied) and measured; per metric: spearman, spearman_ci, top_tenth_share",
     "calibration_loss": "mean NLL over the calibration chunks",

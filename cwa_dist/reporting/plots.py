@@ -78,6 +78,29 @@ def perplexity_vs_masked(results: pd.DataFrame, baseline_ppl: float, ax=None):
     return fig
 
 
+def task_change_curves(results: pd.DataFrame, names: list[str]):
+    """Per zero-shot task metric, the change in score against weights perturbed: each metric with
+    its paired 95% interval, beside the random controls (mean, min–max band) and the |W| control."""
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        change = f"{name}_change"
+        finite = results[np.isfinite(results[change])]
+        for metric, df in finite[~finite["is_control"]].groupby("metric", sort=True):
+            df = df.sort_values("weights_masked")
+            line = ax.plot(df["weights_masked"], df[change], marker="o", label=metric)[0]
+            ax.fill_between(df["weights_masked"], df[f"{change}_ci_low"], df[f"{change}_ci_high"],
+                            color=line.get_color(), alpha=0.15)
+        _draw_controls(ax, finite, change)
+        ax.axhline(0, color="grey", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("weights perturbed")
+        ax.set_ylabel(f"change in {name}")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def perplexity_by_model(results: dict[str, pd.DataFrame]):
     """One panel per model: its perturbation curves beside its random and |W| controls."""
     fig, axes = plt.subplots(len(results), 1, figsize=(8, 4.2 * len(results)), squeeze=False)

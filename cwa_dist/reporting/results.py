@@ -3,17 +3,13 @@ them: an experiment's measured result, a failure, the baseline's interval, a row
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pandas as pd
 
 from cwa_dist.analysis.evaluate import bootstrap_intervals
-from cwa_dist.analysis.experiments import ABLATION, SUPER_WEIGHT
+from cwa_dist.analysis.experiments import ABLATION, SUPER_WEIGHT, ExperimentResult
 from cwa_dist.analysis.perturb import PerturbationSpec
+from cwa_dist.analysis.zero_shot import paired_change
 from cwa_dist.config import RunConfig
-
-if TYPE_CHECKING:
-    from cwa_dist.distributed.eval_actors import ExperimentResult  # what an actor returns; no Ray here
 
 
 def result_row(spec: PerturbationSpec, r: ExperimentResult, tokens: list[int], cfg: RunConfig) -> dict:
@@ -42,7 +38,35 @@ def result_row(spec: PerturbationSpec, r: ExperimentResult, tokens: list[int], c
         # resume must run this experiment again rather than keep it.
         "status": "ok" if r.restored_exact else "failed",
         "error": "" if r.restored_exact else "the weights were not restored bit for bit after this experiment",
+        **task_columns(r, cfg),
     }
+
+
+TASK_SUFFIXES = ("", "_stderr", "_baseline", "_change", "_change_ci_low", "_change_ci_high")
+"""Each zero-shot task metric's columns, after `<task>.<metric>`: the perturbed model's score, its
+standard error, the baseline's score, the change, and the change's paired 95% interval."""
+
+
+def task_columns(r: ExperimentResult, cfg: RunConfig) -> dict:
+    """The zero-shot columns of one experiment's row (none when no task ran), in TASK_SUFFIXES' order."""
+    if r.tasks is None:
+        return {}
+    out = {}
+    for task, scores in r.tasks.items():
+        base = r.baseline_tasks[task]
+        for metric, values in scores.metrics.items():
+            change, low, high = paired_change(base.metrics[metric], values, samples=cfg.perturbation.bootstrap_samples,
+                                              seed=cfg.data.seed)
+            name = f"{task}.{metric}"
+            out.update({name: scores.mean(metric), f"{name}_stderr": scores.stderr(metric),
+                        f"{name}_baseline": base.mean(metric), f"{name}_change": change,
+                        f"{name}_change_ci_low": low, f"{name}_change_ci_high": high})
+    return out
+
+
+def task_metrics(columns) -> list[str]:
+    """The `<task>.<metric>` names among a table's columns, in order."""
+    return [c[: -len("_change")] for c in columns if c.endswith("_change") and "." in c]
 
 
 def failed_row(spec: PerturbationSpec, error: str, baseline_ppl: float) -> dict:
@@ -65,6 +89,15 @@ def baseline_interval(tokens: list[int], baseline, cfg: RunConfig) -> list[float
 
 
 def describe(row: dict) -> str:
+    line = _describe_perplexity(row)
+    if row["status"] == "ok":
+        for name in task_metrics(row):
+            line += (f"; {name} {row[name + '_baseline']:.3f} → {row[name]:.3f} (95% CI of the change "
+                     f"{row[name + '_change_ci_low']:+.3f} to {row[name + '_change_ci_high']:+.3f})")
+    return line
+
+
+def _describe_perplexity(row: dict) -> str:
     if row["metric"] in (SUPER_WEIGHT, ABLATION) and row["status"] == "ok":
         return (f"{row['metric'].replace('_', ' ')} {row['key'].split('|', 1)[1]}: "
                 f"PPL {row['baseline_ppl']:.2f} → {row['perturbed_ppl']:.2f} "

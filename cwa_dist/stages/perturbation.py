@@ -64,7 +64,9 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split, rank
         intact = True
         if work.todo or need_super or need_ablation:
             intact = _on_actors(ctx, record, loaded, split, rankings, work, need_super, need_ablation)
-        results = pd.DataFrame([work.rows[s.key] for s in work.specs], columns=list(PERTURBATION_COLUMNS))
+        rows = [work.rows[s.key] for s in work.specs]
+        tasks = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in PERTURBATION_COLUMNS]
+        results = pd.DataFrame(rows, columns=list(PERTURBATION_COLUMNS) + tasks)
         record.run_dir.write_csv("perturbation_results.csv", results)
         record.run_dir.write_parquet("perturbation_results.parquet", results)
         ok = results[results["status"] == "ok"]
@@ -131,7 +133,8 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
              f"{len(chunks)} evaluation chunk(s) each")
     pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
                     gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor, batch_size=cfg.data.batch_size,
-                    replay_budget_bytes=cfg.perturbation.replay_budget_bytes)
+                    replay_budget_bytes=cfg.perturbation.replay_budget_bytes,
+                    zero_shot=cfg.perturbation.task_request(cfg.data.batch_size))
     try:
         described = pool.describe()
         baselines = {round(b.value, 6) for _, b in described}
@@ -142,6 +145,8 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
                  f"{interval[1]:.4f}, bootstrap over {len(tokens)} evaluation windows)")
         if len(baselines) > 1:
             rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
+        if cfg.perturbation.eval_tasks:
+            _baseline_tasks(ctx, record, pool.baseline_tasks())
         found, extra_specs = [], {}
         if need_super:
             found = pool.super_weights(split.calibration[:8], cfg.perturbation.super_weights)
@@ -181,6 +186,15 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
     finally:
         pool.shutdown()
     return intact
+
+
+def _baseline_tasks(ctx: Context, record: RunRecord, scores: dict) -> None:
+    facts = {task: {"examples": s.examples, **{m: {"value": s.mean(m), "stderr": s.stderr(m)} for m in s.metrics}}
+             for task, s in scores.items()}
+    record.fact(baseline_tasks=facts)
+    for task, s in scores.items():
+        shown = ", ".join(f"{m} {s.mean(m):.4f} ± {s.stderr(m):.4f}" for m in s.metrics)
+        ctx.rep.line(f"🧪 Baseline {task} ({s.examples} examples): {shown}")
 
 
 def _export_super_weights(ctx: Context, record: RunRecord, found: list, rows: dict, rankings: pd.DataFrame) -> None:

@@ -8,6 +8,7 @@ cluster from the Ray cluster this process joined, or from a cluster file (--clus
 
 from __future__ import annotations
 
+from cwa_dist.analysis.zero_shot import count_examples
 from cwa_dist.config import RunConfig
 from cwa_dist.errors import UsageError
 from cwa_dist.modeling.loading import empty_model, read_config, stored_dtype
@@ -51,6 +52,8 @@ def print_plan(cfg: RunConfig, plan: RunPlan, rep: Reporter) -> None:
     for line in summary_lines(plan):
         rep.line(line)
     rep.line(f"🎯 Experiments: {plan.experiments}")
+    if cfg.perturbation.eval_tasks and plan.experiments:
+        _print_task_cost(cfg, plan, rep)
     for line in plan_table(plan.needs):
         rep.line(line)
     if plan.device == "cuda" and not plan.view.gpu_bytes:
@@ -58,6 +61,20 @@ def print_plan(cfg: RunConfig, plan: RunPlan, rep: Reporter) -> None:
     if plan.device == "cuda" and plan.view.gpu_node and not plan.view.gpu_node.memory_bytes:
         rep.line("⚠️  the GPU nodes' host memory is unknown: declare a `memory` resource (bytes) for their node "
                  "type to have it checked")
+
+
+def _print_task_cost(cfg: RunConfig, plan: RunPlan, rep: Reporter) -> None:
+    """Zero-shot examples the run will score: each task's examples on the baseline (once per actor)
+    and after every experiment and super-weight candidate."""
+    p = cfg.perturbation
+    counts = count_examples(p.eval_tasks, limit=p.eval_tasks_limit, include=p.task_request(1).include)
+    evaluations = plan.experiments + p.super_weights + max(plan.layout.num_eval_actors, 1)
+    known = [n for n in counts.values() if n is not None]
+    shown = ", ".join(f"{t} {n if n is not None else 'unknown (its data is not readable here)'}"
+                      for t, n in counts.items())
+    rep.line(f"🧪 Zero-shot tasks: {shown} example(s); × {evaluations} evaluations (experiments, super-weight "
+             f"candidates, a baseline per actor) = {sum(known) * evaluations:,} examples scored"
+             + ("" if len(known) == len(counts) else ", not counting the unknown"))
 
 
 def dry_run(cfg: RunConfig, rep: Reporter) -> RunPlan:

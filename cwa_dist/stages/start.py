@@ -7,6 +7,7 @@ import datetime as dt
 
 from cwa_dist.analysis.sensitivity import numel
 from cwa_dist.distributed.runtime import cluster_resources
+from cwa_dist.modeling.corpus import Corpus
 from cwa_dist.planning.resume import config_record
 from cwa_dist.planning.run_plan import RunPlan
 from cwa_dist.reporting.outputs import RunDirectory, RunRecord
@@ -15,7 +16,7 @@ from cwa_dist.reporting.storage import Output
 from cwa_dist.stages.context import Context, LoadedModel
 
 
-def header(ctx: Context, where: str, n_texts: int) -> None:
+def header(ctx: Context, where: str, corpus: Corpus) -> None:
     cfg, rep = ctx.cfg, ctx.rep
     rep.line("🔬 Critical Weight Analysis (cwa_dist)")
     rep.rule()
@@ -27,7 +28,7 @@ def header(ctx: Context, where: str, n_texts: int) -> None:
     rep.line(_plan_line(ctx.plan))
     rep.line(f"📊 Metrics: {', '.join(cfg.analysis.metrics)}")
     rep.line(f"🏆 Top-K values: {list(cfg.analysis.topk)}")
-    rep.line(f"📚 Evaluation texts: {n_texts}")
+    rep.line(f"📚 Evaluation texts: {len(corpus.texts)} ({corpus.describe()})")
     rep.line(f"💾 Output directory: {where}")
     rep.rule()
 
@@ -43,7 +44,7 @@ def _plan_line(plan: RunPlan) -> str:
 
 
 def open_record(ctx: Context, output: Output, experiment_id: str, previous: dict | None, loaded: LoadedModel,
-                identity: dict) -> RunRecord:
+                identity: dict, corpus: Corpus) -> RunRecord:
     """The record of an earlier try to continue, or of a new run directory (config.json written)."""
     cfg, rep = ctx.cfg, ctx.rep
     run_dir = RunDirectory.create(output.local / experiment_id, on_write=output.uploader(experiment_id),
@@ -66,9 +67,10 @@ def open_record(ctx: Context, output: Output, experiment_id: str, previous: dict
         model_class=loaded.model_class,
         scored_parameters={n: list(s) for n, s in loaded.shapes.items()},
     )
-    record.set(plan=ctx.plan.record(), checkpoint=loaded.origin.record())
+    recorded = {"plan": ctx.plan.record(), "checkpoint": loaded.origin.record(), "corpus": corpus.record}
+    record.set(**recorded)
     record.run_dir.write_json("config.json", {**config_record(cfg, experiment_id, ctx.device), **identity,
-                                              "plan": ctx.plan.record(), "checkpoint": loaded.origin.record()})
+                                              **recorded})
     return record
 
 
