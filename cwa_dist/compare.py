@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from cwa_dist.config import path_component
 from cwa_dist.errors import UsageError
 from cwa_dist.reporting.outputs import describe_param
 from cwa_dist.reporting.results import task_metrics
+from cwa_dist.settings import path_component
 
 COMPARISON_COLUMNS = {
     "model": "--model of the run",

@@ -8,7 +8,6 @@ key in config.json and in sweep files (`cwa_dist.settings` holds that machinery)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,7 +17,7 @@ from cwa_dist.analysis.metrics import METRICS
 from cwa_dist.analysis.perturb import MODES, ModeOptions
 from cwa_dist.analysis.zero_shot import TaskRequest
 from cwa_dist.errors import UsageError
-from cwa_dist.settings import check_choices, non_negative, positive, setting
+from cwa_dist.settings import check_choices, check_run_id, non_negative, positive, setting
 from cwa_dist.sharding import ZeroSettings
 
 SECTION_TITLES = {"sharding": "sharded gradients"}
@@ -384,18 +383,3 @@ def config_from_mapping(values: dict, where: str) -> RunConfig:
     if "model" not in values:
         raise UsageError(f"{where}: no 'model' given")
     return settings.build(RunConfig, values, where)
-
-
-_RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def path_component(name: str) -> str:
-    """`name` made into one safe path component (letters, digits, '.', '_', '-')."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def check_run_id(value: str, what: str) -> None:
-    """A run (or sweep) id names one directory under --output: one path component of letters,
-    digits, '.', '_' and '-', and not '.' or '..', so it can never point outside --output."""
-    if not _RUN_ID.fullmatch(value) or value in (".", ".."):
-        raise UsageError(f"{what} {value!r} must be one path component of letters, digits, '.', '_' and '-'")

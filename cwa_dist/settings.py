@@ -1,4 +1,5 @@
-"""Nested settings with flat names: the machinery under RunConfig, free of what the settings mean.
+"""Nested settings with flat names: the machinery under RunConfig, free of what the settings mean,
+and the check of the one kind of name a setting gives the file system (run ids).
 
 A configuration is a dataclass of *sections*, each a dataclass of settings, and a section may hold
 a further dataclass (ZeRO's knobs, the perturbation modes' options). Every leaf has one *flat name*,
@@ -14,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,3 +172,18 @@ def positive(flag: str, value: int, minimum: int = 1) -> None:
 def non_negative(flag: str, value: int) -> None:
     if value < 0:
         raise UsageError(f"{flag} {value} is negative")
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def path_component(name: str) -> str:
+    """`name` made into one safe path component (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def check_run_id(value: str, what: str) -> None:
+    """A run (or sweep) id names one directory under --output: one path component of letters,
+    digits, '.', '_' and '-', and not '.' or '..', so it can never point outside --output."""
+    if not _RUN_ID.fullmatch(value) or value in (".", ".."):
+        raise UsageError(f"{what} {value!r} must be one path component of letters, digits, '.', '_' and '-'")

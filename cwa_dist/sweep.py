@@ -28,9 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from cwa_dist.config import RunConfig, check_run_id, config_from_mapping, path_component
+from cwa_dist.config import RunConfig, config_from_mapping
 from cwa_dist.errors import UsageError, one_line
 from cwa_dist.run import quiet_libraries, report_errors
+from cwa_dist.settings import check_run_id, path_component
 
 SWEEP_KEYS = {"name", "output", "defaults", "runs"}
 
