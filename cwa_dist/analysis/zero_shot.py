@@ -103,12 +103,12 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *, l
     from lm_eval.models.huggingface import HFLM
 
     device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     quiet = logging.getLogger("lm_eval")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    quiet.setLevel(logging.ERROR)  # its notes on being handed a model object, once per experiment
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bars, once per task and experiment
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
             out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager or task_manager(include),
                                   limit=limit, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     finally:

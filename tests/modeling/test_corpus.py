@@ -128,6 +128,7 @@ def test_an_uncached_hub_dataset_offline_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.extended  # two whole runs; the default suite checks the same windows without Ray
 def test_a_run_on_a_dataset_ranks_as_the_same_texts_through_data_file(tiny_model_dir, tmp_path):
     path = tmp_path / "data.jsonl"
     pd.DataFrame({"text": TEXTS}).to_json(path, orient="records", lines=True)
