@@ -37,6 +37,7 @@ def test_every_output_file_is_written(full_run):
         "perturbation_results.csv", "perturbation_results.parquet", "sensitivity_statistics.json",
         "plots/topk_by_layer.png", "plots/ppl_vs_masked.png", "perturbation_results.jsonl",
         "super_weights.csv", "super_weights.parquet", "report.html",
+        "critical_weights.safetensors", "critical_weights.json",
     } | {f"top_{k}_weights_{m}.csv" for k in (5, 20) for m in ("grad_x_weight", "grad_squared")}
     present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     assert expected == present
@@ -48,6 +49,28 @@ def test_every_output_file_is_written(full_run):
     assert len(sw) >= 1 and sw["restored_exact"].all() and (sw["zeroed_ppl"] > 0).all()
     for png in ("plots/topk_by_layer.png", "plots/ppl_vs_masked.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_exported_masks_select_exactly_the_ranked_weights(full_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from cwa_dist.export import load_masks
+
+    run_dir, _ = full_run
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"], dtype=torch.float32)
+    rankings = pd.read_parquet(run_dir / "rankings.parquet")
+    meta = json.loads((run_dir / "critical_weights.json").read_text())
+    assert meta["metrics"] == list(dict.fromkeys(rankings["metric"])) and meta["k"] == 20
+    assert meta["model"] == str(tiny_model_dir["llama"]) and meta["dtype"] == "float32"
+    for metric in meta["metrics"]:
+        masks = load_masks(run_dir / "critical_weights.safetensors", net, metric)
+        chosen = {(name, int(i)) for name, m in masks.items() for i in torch.nonzero(m.view(-1)).view(-1)}
+        ranked = rankings[rankings["metric"] == metric]
+        assert chosen == set(zip(ranked["param"], ranked["flat_index"].astype(int)))
+        assert all(m.shape == dict(net.named_parameters())[n].shape for n, m in masks.items())
+    supers = pd.read_csv(run_dir / "super_weights.csv")
+    assert [(s["param"], s["row"], s["col"]) for s in meta["super_weights"]] == list(
+        zip(supers["param"], supers["row"], supers["col"]))
 
 
 def test_ranking_files_have_documented_columns_and_agree(full_run):

@@ -240,6 +240,11 @@ class RunDirectory:
     def write_text(self, name: str, text: str) -> Path:
         return self._atomic(name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
+    def write_tensors(self, name: str, tensors: dict) -> Path:
+        from safetensors.torch import save_file
+
+        return self._atomic(name, lambda tmp: save_file(tensors, tmp))
+
     def write_figure(self, name: str, fig) -> Path:
         from cwa_dist.reporting.plots import save
 

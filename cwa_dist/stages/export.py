@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
+from cwa_dist import export
 from cwa_dist.errors import last_line
 from cwa_dist.reporting import html_report, plots
 from cwa_dist.reporting.memory import peak_rss_bytes
@@ -16,6 +19,7 @@ def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.
     cfg, rep, out = ctx.cfg, ctx.rep, record.run_dir
     with rep.stage("💾 Exporting Results", record.timings, "export"):
         ranked = rankings[rankings["metric"].isin(cfg.analysis.metrics)]
+        _write_critical_weights(out, rankings)
         out.write_figure("plots/topk_by_layer.png", plots.topk_by_layer(ranked))
         final: dict = {}
         ok = None if results is None else results[results["status"] == "ok"]
@@ -33,6 +37,15 @@ def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.
         for f in sorted(p.relative_to(out.path) for p in out.path.rglob("*") if p.is_file()):
             rep.detail(f"  ✅ {f}")
     _final_report(ctx, summary)
+
+
+def _write_critical_weights(out, rankings: pd.DataFrame) -> None:
+    """critical_weights.safetensors and .json: the ranked weights' indices, for other tools."""
+    supers_path = out.path / "super_weights.parquet"
+    supers = pd.read_parquet(supers_path) if supers_path.is_file() else None
+    config = json.loads((out.path / "config.json").read_text())
+    out.write_tensors(export.SAFETENSORS, export.critical_tensors(rankings, supers))
+    out.write_json(export.SIDECAR, export.sidecar(config, rankings, supers))
 
 
 def _write_report(ctx: Context, out) -> None:
