@@ -77,3 +77,13 @@ def test_a_missing_harness_is_one_line_and_exit_2(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "needs lm-evaluation-harness" in lines[0] and "cwa_dist[eval]" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_task_on_the_command_line_is_one_line_and_exit_2(tmp_path, sums_task):
+    proc = subprocess.run([sys.executable, "-m", "cwa_dist.run", "--model", str(tmp_path), "--eval-tasks",
+                           "cwa_sum", "--eval-tasks-include", str(sums_task), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no task 'cwa_sum'" in lines[0] and "cwa_sums" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
