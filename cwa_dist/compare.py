@@ -21,7 +21,7 @@ import pandas as pd
 
 from cwa_dist.errors import UsageError
 from cwa_dist.reporting.outputs import describe_param
-from cwa_dist.reporting.results import task_metrics
+from cwa_dist.reporting.results import task_metrics, with_extra_columns
 from cwa_dist.settings import path_component
 
 COMPARISON_COLUMNS = {
@@ -153,8 +153,7 @@ def compare(run_dirs: list[Path], output: Path) -> pd.DataFrame:
     ds.write_dataset(pa.Table.from_pandas(frame, preserve_index=False), output / "dataset", format="parquet",
                      partitioning=["model"], partitioning_flavor="hive", existing_data_behavior="delete_matching")
     rows = [summary_row(r, lab) for r, lab in zip(runs, labels)]
-    tasks = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in COMPARISON_COLUMNS]
-    table = pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS) + tasks)
+    table = pd.DataFrame(rows, columns=with_extra_columns(COMPARISON_COLUMNS, rows))
     table.to_csv(output / "comparison.csv", index=False)
     (output / "comparison.md").write_text(_markdown(table))
     depth = {lab: top_weights(r) for r, lab in zip(runs, labels)}

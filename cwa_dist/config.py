@@ -230,12 +230,16 @@ class PerturbationSection:
     def replay_budget_bytes(self) -> int:
         return int(self.replay_memory_gb * 2**30)
 
+    @property
+    def tasks_include(self) -> str | None:
+        """--eval-tasks-include as an absolute path: actors may run in another directory."""
+        return str(Path(self.eval_tasks_include).expanduser().resolve()) if self.eval_tasks_include else None
+
     def task_request(self, batch_size: int) -> TaskRequest | None:
         """What the evaluation actors run besides perplexity (None: perplexity only)."""
         if not self.eval_tasks:
             return None
-        include = str(Path(self.eval_tasks_include).expanduser().resolve()) if self.eval_tasks_include else None
-        return TaskRequest(self.eval_tasks, self.eval_tasks_limit, include, batch_size)
+        return TaskRequest(self.eval_tasks, self.eval_tasks_limit, self.tasks_include, batch_size)
 
 
 @dataclass(kw_only=True, slots=True)

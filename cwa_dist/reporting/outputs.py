@@ -125,7 +125,7 @@ def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics:
     experiment's result row (keyed by the experiment key) and the rankings; with --eval-tasks, each
     task metric's columns follow (as in perturbation_results)."""
     from cwa_dist.analysis.experiments import super_weight_spec
-    from cwa_dist.reporting.results import TASK_SUFFIXES, task_metrics
+    from cwa_dist.reporting.results import TASK_SUFFIXES, task_metrics, with_extra_columns
 
     out = []
     for c in found:
@@ -142,8 +142,8 @@ def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics:
             entry[f"rank_{m}"] = int(hit["rank"].iloc[0]) if len(hit) else None
         entry.update({name + s: row[name + s] for name in task_metrics(row) for s in TASK_SUFFIXES})
         out.append(entry)
-    columns = [k for k in SUPER_WEIGHT_COLUMNS if k != "rank_<metric>"] + [f"rank_{m}" for m in metrics]
-    columns += [c for c in dict.fromkeys(k for e in out for k in e) if c not in columns]
+    columns = with_extra_columns([k for k in SUPER_WEIGHT_COLUMNS if k != "rank_<metric>"]
+                                 + [f"rank_{m}" for m in metrics], out)
     table = pd.DataFrame(out, columns=columns)
     for m in metrics:
         table[f"rank_{m}"] = table[f"rank_{m}"].astype("Int64")

@@ -64,6 +64,12 @@ def task_columns(r: ExperimentResult, cfg: RunConfig) -> dict:
     return out
 
 
+def with_extra_columns(declared, rows: list[dict]) -> list[str]:
+    """`declared`, then every other key of `rows` (the zero-shot columns) in first-seen order."""
+    declared = list(declared)
+    return declared + [c for c in dict.fromkeys(k for row in rows for k in row) if c not in declared]
+
+
 def task_metrics(columns) -> list[str]:
     """The `<task>.<metric>` names among a table's columns, in order."""
     return [c[: -len("_change")] for c in columns if c.endswith("_change") and "." in c]

@@ -28,7 +28,7 @@ from cwa_dist.distributed.runtime import settled_free_resources
 from cwa_dist.planning.placement import actor_count
 from cwa_dist.planning.resume import ResultLog
 from cwa_dist.reporting.outputs import PERTURBATION_COLUMNS, RunRecord, candidates_from_rankings, super_weight_table
-from cwa_dist.reporting.results import baseline_interval, describe, failed_row, result_row
+from cwa_dist.reporting.results import baseline_interval, describe, failed_row, result_row, with_extra_columns
 from cwa_dist.stages.context import Context, LoadedModel
 
 
@@ -65,8 +65,7 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split, rank
         if work.todo or need_super or need_ablation:
             intact = _on_actors(ctx, record, loaded, split, rankings, work, need_super, need_ablation)
         rows = [work.rows[s.key] for s in work.specs]
-        tasks = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in PERTURBATION_COLUMNS]
-        results = pd.DataFrame(rows, columns=list(PERTURBATION_COLUMNS) + tasks)
+        results = pd.DataFrame(rows, columns=with_extra_columns(PERTURBATION_COLUMNS, rows))
         record.run_dir.write_csv("perturbation_results.csv", results)
         record.run_dir.write_parquet("perturbation_results.parquet", results)
         ok = results[results["status"] == "ok"]

@@ -67,7 +67,7 @@ def _print_task_cost(cfg: RunConfig, plan: RunPlan, rep: Reporter) -> None:
     """Zero-shot examples the run will score: each task's examples on the baseline (once per actor)
     and after every experiment and super-weight candidate."""
     p = cfg.perturbation
-    counts = count_examples(p.eval_tasks, limit=p.eval_tasks_limit, include=p.task_request(1).include)
+    counts = count_examples(p.eval_tasks, limit=p.eval_tasks_limit, include=p.tasks_include)
     evaluations = plan.experiments + p.super_weights + max(plan.layout.num_eval_actors, 1)
     known = [n for n in counts.values() if n is not None]
     shown = ", ".join(f"{t} {n if n is not None else 'unknown (its data is not readable here)'}"
