@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cwa_dist.analysis.experiments import same_tensor_method
 from cwa_dist.errors import UsageError
 from cwa_dist.reporting.outputs import describe_param
 from cwa_dist.reporting.results import task_metrics, with_extra_columns
@@ -41,6 +42,7 @@ COMPARISON_COLUMNS = {
     "at_weights_masked": "weights perturbed in that experiment",
     "random_ppl_ratio_mean": "the random controls' mean ratio at the same K and ratio",
     "magnitude_ppl_ratio": "the largest-|W| control's ratio there",
+    "same_tensor_ppl_ratio_mean": "the metric's random-same-tensor controls' mean ratio there",
 }
 TASK_COLUMNS = {
     "<task>.<metric>_baseline": "with --eval-tasks: the unperturbed model's score on each task metric",
@@ -105,7 +107,8 @@ def summary_row(run: dict, label: str) -> dict:
            "topk": k,
            **{f"top_share_{f}": float(families.get(f, 0.0)) for f in ("mlp", "attention", "embedding", "other")},
            "top_mean_relative_depth": float(depth.mean()) if len(depth) else None,
-           "max_ppl_ratio": None, "at_weights_masked": None, "random_ppl_ratio_mean": None, "magnitude_ppl_ratio": None}
+           "max_ppl_ratio": None, "at_weights_masked": None, "random_ppl_ratio_mean": None, "magnitude_ppl_ratio": None,
+           "same_tensor_ppl_ratio_mean": None}
     res = run["results"]
     if res is not None:
         ok = res[res["status"] == "ok"]
@@ -114,9 +117,11 @@ def summary_row(run: dict, label: str) -> dict:
             best = mine.loc[mine["ppl_ratio"].idxmax()]
             same = ok[(ok["topk"] == best["topk"]) & (ok["mask_ratio"] == best["mask_ratio"])]
             rnd, mag = same[same["metric"] == "random"], same[same["metric"] == "magnitude"]
+            tensors = same[same["metric"] == same_tensor_method(metric)]
             row.update(max_ppl_ratio=float(best["ppl_ratio"]), at_weights_masked=int(best["weights_masked"]),
                        random_ppl_ratio_mean=float(rnd["ppl_ratio"].mean()) if len(rnd) else None,
-                       magnitude_ppl_ratio=float(mag["ppl_ratio"].iloc[0]) if len(mag) else None)
+                       magnitude_ppl_ratio=float(mag["ppl_ratio"].iloc[0]) if len(mag) else None,
+                       same_tensor_ppl_ratio_mean=float(tensors["ppl_ratio"].mean()) if len(tensors) else None)
             for name in task_metrics(res.columns):
                 row[f"{name}_baseline"] = float(best[f"{name}_baseline"])
                 row[f"{name}_change"] = float(best[f"{name}_change"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from cwa_dist import settings
-from cwa_dist.analysis.metrics import METRICS
+from cwa_dist.analysis.metrics import MAGNITUDE, METRICS
 from cwa_dist.analysis.perturb import MODES, ModeOptions
 from cwa_dist.analysis.zero_shot import TaskRequest
 from cwa_dist.errors import UsageError
@@ -157,6 +157,9 @@ class PerturbationSection:
     """Random-K controls per (K, ratio)."""
     no_magnitude_control: bool = setting(False)
     """Skip the largest-|W| control experiments (the |W| ranking is still written)."""
+    same_tensor_seeds: int = setting(1)
+    """Random-same-tensor controls per metric, K and ratio: as many weights as the metric's selection
+    holds in each tensor, drawn at random from that tensor (0: off)."""
     bootstrap_samples: int = setting(1000)
     """Resamples of the evaluation windows for each perplexity's 95% confidence interval."""
     super_weights: int = setting(3)
@@ -211,6 +214,7 @@ class PerturbationSection:
         non_negative("--ablation-study", self.ablation_study)
         non_negative("--super-weights", self.super_weights)
         non_negative("--random-seeds", self.random_seeds)
+        non_negative("--same-tensor-seeds", self.same_tensor_seeds)
         if self.gpus_per_eval_actor is not None:
             positive("--gpus-per-eval-actor", self.gpus_per_eval_actor)
         if self.num_eval_actors is not None:
@@ -366,6 +370,13 @@ class RunConfig:
     def replace(self, **flat) -> RunConfig:
         """A copy with the given settings (by flat name) changed, validated anew."""
         return settings.build(RunConfig, {**self.to_dict(), **flat})
+
+    @property
+    def perturbed_metrics(self) -> tuple[str, ...]:
+        """The rankings whose top-K are perturbed: |w| asked for as a metric runs once, as the
+        largest-|W| control, unless that control is off."""
+        return tuple(m for m in self.analysis.metrics
+                     if m != MAGNITUDE.name or self.perturbation.no_magnitude_control)
 
     @property
     def asks_for_gpus(self) -> bool:

@@ -115,8 +115,8 @@ def test_perturbation_results(full_run):
     run_dir, _ = full_run
     res = pd.read_csv(run_dir / "perturbation_results.csv")
     assert list(res.columns) == list(PERTURBATION_COLUMNS)
-    # 2 K × 2 ratios × (2 metrics + 2 random seeds + magnitude)
-    assert len(res) == 20 and res["key"].is_unique
+    # 2 K × 2 ratios × (2 metrics + 2 random seeds + magnitude + one same-tensor draw per metric)
+    assert len(res) == 28 and res["key"].is_unique
     assert res["restored_exact"].all()
     assert set(res["weights_masked"]) == {3, 5, 10, 20}
     assert (res["baseline_ppl"] == res["baseline_ppl"].iloc[0]).all()
@@ -136,7 +136,7 @@ def test_summary_manifest_and_config(full_run):
     for key in ("model_name", "baseline_perplexity", "num_parameters", "experiments_completed", "max_ppl_increase",
                 "most_impactful_perturbation", "comparison", "data"):
         assert key in summary
-    assert summary["experiments_completed"] == 20
+    assert summary["experiments_completed"] == 28
     low, high = summary["baseline_perplexity_ci"]
     assert low < summary["baseline_perplexity"] < high
     for entry in summary["comparison"]:

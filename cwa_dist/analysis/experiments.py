@@ -3,7 +3,6 @@ Pure; no Ray."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -11,7 +10,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from cwa_dist.analysis.evaluate import Perplexity
-from cwa_dist.analysis.perturb import ModeOptions, PerturbationSpec, Targets, random_targets
+from cwa_dist.analysis.perturb import (
+    ModeOptions,
+    PerturbationSpec,
+    Targets,
+    random_targets,
+    same_tensor_targets,
+    stable_seed,
+)
 from cwa_dist.analysis.topk import Candidates
 from cwa_dist.analysis.zero_shot import TaskScores
 
@@ -54,16 +60,20 @@ def plan_experiments(
     mode: str,
     options: ModeOptions = ModeOptions(),
     magnitude_control: bool = True,
+    same_tensor_seeds: int = 0,
 ) -> list[PerturbationSpec]:
     """For each metric, K and ratio: the top ⌈ratio·K⌉ weights. For each K and ratio, controls
     of the same size on the same parameters: `random_seeds` random draws and (unless turned off)
-    the largest |W|."""
+    the largest |W|; and per metric, `same_tensor_seeds` random draws with its counts per tensor."""
     sizes = {(k, r): weights_for(k, r) for k in topk for r in ratios}
     largest = max(sizes.values())
     # One nested draw per seed: the draw for n weights is the first n of the largest draw.
     draws = [random_targets(param_names, numels, largest, seed=seed + i) for i in range(random_seeds)]
     by_magnitude = Targets.from_candidates(magnitude)
     by_metric = {metric: Targets.from_candidates(ranking) for metric, ranking in rankings.items()}
+    numel_of = dict(zip(param_names, numels))
+    same_tensor = {metric: [same_tensor_targets(ranked, numel_of, seed=stable_seed(seed + i, metric))
+                            for i in range(same_tensor_seeds)] for metric, ranked in by_metric.items()}
 
     specs = []
     for (k, r), n in sizes.items():
@@ -73,12 +83,30 @@ def plan_experiments(
             specs.append(_spec("random", True, k, r, seed + i, mode, draw.head(n), options, seed))
         if magnitude_control:
             specs.append(_spec("magnitude", True, k, r, None, mode, by_magnitude.head(n), options, seed))
+        for metric, drawn in same_tensor.items():
+            for i, draw in enumerate(drawn):
+                specs.append(_spec(same_tensor_method(metric), True, k, r, seed + i, mode, draw.head(n), options,
+                                   seed))
     return specs
+
+
+SAME_TENSOR = "random_same_tensor"
+
+
+def same_tensor_method(metric: str) -> str:
+    """The name of the control drawn tensor for tensor like `metric`'s ranking."""
+    return f"{SAME_TENSOR}[{metric}]"
+
+
+def same_tensor_metric(method: str) -> str | None:
+    """The metric a random-same-tensor control copies its counts from; None for any other method."""
+    prefix = SAME_TENSOR + "["
+    return method[len(prefix):-1] if method.startswith(prefix) and method.endswith("]") else None
 
 
 def noise_seed(key: str, seed: int) -> int:
     """A stable per-experiment seed for seeded modes (gauss_noise): the same on every run and actor."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "little") >> 1
+    return stable_seed(seed, key)
 
 
 def _spec(method: str, is_control: bool, k: int, r: float, seed: int | None, mode: str, targets: Targets,

@@ -7,7 +7,8 @@ restoring writes back exactly the bits that were there.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -128,7 +129,7 @@ class PerturbationSpec:
     """One experiment: perturb `targets` with `mode`, then measure perplexity."""
 
     key: str  # unique and stable across runs, e.g. "grad_x_weight|k=100|r=0.5"
-    method: str  # a metric name, or a control: "random" / "magnitude"
+    method: str  # a metric name, or a control: "random", "magnitude", "random_same_tensor[<metric>]"
     is_control: bool
     topk: int
     mask_ratio: float
@@ -159,6 +160,33 @@ def random_targets(param_names: Sequence[str], numels: Sequence[int], n: int, se
     param = torch.searchsorted(ends, flat_global, right=True)
     starts = ends - torch.tensor(list(numels), dtype=torch.int64)
     return Targets(list(param_names), param, flat_global - starts[param])
+
+
+def same_tensor_targets(ranked: Targets, numel_of: Mapping[str, int], seed: int) -> Targets:
+    """A random set shaped like `ranked`: in each parameter, as many weights as `ranked` holds
+    there, drawn uniformly from that parameter alone. It separates "this tensor matters" from
+    "these weights matter".
+
+    Entry i is the j-th draw of its parameter when entry i of `ranked` is that parameter's j-th
+    entry, so every prefix matches the ranking's prefix of the same length, tensor for tensor.
+    """
+    order = ranked.param.tolist()
+    counts = Counter(order)
+    draws = {p: random_targets([ranked.param_names[p]], [numel_of[ranked.param_names[p]]], c,
+                               seed=stable_seed(seed, ranked.param_names[p])).flat_index.tolist()
+             for p, c in counts.items()}
+    # Each parameter its own stream, independent of which others are drawn.
+    used: Counter = Counter()
+    flat = []
+    for p in order:
+        flat.append(draws[p][used[p]])
+        used[p] += 1
+    return Targets(ranked.param_names, ranked.param.clone(), torch.tensor(flat, dtype=torch.int64))
+
+
+def stable_seed(seed: int, label: str) -> int:
+    """A seed derived from a run's seed and a label: the same on every run, process and machine."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{label}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(slots=True)

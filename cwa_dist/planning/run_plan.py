@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cwa_dist.analysis.metrics import FISHER, MAGNITUDE, needed_inputs
+from cwa_dist.analysis.metrics import FISHER, needed_inputs
 from cwa_dist.config import RunConfig
 from cwa_dist.errors import UsageError
 from cwa_dist.planning.placement import actor_count
@@ -87,9 +87,9 @@ class RunPlan:
 def experiment_count(cfg: RunConfig) -> int:
     if cfg.perturbation.no_perturbation:
         return 0
-    # |w| asked for as a metric is run once, as the control it also is.
-    targeted = len(set(cfg.analysis.metrics) - {MAGNITUDE.name})
-    controls = cfg.perturbation.random_seeds + (0 if cfg.perturbation.no_magnitude_control else 1)
+    targeted = len(cfg.perturbed_metrics)
+    controls = (cfg.perturbation.random_seeds + (0 if cfg.perturbation.no_magnitude_control else 1)
+                + targeted * cfg.perturbation.same_tensor_seeds)  # each ranking has its own same-tensor draws
     return len(cfg.analysis.topk) * len(cfg.perturbation.ratios) * (targeted + controls)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from cwa_dist.reporting import plots
-from cwa_dist.reporting.results import task_metrics
+from cwa_dist.reporting.results import same_tensor_rows, task_metrics
 
 TOP_ROWS = 20  # rows of each ranking shown on the page (the CSVs hold all K)
 
@@ -92,11 +92,17 @@ def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.Da
         mag = at[at["metric"] == "magnitude"]
         if len(mag):
             controls.append(f"largest |W| {_ratio(mag.iloc[0])}")
+        same = same_tensor_rows(at)
         for _, r in at[~at["is_control"]].sort_values("metric").iterrows():
+            own = list(controls)
+            if r["metric"] in same:
+                drawn = same[r["metric"]]["ppl_ratio"]
+                own.append(f"random from the same tensors ×{_fmt(float(drawn.min()), 3)}–×{_fmt(float(drawn.max()), 3)}"
+                           f" ({len(drawn)} draw{'s' if len(drawn) > 1 else ''})")
             out.append(f"{verb} the top {largest} weights by {r['metric']}: "
                        f"perplexity {_fmt(float(r['baseline_ppl']))} → "
                        f"{_fmt(float(r['perturbed_ppl']))}, {_ratio(r)}; controls of the same size: "
-                       f"{'; '.join(controls) or 'none'}.")
+                       f"{'; '.join(own) or 'none'}.")
     if supers is not None and len(supers):
         best = supers.sort_values("ppl_ratio", ascending=False).iloc[0]
         out.append(f"Super-weight candidate {_position(best)}: zeroing this one weight alone gives {_ratio(best)}.")
@@ -115,7 +121,7 @@ def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.Da
 
 def ratio_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (K, ratio): each metric's ratio [interval], the random controls' mean (min–max),
-    and the largest-|W| control."""
+    the largest-|W| control, and each metric's random-same-tensor controls' mean (min–max)."""
     rows = []
     for (k, r), df in results.groupby(["topk", "mask_ratio"], sort=True):
         row = {"K": int(k), "ratio": float(r), "weights": int(df["weights_masked"].iloc[0])}
@@ -129,6 +135,10 @@ def ratio_table(results: pd.DataFrame) -> pd.DataFrame:
         mag = df[df["metric"] == "magnitude"]
         if len(mag):
             row["largest |W|"] = f"×{_fmt(float(mag['ppl_ratio'].iloc[0]), 3)}"
+        for metric, g in same_tensor_rows(df).items():
+            drawn = g["ppl_ratio"]
+            row[f"same tensors as {metric} (mean, min–max)"] = (
+                f"×{_fmt(float(drawn.mean()), 3)} ({_fmt(float(drawn.min()), 3)}–{_fmt(float(drawn.max()), 3)})")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -38,7 +38,8 @@ TOPK_CSV_COLUMNS = ["rank", "layer", "indices", "sensitivity"] + [
     c for c in RANKING_COLUMNS if c not in ("rank", "score", "metric", "param")
 ]
 PERTURBATION_COLUMNS = {
-    "metric": "metric name, or the control: random / magnitude",
+    "metric": "metric name, or the control: random / magnitude / random_same_tensor[<metric>] (drawn "
+              "within each tensor, as many as <metric>'s selection holds there)",
     "topk": "K of the ranking",
     "mask_ratio": "share of the top-K perturbed",
     "weights_masked": "weights perturbed: ⌈mask_ratio·K⌉",
@@ -51,8 +52,8 @@ PERTURBATION_COLUMNS = {
     "ppl_ratio_ci_low": "ppl_ratio's 95% paired bootstrap interval (the same resampled windows for both models), "
                         "lower end",
     "ppl_ratio_ci_high": "its upper end",
-    "is_control": "true for random / magnitude controls",
-    "seed": "random control's seed (empty otherwise)",
+    "is_control": "true for the random, magnitude and random-same-tensor controls",
+    "seed": "a random control's seed (empty otherwise)",
     "mode": "perturbation mode, e.g. zero",
     "eval_tokens": "predicted tokens the perplexity is over",
     "wall_s": "seconds the experiment took on its actor",
@@ -297,8 +298,8 @@ SUMMARY_FIELDS = {
     "experiments_completed": "experiments that ran to a result",
     "max_ppl_increase": "largest perplexity increase over the metric (not control) experiments",
     "most_impactful_perturbation": "that experiment's metric, K, ratio, weights and perplexities",
-    "comparison": "per (K, ratio): each metric's perplexity beside the random controls' mean/min/max/std and the "
-                  "magnitude control",
+    "comparison": "per (K, ratio): each metric's perplexity beside the random controls' mean/min/max/std, the "
+                  "magnitude control and, per metric, its random-same-tensor controls' mean/min/max/std",
     "run_directory": "where the files are",
     "stage_timings_s": "seconds of each stage",
 }

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cwa_dist.reporting.results import same_tensor_rows  # noqa: E402
+
 
 def _stacked_bars(ax, table: pd.DataFrame) -> None:
     """One bar per row of `table`, stacked by its columns."""
@@ -38,8 +40,8 @@ def topk_by_layer(rankings: pd.DataFrame):
 
 
 def _draw_controls(ax, finite: pd.DataFrame, column: str) -> None:
-    """The controls by weights perturbed: the random draws' mean with their min–max band, and the
-    largest-|W| control (one experiment per size)."""
+    """The controls by weights perturbed: the random draws' mean with their min–max band, the
+    largest-|W| control (one experiment per size), and each metric's same-tensor draws' mean."""
     random = finite[finite["metric"] == "random"].groupby("weights_masked")[column]
     if random.ngroups:
         mean = random.mean()
@@ -50,6 +52,10 @@ def _draw_controls(ax, finite: pd.DataFrame, column: str) -> None:
     if len(magnitude):
         ax.plot(magnitude.index, magnitude.values, marker="s", linestyle="--", color="black",
                 label="largest |W| (control)")
+    for metric, rows in same_tensor_rows(finite).items():
+        mean = rows.groupby("weights_masked")[column].mean()
+        ax.plot(mean.index, mean.values, marker="v", linestyle="-.", color="dimgrey",
+                label=f"random, same tensors as {metric} (control, mean)")
 
 
 def _log_axes(ax, ylabel: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from cwa_dist.analysis.evaluate import bootstrap_intervals
-from cwa_dist.analysis.experiments import ABLATION, SUPER_WEIGHT, ExperimentResult
+from cwa_dist.analysis.experiments import ABLATION, SUPER_WEIGHT, ExperimentResult, same_tensor_metric
 from cwa_dist.analysis.perturb import PerturbationSpec
 from cwa_dist.analysis.zero_shot import paired_change
 from cwa_dist.config import RunConfig
@@ -116,6 +116,18 @@ def _describe_perplexity(row: dict) -> str:
             f"ratio 95% CI {row['ppl_ratio_ci_low']:.3g}–{row['ppl_ratio_ci_high']:.3g})")
 
 
+def spread(values: pd.Series) -> dict:
+    """Mean, min, max and sample standard deviation of a control's draws (std 0 for one draw)."""
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+
+def same_tensor_rows(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The random-same-tensor control rows, per metric whose counts per tensor they copy."""
+    copied = results["metric"].map(same_tensor_metric)
+    return {m: g for m, g in results[copied.notna()].groupby(copied[copied.notna()], sort=True)}
+
+
 def perturbation_summary(results: pd.DataFrame) -> dict:
     metric_rows = results[~results["is_control"]]
     # A NaN perplexity (weights made inf or NaN, e.g. by bit_flip) is a destroyed model, not a maximum.
@@ -128,13 +140,13 @@ def perturbation_summary(results: pd.DataFrame) -> dict:
             entry[metric] = float(g["perturbed_ppl"].iloc[0])
         rnd = df[df["metric"] == "random"]["perturbed_ppl"]
         if len(rnd):
-            entry["random_mean"] = float(rnd.mean())
-            entry["random_min"] = float(rnd.min())
-            entry["random_max"] = float(rnd.max())
-            entry["random_std"] = float(rnd.std(ddof=1)) if len(rnd) > 1 else 0.0
+            entry.update({f"random_{k}": v for k, v in spread(rnd).items()})
         mag = df[df["metric"] == "magnitude"]["perturbed_ppl"]
         if len(mag):
             entry["magnitude"] = float(mag.iloc[0])
+        same = same_tensor_rows(df)
+        if same:
+            entry["random_same_tensor"] = {m: spread(g["perturbed_ppl"]) for m, g in same.items()}
         comparison.append(entry)
     out = {
         "max_ppl_increase": float(increases.max()) if len(increases) else None,

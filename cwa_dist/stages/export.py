@@ -81,6 +81,9 @@ def _final_report(ctx: Context, summary: dict) -> None:
                                     f"{entry['random_max']:.2f} over the seeds)")
                 if "magnitude" in entry:
                     controls.append(f"largest |W| {entry['magnitude']:.2f}")
+                same = entry.get("random_same_tensor", {}).get(best["metric"])
+                if same:
+                    controls.append(f"random from the same tensors {same['mean']:.2f} (mean)")
                 if controls:
                     rep.line(f"  Controls, same number of weights: {', '.join(controls)}")
     rep.line(f"📁 Results: {summary['run_directory']}")

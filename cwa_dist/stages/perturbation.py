@@ -87,9 +87,7 @@ def _plan(ctx: Context, loaded: LoadedModel, rankings: pd.DataFrame) -> list[Per
     cfg = ctx.cfg
     candidates = candidates_from_rankings(rankings)
     return plan_experiments(
-        # `magnitude` asked for as a metric runs once, as the control, unless the control is off.
-        rankings={m: candidates[m] for m in cfg.analysis.metrics
-                  if m != MAGNITUDE.name or cfg.perturbation.no_magnitude_control},
+        rankings={m: candidates[m] for m in cfg.perturbed_metrics},
         magnitude=candidates[MAGNITUDE.name],
         magnitude_control=not cfg.perturbation.no_magnitude_control,
         param_names=loaded.scored,
@@ -97,6 +95,7 @@ def _plan(ctx: Context, loaded: LoadedModel, rankings: pd.DataFrame) -> list[Per
         topk=cfg.analysis.topk,
         ratios=cfg.perturbation.ratios,
         random_seeds=cfg.perturbation.random_seeds,
+        same_tensor_seeds=cfg.perturbation.same_tensor_seeds,
         seed=cfg.data.seed,
         mode=cfg.perturbation.mode,
         options=cfg.perturbation.options,

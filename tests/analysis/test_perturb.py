@@ -1,9 +1,20 @@
+from collections import Counter
+
 import pytest
 import torch
 from conftest import build_tiny_model
 
-from cwa_dist.analysis.experiments import plan_experiments, weights_for
-from cwa_dist.analysis.perturb import MODES, Targets, apply, fingerprint, random_targets, restore, restored_exactly
+from cwa_dist.analysis.experiments import plan_experiments, same_tensor_method, same_tensor_metric, weights_for
+from cwa_dist.analysis.perturb import (
+    MODES,
+    Targets,
+    apply,
+    fingerprint,
+    random_targets,
+    restore,
+    restored_exactly,
+    same_tensor_targets,
+)
 from cwa_dist.analysis.sensitivity import full_shards, score_shards, select_parameters
 from cwa_dist.errors import UsageError
 
@@ -57,6 +68,36 @@ def test_random_targets_are_distinct_in_range_nested_and_seeded():
     assert set(t.param.tolist()) == {0, 1, 2} or t.param.tolist().count(1) > 400
 
 
+def _pairs(t: Targets) -> list[tuple[int, int]]:
+    return list(zip(t.param.tolist(), t.flat_index.tolist()))
+
+
+def test_same_tensor_targets_match_the_ranking_tensor_for_tensor_at_every_prefix():
+    names, numels = ["a", "b", "c", "d"], [6, 500, 40, 9]
+    # Sizes by name, listed in another order than the ranking's names (as a run's scored tensors are).
+    numel_of = dict(reversed(list(zip(names, numels))))
+    # A ranking that crowds one small tensor: 5 of a's 6 weights, then b, c, a again.
+    ranked = Targets(names, torch.tensor([0, 0, 1, 0, 2, 1, 0, 2, 0, 1]), torch.tensor([0, 1, 7, 2, 3, 9, 4, 5, 5, 11]))
+    drawn = same_tensor_targets(ranked, numel_of, seed=3)
+    assert torch.equal(drawn.param, ranked.param)  # entry i lies in entry i's tensor
+    for n in range(1, len(ranked) + 1):
+        head = drawn.head(n)
+        assert Counter(head.param.tolist()) == Counter(ranked.head(n).param.tolist())
+    pairs = _pairs(drawn)
+    assert len(set(pairs)) == len(pairs) and all(0 <= i < numels[p] for p, i in pairs)
+    assert 3 not in drawn.param.tolist()  # a tensor the ranking never touches is never drawn from
+    assert _pairs(same_tensor_targets(ranked, numel_of, seed=3)) == pairs
+    assert _pairs(same_tensor_targets(ranked, numel_of, seed=4)) != pairs
+
+
+def test_same_tensor_draws_are_uniform_within_each_tensor():
+    # 3 of a 12-weight tensor, over 4,000 seeds: each index is drawn 1,000 times in expectation.
+    ranked = Targets(["w"], torch.zeros(3, dtype=torch.int64), torch.tensor([0, 1, 2]))
+    seen = Counter(i for s in range(4000) for i in same_tensor_targets(ranked, {"w": 12}, seed=s).flat_index.tolist())
+    assert sorted(seen) == list(range(12))
+    assert max(abs(c - 1000) for c in seen.values()) < 150  # ~4.9 standard deviations
+
+
 def test_unknown_mode_is_a_usage_error():
     with pytest.raises(UsageError, match="Did you mean 'zero'"):
         MODES.get("zer0")
@@ -90,6 +131,24 @@ def test_plan_sizes_controls_and_prefixes():
         topk=[10, 20], ratios=[0.5, 1.0], random_seeds=0, seed=0, mode="zero", magnitude_control=False,
     )
     assert [s.key for s in alone] == [s.key for s in specs if s.method == "grad_x_weight"]
+    # Same-tensor controls: one set per metric and seed, nested like the ranking, its tensors' counts.
+    with_same = plan_experiments(
+        rankings={"grad_x_weight": scores.candidates["grad_x_weight"]},
+        magnitude=scores.candidates["magnitude"],
+        param_names=names, numels=[dict(net.named_parameters())[n].numel() for n in names],
+        topk=[10, 20], ratios=[0.5, 1.0], random_seeds=2, seed=0, mode="zero", same_tensor_seeds=2,
+    )
+    control = {s.key: s for s in with_same if s.method == same_tensor_method("grad_x_weight")}
+    assert [s.key for s in with_same if s.key not in control] == [s.key for s in specs]
+    assert len(control) == 4 * 2 and all(s.is_control for s in control.values())
+    assert same_tensor_metric(same_tensor_method("grad_x_weight")) == "grad_x_weight"
+    assert same_tensor_metric("random") is None
+    for key, spec in control.items():
+        ranked = by_key[key.replace("random_same_tensor[grad_x_weight]", "grad_x_weight").rsplit("|seed=", 1)[0]]
+        assert Counter(spec.targets.param.tolist()) == Counter(ranked.targets.param.tolist())
+    small = control["random_same_tensor[grad_x_weight]|k=10|r=0.5|seed=1"].targets
+    large = control["random_same_tensor[grad_x_weight]|k=20|r=1|seed=1"].targets
+    assert _pairs(small) == _pairs(large)[:5]
 
 
 # -- every mode -------------------------------------------------------------------------------

@@ -56,6 +56,15 @@ def test_the_page_states_the_runs_numbers(run_dir):
         assert candidate["param"] in page
     rho = summary["ablation_study"]["metrics"]["wanda"]["spearman"]
     assert f"{rho:.3g}" in page
+    # Each metric's same-tensor control, in the summary and on the page, from the results table.
+    results = pd.read_parquet(run_dir / "perturbation_results.parquet")
+    for entry in summary["comparison"]:
+        at = results[(results["topk"] == entry["topk"]) & (results["mask_ratio"] == entry["mask_ratio"])]
+        for metric in METRICS:
+            drawn = at[at["metric"] == f"random_same_tensor[{metric}]"]["perturbed_ppl"]
+            assert len(drawn) == 1 and entry["random_same_tensor"][metric]["mean"] == pytest.approx(drawn.mean())
+    for metric in METRICS:
+        assert f"same tensors as {metric}" in page
 
 
 def test_ratio_table_and_jaccard_by_hand():
@@ -68,9 +77,14 @@ def test_ratio_table_and_jaccard_by_hand():
          "ppl_ratio_ci_low": 1.0, "ppl_ratio_ci_high": 2.0},
         {"topk": 10, "mask_ratio": 1.0, "weights_masked": 10, "metric": "magnitude", "is_control": True,
          "ppl_ratio": 2.0, "ppl_ratio_ci_low": 1.0, "ppl_ratio_ci_high": 3.0},
+        {"topk": 10, "mask_ratio": 1.0, "weights_masked": 10, "metric": "random_same_tensor[m]", "is_control": True,
+         "ppl_ratio": 3.0, "ppl_ratio_ci_low": 2.0, "ppl_ratio_ci_high": 4.0},
+        {"topk": 10, "mask_ratio": 1.0, "weights_masked": 10, "metric": "random_same_tensor[m]", "is_control": True,
+         "ppl_ratio": 2.0, "ppl_ratio_ci_low": 1.0, "ppl_ratio_ci_high": 3.0},
     ])
     row = ratio_table(results).iloc[0]
     assert (row["m"], row["random (mean, min–max)"], row["largest |W|"]) == ("×4 [3–5]", "×1.25 (1–1.5)", "×2")
+    assert row["same tensors as m (mean, min–max)"] == "×2.5 (2–3)"
     rankings = pd.DataFrame({"metric": ["a"] * 3 + ["b"] * 3, "param": ["p"] * 6, "flat_index": [1, 2, 3, 2, 3, 4]})
     j = jaccard(rankings)
     assert j.loc["a", "b"] == j.loc["b", "a"] == 2 / 4 and j.loc["a", "a"] == 1.0
