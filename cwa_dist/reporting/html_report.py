@@ -103,6 +103,7 @@ def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.Da
                        f"perplexity {_fmt(float(r['baseline_ppl']))} → "
                        f"{_fmt(float(r['perturbed_ppl']))}, {_ratio(r)}; controls of the same size: "
                        f"{'; '.join(own) or 'none'}.")
+    out.extend(summary.get("findings", {}).get("sentences", []))
     if supers is not None and len(supers):
         best = supers.sort_values("ppl_ratio", ascending=False).iloc[0]
         out.append(f"Super-weight candidate {_position(best)}: zeroing this one weight alone gives {_ratio(best)}.")

@@ -300,6 +300,9 @@ SUMMARY_FIELDS = {
     "most_impactful_perturbation": "that experiment's metric, K, ratio, weights and perplexities",
     "comparison": "per (K, ratio): each metric's perplexity beside the random controls' mean/min/max/std, the "
                   "magnitude control and, per metric, its random-same-tensor controls' mean/min/max/std",
+    "findings": "per K: each method's damage per weight (nats of mean NLL), the most damaging one, each "
+                "metric's verdict against each control (beat / lost / overlap of the 95% intervals); "
+                "small_calibration; the same as sentences",
     "run_directory": "where the files are",
     "stage_timings_s": "seconds of each stage",
 }

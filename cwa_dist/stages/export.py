@@ -9,6 +9,7 @@ import pandas as pd
 from cwa_dist import export
 from cwa_dist.errors import last_line
 from cwa_dist.reporting import html_report, plots
+from cwa_dist.reporting.findings import findings
 from cwa_dist.reporting.memory import peak_rss_bytes
 from cwa_dist.reporting.outputs import RunRecord
 from cwa_dist.reporting.results import perturbation_summary
@@ -29,6 +30,8 @@ def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.
             out.write_figure("plots/ppl_vs_masked.png", plots.perplexity_vs_masked(ok, ok["baseline_ppl"].iloc[0]))
         else:
             final["max_ppl_increase"] = None
+        calibration = record.summary.get("data", {}).get("calibration", {}).get("predicted_tokens")
+        final["findings"] = findings(ok, calibration)
         driver_peak = peak_rss_bytes()
         record.memory(driver={"peak_rss_bytes": driver_peak})
         rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")

@@ -2,6 +2,7 @@
 (Debian's Chromium, driven through chromedriver) with every figure loaded."""
 
 import base64
+import html
 import json
 import os
 import re
@@ -65,6 +66,11 @@ def test_the_page_states_the_runs_numbers(run_dir):
             assert len(drawn) == 1 and entry["random_same_tensor"][metric]["mean"] == pytest.approx(drawn.mean())
     for metric in METRICS:
         assert f"same tensors as {metric}" in page
+    # The findings, in the summary and word for word on the page; this run's calibration set is tiny.
+    found = summary["findings"]
+    assert found["small_calibration"] and [e["topk"] for e in found["per_k"]] == [10]
+    for sentence in found["sentences"]:
+        assert html.escape(sentence) in page
 
 
 def test_ratio_table_and_jaccard_by_hand():

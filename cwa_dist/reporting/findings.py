@@ -1,0 +1,74 @@
+"""The findings a user asked the run for, as numbers and as sentences made only from those numbers:
+at each K, which ranking did the most damage per weight; whether each targeted ranking beat its
+controls, by the perplexities' 95% intervals; and whether the calibration set is small enough that
+the ranking may not be stable. Pure pandas; no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+SMALL_CALIBRATION_TOKENS = 10_000
+"""Under this many predicted calibration tokens a top-K may change with the texts (README: SmolLM2's
+two halves of 1,304 tokens share 4 of their top-10)."""
+
+
+def damage_per_weight(row) -> float:
+    """The increase in mean NLL (nats per token) per weight perturbed: log(perturbed / baseline) / n."""
+    return math.log(row["ppl_ratio"]) / row["weights_masked"] if row["ppl_ratio"] > 0 else float("nan")
+
+
+def _verdict(metric_row, control_rows: pd.DataFrame) -> str:
+    """'beat' when the metric's interval lies wholly above every draw of the control's, 'lost' when
+    wholly below, else 'overlap' (the intervals cannot tell them apart)."""
+    if (metric_row["ppl_ci_low"] > control_rows["ppl_ci_high"]).all():
+        return "beat"
+    if (metric_row["ppl_ci_high"] < control_rows["ppl_ci_low"]).all():
+        return "lost"
+    return "overlap"
+
+
+def findings(results: pd.DataFrame | None, calibration_tokens: int | None) -> dict:
+    """`per_k`: at each K's full set (its largest ratio), every method's damage per weight, the most
+    damaging method, and each metric's verdict against each control; `sentences`: the same in words.
+    Without perturbation results (--no-perturbation), only the calibration set's size is judged."""
+    per_k, sentences = [], []
+    ok = results[(results["status"] == "ok") & results["ppl_ratio"].notna()] if results is not None else None
+    for k, at_k in ([] if ok is None or ok.empty else ok.groupby("topk", sort=True)):
+        at = at_k[at_k["mask_ratio"] == at_k["mask_ratio"].max()]
+        n = int(at["weights_masked"].iloc[0])
+        damage = {m: float(g.apply(damage_per_weight, axis=1).mean()) for m, g in at.groupby("metric")}
+        finite = {m: d for m, d in damage.items() if math.isfinite(d)}
+        top = max(finite, key=finite.get) if finite else None
+        entry = {"topk": int(k), "weights": n, "damage_per_weight_nats": damage, "most_damaging": top,
+                 "verdicts": {}}
+        if top is not None:
+            sentences.append(f"At K = {k} ({n} weights perturbed), {top} did the most damage per weight: "
+                             f"{finite[top]:.3g} nats of mean NLL per weight (×{math.exp(finite[top] * n):.3g} "
+                             f"perplexity).")
+        controls = {m: g for m, g in at[at["is_control"]].groupby("metric")}
+        for _, row in at[~at["is_control"]].sort_values("metric").iterrows():
+            verdicts = {c: _verdict(row, g) for c, g in controls.items()}
+            entry["verdicts"][row["metric"]] = verdicts
+            if verdicts:
+                sentences.append(_verdict_sentence(row, verdicts, controls))
+        per_k.append(entry)
+    small = calibration_tokens is not None and calibration_tokens < SMALL_CALIBRATION_TOKENS
+    if small:
+        sentences.append(f"The calibration set is small ({calibration_tokens:,} predicted tokens, under "
+                         f"{SMALL_CALIBRATION_TOKENS:,}): the top-K may change with other texts; rerun with more "
+                         "text (--eval-limit, --dataset) before relying on single weights.")
+    return {"per_k": per_k, "small_calibration": small, "sentences": sentences}
+
+
+def _verdict_sentence(row, verdicts: dict[str, str], controls: dict[str, pd.DataFrame]) -> str:
+    parts = []
+    for control, verdict in verdicts.items():
+        g = controls[control]
+        span = (f"{g['ppl_ci_low'].min():.4g}–{g['ppl_ci_high'].max():.4g}")
+        word = {"beat": "beat", "lost": "did less damage than", "overlap": "cannot be told apart from"}[verdict]
+        parts.append(f"{word} {control} (95% CI {span}{f', {len(g)} draws' if len(g) > 1 else ''})")
+    return (f"Top {int(row['weights_masked'])} by {row['metric']}: perplexity {row['perturbed_ppl']:.4g} "
+            f"(95% CI {row['ppl_ci_low']:.4g}–{row['ppl_ci_high']:.4g}); it " + "; ".join(parts) + ".")

@@ -1,0 +1,64 @@
+"""Headline findings: each claim is computed from the table's numbers and checked against them."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from cwa_dist.reporting.findings import SMALL_CALIBRATION_TOKENS, damage_per_weight, findings
+
+
+def _row(metric, k, ratio, n, ppl, low, high, control=False, seed=None):
+    return {"metric": metric, "topk": k, "mask_ratio": ratio, "weights_masked": n, "baseline_ppl": 10.0,
+            "perturbed_ppl": ppl, "ppl_ratio": ppl / 10.0, "ppl_ci_low": low, "ppl_ci_high": high,
+            "is_control": control, "seed": seed, "status": "ok"}
+
+
+RESULTS = pd.DataFrame([
+    _row("grad_x_weight", 10, 0.5, 5, 30.0, 25.0, 35.0),  # a smaller ratio: not the full set, ignored
+    _row("grad_x_weight", 10, 1.0, 10, 40.0, 35.0, 45.0),
+    _row("wanda", 10, 1.0, 10, 12.0, 11.5, 13.0),
+    _row("random", 10, 1.0, 10, 10.5, 10.0, 11.0, True, 0),
+    _row("random", 10, 1.0, 10, 10.2, 9.9, 10.6, True, 1),
+    _row("magnitude", 10, 1.0, 10, 60.0, 50.0, 70.0, True),
+    _row("random_same_tensor[grad_x_weight]", 10, 1.0, 10, 38.0, 33.0, 43.0, True, 0),
+    _row("grad_x_weight", 100, 1.0, 100, 90.0, 80.0, 100.0),
+    _row("random", 100, 1.0, 100, 11.0, 10.0, 12.0, True, 0),
+])
+
+
+def test_most_damage_per_weight_and_the_verdicts_follow_the_numbers():
+    out = findings(RESULTS, calibration_tokens=50_000)
+    k10, k100 = out["per_k"]
+    assert (k10["topk"], k10["weights"], k100["weights"]) == (10, 10, 100)
+    # |W| raised perplexity most at K = 10: ln(60/10) / 10 nats per weight.
+    assert k10["most_damaging"] == "magnitude"
+    assert k10["damage_per_weight_nats"]["magnitude"] == pytest.approx(math.log(6.0) / 10)
+    assert k10["damage_per_weight_nats"]["random"] == pytest.approx((math.log(1.05) + math.log(1.02)) / 2 / 10)
+    assert k10["verdicts"]["grad_x_weight"] == {"magnitude": "lost", "random": "beat",
+                                               "random_same_tensor[grad_x_weight]": "overlap"}
+    assert k10["verdicts"]["wanda"]["random"] == "beat"  # 11.5–13 lies above both draws' 9.9–11.0
+    touching = findings(RESULTS.assign(ppl_ci_low=RESULTS["ppl_ci_low"].where(RESULTS["metric"] != "wanda", 11.0)),
+                        calibration_tokens=None)
+    assert touching["per_k"][0]["verdicts"]["wanda"]["random"] == "overlap"  # intervals that touch overlap
+    assert k100["most_damaging"] == "grad_x_weight" and k100["verdicts"]["grad_x_weight"] == {"random": "beat"}
+    text = " ".join(out["sentences"])
+    assert f"{math.log(6.0) / 10:.3g} nats" in text and "magnitude did the most damage" in text
+    assert "cannot be told apart from random_same_tensor[grad_x_weight] (95% CI 33–43)" in text
+    assert "beat random (95% CI 9.9–11, 2 draws)" in text
+    assert not out["small_calibration"] and "calibration set is small" not in text
+
+
+def test_a_small_calibration_set_is_named_even_without_perturbations():
+    out = findings(None, calibration_tokens=1304)
+    assert out["small_calibration"] and out["per_k"] == []
+    assert out["sentences"] == [s for s in out["sentences"] if "1,304 predicted tokens" in s] and out["sentences"]
+    assert not findings(None, calibration_tokens=SMALL_CALIBRATION_TOKENS)["small_calibration"]
+
+
+def test_failed_and_destroyed_experiments_claim_nothing():
+    broken = pd.concat([RESULTS, pd.DataFrame([{**_row("wanda", 100, 1.0, 100, float("nan"), float("nan"),
+                                                        float("nan")), "ppl_ratio": float("nan")}])])
+    out = findings(broken, calibration_tokens=None)
+    assert "wanda" not in out["per_k"][1]["verdicts"]
+    assert math.isnan(damage_per_weight({"ppl_ratio": 0.0, "weights_masked": 3}))
