@@ -20,6 +20,7 @@ from cwa_dist.planning import resume
 from cwa_dist.planning.run_plan import refusal
 from cwa_dist.reporting.console import Reporter
 from cwa_dist.reporting.outputs import RunDirectory
+from cwa_dist.reporting.process_clock import ProcessClock, timeline_lines
 from cwa_dist.reporting.storage import Output, durable_output
 from cwa_dist.stages import data, export, model, perturbation, ranking, sensitivity, start
 from cwa_dist.stages.context import Context
@@ -29,6 +30,14 @@ from cwa_dist.stages.plan import cluster_view, dry_run, plan_run
 def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     """The stages, in order; None for a dry run, which plans and writes nothing."""
     rep = rep or Reporter(cfg.run.verbose)
+    rep.clock = ProcessClock()
+    try:
+        return _run(cfg, rep)
+    finally:
+        rep.clock.stop()
+
+
+def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
     if cfg.perturbation.eval_tasks:  # a missing harness or an unknown task: refused before any stage
         check_tasks(cfg.perturbation.eval_tasks, cfg.perturbation.eval_tasks_include)
     if cfg.run.dry_run:
@@ -45,8 +54,11 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
     if previous and previous.get("status") == "complete":
         rep.line(f"✅ {where} is already complete; nothing to resume")
         return RunDirectory(run_path, where=where)
+    rep.phase("ray start")
     started_ray = start_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
+    record = None
     try:
+        rep.phase("plan")
         ctx = _context(cfg, rep)
         # The weights' origin: a Hub id's commit (pinned for every node), or the local checkpoint.
         origin = resolve_origin(resolve_source(cfg.model.name), revision=cfg.model.revision, announce=rep.line)
@@ -56,6 +68,7 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
         start.header(ctx, where, corpus)
         timings: dict[str, float] = {}
         loaded = model.load(ctx, timings, origin)
+        rep.phase("data")
         split, data_facts = data.prepare(ctx, texts, loaded.tokenizer)
         record = start.open_record(ctx, output, experiment_id, previous, loaded, identity, corpus)
         start.record_facts(ctx, record, loaded, timings, data_facts)
@@ -79,8 +92,21 @@ def run(cfg: RunConfig, rep: Reporter | None = None) -> RunDirectory | None:
             raise
         return record.run_dir
     finally:
+        rep.phase("ray stop")
         if started_ray:
             stop_ray()
+        if record is not None and record.manifest.get("status") == "complete":
+            _record_timeline(record, rep)
+
+
+def _record_timeline(record, rep: Reporter) -> None:
+    """The whole try's timeline, Ray's shutdown included, into manifest.json; on the console with --verbose."""
+    phases = rep.clock.stop()
+    record.set(timeline=phases)
+    record.write()
+    rep.detail("⏱️  Timeline (CPU seconds by process):")
+    for line in timeline_lines(phases):
+        rep.detail("  " + line)
 
 
 def _plan_only(cfg: RunConfig, rep: Reporter) -> None:

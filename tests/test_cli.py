@@ -152,6 +152,16 @@ def test_summary_manifest_and_config(full_run):
     assert set(manifest) <= set(MANIFEST_FIELDS) and set(summary) <= set(SUMMARY_FIELDS)
     assert {"memory", "stages", "summary"} <= set(manifest)
     assert {"driver", "gradient_ranks", "eval_actors"} <= set(manifest["memory"])
+    # The timeline: every phase in order, each stage's CPU where its processes spent it.
+    phases = {p["phase"]: p for p in manifest["timeline"]}
+    order = [p["phase"] for p in manifest["timeline"] if p["phase"] != "driver between stages"]
+    assert order == ["python start and imports", "read input", "ray start", "plan", "model", "data", "sensitivity",
+                     "ranking", "perturbation", "export", "ray stop"]
+    assert phases["sensitivity"]["cpu_s"]["gradient worker"] > 0
+    assert phases["perturbation"]["cpu_s"]["evaluation actor"] > 0
+    assert "Ray raylet" in phases["ray start"]["cpu_s"]
+    for stage, seconds in summary["stage_timings_s"].items():  # the stages' own clocks agree
+        assert phases[stage]["wall_s"] == pytest.approx(seconds, abs=0.1)
     with pytest.raises(KeyError, match="undeclared manifest field"):
         RunRecord(RunDirectory(run_dir), {}).set(bogus=1)
     stats = json.loads((run_dir / "sensitivity_statistics.json").read_text())

@@ -8,9 +8,19 @@ import time
 
 import ray
 
+# What the embedded Ray of a run on one machine leaves out, through Ray's own settings (a cluster
+# that a run joins keeps its own): the metrics that every process pushes to the dashboard agent
+# for Prometheus, and the task-event reports behind `ray list tasks` and the dashboard's timeline.
+# Nothing of a run reads either, and on a small machine their senders take CPU from the workers.
+LEAN_SYSTEM_CONFIG = {
+    "enable_metrics_collection": False,
+    "task_events_report_interval_ms": 0,
+}
+RAY_DEFAULTS_ENV = "CWA_DIST_RAY_DEFAULTS"  # "1": start the embedded Ray with Ray's defaults (to compare)
+
 
 def start_ray(address: str | None, *, verbose: bool) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS); without one, start a local Ray.
+    """Join the cluster at `address` (or RAY_ADDRESS); without one, start a local Ray, lean.
 
     Returns True when this call started Ray (so the caller should shut it down).
     """
@@ -18,11 +28,13 @@ def start_ray(address: str | None, *, verbose: bool) -> bool:
         return False
     # Without an address, a new local Ray: never a cluster some earlier `ray start` left recorded.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    lean = address == "local" and os.environ.get(RAY_DEFAULTS_ENV) != "1"
     ray.init(
         address=address,
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
+        **({"_system_config": LEAN_SYSTEM_CONFIG} if lean else {}),
     )
     return True
 

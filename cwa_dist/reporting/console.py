@@ -16,6 +16,12 @@ class Reporter:
     def __init__(self, verbose: bool, stream=None):
         self.verbose = verbose
         self.stream = stream or sys.stdout
+        self.clock = None  # a ProcessClock, when the run keeps a timeline
+
+    def phase(self, name: str) -> None:
+        """Start phase `name` of the timeline (ending the one before)."""
+        if self.clock is not None:
+            self.clock.mark(name)
 
     def line(self, text: str = "") -> None:
         print(text, file=self.stream, flush=True)
@@ -36,11 +42,13 @@ class Reporter:
     def stage(self, title: str, timings: dict[str, float], key: str):
         """Print a stage heading; record how long the stage took under `key`."""
         self.heading(title)
+        self.phase(key)
         start = time.perf_counter()
         try:
             yield
         finally:
             timings[key] = round(time.perf_counter() - start, 3)
+            self.phase("driver between stages")
             self.detail(f"  stage time: {timings[key]:.1f}s")
 
     def progress(self, total: int, desc: str, unit: str):

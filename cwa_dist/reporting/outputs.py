@@ -275,6 +275,8 @@ MANIFEST_FIELDS = {
     "scored_parameters": "name → shape of every scored parameter",
     "stages": "per stage: status (done) and seconds",
     "stage_timings_s": "seconds of each stage, this try and earlier ones",
+    "timeline": "this try's phases in order (imports, Ray start, plan, each stage, Ray stop): wall seconds and "
+                "CPU seconds per kind of process (driver, Ray's daemons, workers, actors), measured",
     "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s, "
               "replay_blocks_kept, replay_bytes)",
     "summary": "the summary facts of finished stages, which a resumed run needs",
