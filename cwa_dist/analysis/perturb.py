@@ -172,10 +172,10 @@ def same_tensor_targets(ranked: Targets, numel_of: Mapping[str, int], seed: int)
     """
     order = ranked.param.tolist()
     counts = Counter(order)
+    # Each parameter its own stream, independent of which others are drawn.
     draws = {p: random_targets([ranked.param_names[p]], [numel_of[ranked.param_names[p]]], c,
                                seed=stable_seed(seed, ranked.param_names[p])).flat_index.tolist()
              for p, c in counts.items()}
-    # Each parameter its own stream, independent of which others are drawn.
     used: Counter = Counter()
     flat = []
     for p in order:

@@ -10,9 +10,11 @@ import math
 
 import pandas as pd
 
+from cwa_dist.analysis.experiments import same_tensor_metric
+
 SMALL_CALIBRATION_TOKENS = 10_000
-"""Under this many predicted calibration tokens a top-K may change with the texts (README: SmolLM2's
-two halves of 1,304 tokens share 4 of their top-10)."""
+"""Under this many predicted calibration tokens a top-K may change with the texts (README: two disjoint
+halves of SmolLM2's 1,304 calibration tokens share 4 of their top-10)."""
 
 
 def damage_per_weight(row) -> float:
@@ -50,7 +52,9 @@ def findings(results: pd.DataFrame | None, calibration_tokens: int | None) -> di
                              f"perplexity).")
         controls = {m: g for m, g in at[at["is_control"]].groupby("metric")}
         for _, row in at[~at["is_control"]].sort_values("metric").iterrows():
-            verdicts = {c: _verdict(row, g) for c, g in controls.items()}
+            # A same-tensor control is only this metric's control when it copies this metric's tensors.
+            verdicts = {c: _verdict(row, g) for c, g in controls.items()
+                        if same_tensor_metric(c) in (None, row["metric"])}
             entry["verdicts"][row["metric"]] = verdicts
             if verdicts:
                 sentences.append(_verdict_sentence(row, verdicts, controls))

@@ -38,6 +38,8 @@ def test_most_damage_per_weight_and_the_verdicts_follow_the_numbers():
     assert k10["verdicts"]["grad_x_weight"] == {"magnitude": "lost", "random": "beat",
                                                "random_same_tensor[grad_x_weight]": "overlap"}
     assert k10["verdicts"]["wanda"]["random"] == "beat"  # 11.5–13 lies above both draws' 9.9–11.0
+    # Another metric's same-tensor draw is not a control of this one.
+    assert set(k10["verdicts"]["wanda"]) == {"random", "magnitude"}
     touching = findings(RESULTS.assign(ppl_ci_low=RESULTS["ppl_ci_low"].where(RESULTS["metric"] != "wanda", 11.0)),
                         calibration_tokens=None)
     assert touching["per_k"][0]["verdicts"]["wanda"]["random"] == "overlap"  # intervals that touch overlap
