@@ -54,7 +54,7 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
     if previous and previous.get("status") == "complete":
         rep.line(f"✅ {where} is already complete; nothing to resume")
         return RunDirectory(run_path, where=where)
-    rep.phase("ray start")
+    rep.phase("Ray start-up")
     started_ray = start_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
     record = None
     try:
@@ -92,7 +92,7 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
             raise
         return record.run_dir
     finally:
-        rep.phase("ray stop")
+        rep.phase("Ray shutdown")
         if started_ray:
             stop_ray()
         if record is not None and record.manifest.get("status") == "complete":

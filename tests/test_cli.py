@@ -155,11 +155,11 @@ def test_summary_manifest_and_config(full_run):
     # The timeline: every phase in order, each stage's CPU where its processes spent it.
     phases = {p["phase"]: p for p in manifest["timeline"]}
     order = [p["phase"] for p in manifest["timeline"] if p["phase"] != "driver between stages"]
-    assert order == ["python start and imports", "read input", "ray start", "plan", "model", "data", "sensitivity",
-                     "ranking", "perturbation", "export", "ray stop"]
+    assert order == ["python start and imports", "read input", "Ray start-up", "plan", "model", "data", "sensitivity",
+                     "ranking", "perturbation", "export", "Ray shutdown"]
     assert phases["sensitivity"]["cpu_s"]["gradient worker"] > 0
     assert phases["perturbation"]["cpu_s"]["evaluation actor"] > 0
-    assert "Ray raylet" in phases["ray start"]["cpu_s"]
+    assert "Ray raylet" in phases["Ray start-up"]["cpu_s"]
     for stage, seconds in summary["stage_timings_s"].items():  # the stages' own clocks agree
         assert phases[stage]["wall_s"] == pytest.approx(seconds, abs=0.1)
     with pytest.raises(KeyError, match="undeclared manifest field"):

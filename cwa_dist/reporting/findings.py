@@ -71,7 +71,7 @@ def _verdict_sentence(row, verdicts: dict[str, str], controls: dict[str, pd.Data
     parts = []
     for control, verdict in verdicts.items():
         g = controls[control]
-        span = (f"{g['ppl_ci_low'].min():.4g}–{g['ppl_ci_high'].max():.4g}")
+        span = f"{g['ppl_ci_low'].min():.4g}–{g['ppl_ci_high'].max():.4g}"
         word = {"beat": "beat", "lost": "did less damage than", "overlap": "cannot be told apart from"}[verdict]
         parts.append(f"{word} {control} (95% CI {span}{f', {len(g)} draws' if len(g) > 1 else ''})")
     return (f"Top {int(row['weights_masked'])} by {row['metric']}: perplexity {row['perturbed_ppl']:.4g} "

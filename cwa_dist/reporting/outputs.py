@@ -275,7 +275,7 @@ MANIFEST_FIELDS = {
     "scored_parameters": "name → shape of every scored parameter",
     "stages": "per stage: status (done) and seconds",
     "stage_timings_s": "seconds of each stage, this try and earlier ones",
-    "timeline": "this try's phases in order (imports, Ray start, plan, each stage, Ray stop): wall seconds and "
+    "timeline": "this try's phases in order (imports, Ray start-up, plan, each stage, Ray shutdown): wall seconds and "
                 "CPU seconds per kind of process (driver, Ray's daemons, workers, actors), measured",
     "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s, "
               "replay_blocks_kept, replay_bytes)",
