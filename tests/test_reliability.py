@@ -141,7 +141,8 @@ def test_driver_killed_mid_perturbation_resumes_to_the_uninterrupted_result(tiny
     timing = ["wall_s", "actor"]
     a = pd.read_csv(tmp_path / "killed" / "perturbation_results.csv").drop(columns=timing)
     b = pd.read_csv(tmp_path / "clean" / "perturbation_results.csv").drop(columns=timing)
-    assert a["key"].is_unique and len(a) == 5 * 6
+    # 2 K x 3 ratios, each: the metric, 3 random seeds, |W| and the same-tensor control.
+    assert a["key"].is_unique and len(a) == 6 * 6
     pd.testing.assert_frame_equal(a, b)
     for f in ("top_40_weights_grad_x_weight.csv", "top_10_weights_grad_x_weight.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / f), pd.read_csv(tmp_path / "clean" / f))
