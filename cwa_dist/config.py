@@ -121,6 +121,10 @@ class AnalysisSection:
     """Also score 1-D bias vectors."""
     include_norm: bool = setting(False)
     """Also score normalisation weights (and other 1-D non-bias parameters)."""
+    stability_folds: int = setting(0)
+    """Split the calibration texts into this many disjoint folds (at least 2; 0 = off) and rank each
+    fold on its own beside the whole set: top-K overlap, Spearman ρ and each weight's inclusion
+    frequency (stability.csv, fold_rankings.parquet). Keeps B more float32 gradient sums."""
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -130,6 +134,9 @@ class AnalysisSection:
                 raise UsageError(METRICS.unknown_message(m))
         if not self.topk:
             raise UsageError("--topk needs at least one value")
+        non_negative("--stability-folds", self.stability_folds)
+        if self.stability_folds == 1:
+            raise UsageError("--stability-folds 1 has nothing to compare; give 2 or more folds, or 0 for none")
         for k in self.topk:
             if k <= 0:
                 raise UsageError(f"--topk {k} is not positive; every K must be at least 1")

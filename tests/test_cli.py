@@ -268,6 +268,8 @@ def _bad_inputs(model_dir, tmp_path):
         (["--model", model_dir, "--dry-run", "--gpu-memory-gb", "0"], "positive number of GB"),
         (["--model", model_dir, "--perturbation-mode", "bit_flip", "--perturbation-bit", "40"], "outside 0..31"),
         (["--model", model_dir, "--output", "nosuch://bucket/x"], "--output nosuch://bucket/x"),
+        (["--model", model_dir, "--stability-folds", "1"], "nothing to compare"),
+        (["--model", model_dir, "--stability-folds", "50"], "needs at least 50 calibration texts"),
     ]
 
 
@@ -353,3 +355,84 @@ def test_the_plan_and_the_checkpoint_are_recorded(full_run, tiny_model_dir):
     assert checkpoint["content_sha256"] == content.hexdigest() == config["weights"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["plan"] == plan and manifest["checkpoint"] == checkpoint
+
+
+def _float64_gradients(net, windows):
+    """Plain PyTorch: the gradient of the token-weighted mean NLL over `windows`, per parameter."""
+    net.zero_grad()
+    tokens = sum(len(c) - 1 for c in windows)
+    loss = sum(torch.nn.functional.cross_entropy(net(input_ids=c[None]).logits[0, :-1], c[1:], reduction="sum")
+               for c in windows) / tokens
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def test_stability_folds_match_plain_pytorch_on_each_fold(ray_local, tiny_model_dir, tmp_path):
+    """--stability-folds 3: each fold's ranking, the overlaps, Spearman's ρ and the inclusion
+    frequencies, all recomputed from float64 plain PyTorch on the recorded folds' texts."""
+    from scipy.stats import spearmanr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cwa_dist.reporting.outputs import STABILITY_COLUMNS
+
+    metrics = {"grad_x_weight": lambda g, w: (g * w).abs(), "grad_squared": lambda g, w: g * g}
+    code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--no-perturbation", "--metric", *metrics,
+                 "--topk", "5", "20", "--stability-folds", "3", "--output", str(tmp_path), "--experiment-id", "st"])
+    assert code == 0
+    run = tmp_path / "st"
+    summary = json.loads((run / "experiment_summary.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    calibration = summary["data"]["calibration"]
+    folds = calibration["folds"]
+    assert len(folds) == 3 and sorted(t for f in folds for t in f["texts"]) == calibration["texts"]
+    assert sum(f["predicted_tokens"] for f in folds) == calibration["predicted_tokens"]
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir["llama"], dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir["llama"])
+    documents = tokenize_documents(tok, load_texts(None, cfg["eval_limit"]), cfg["seq_len"])
+    params = dict(net.named_parameters())
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    texts = {"all": calibration["texts"], **{f"fold_{i + 1}": f["texts"] for i, f in enumerate(folds)}}
+    scores, tops = {}, {}
+    for ranking, ids in texts.items():
+        grads = _float64_gradients(net, [w for t in ids for w in documents[t]])
+        for m, fn in metrics.items():
+            per = {n: fn(grads[n], params[n].detach()).reshape(-1) for n in names}
+            scores[m, ranking] = per
+            top_names, top_flat, _ = brute_force_topk(per, 20)
+            tops[m, ranking] = list(zip(top_names, top_flat.tolist()))
+
+    fold_rankings = pd.read_parquet(run / "fold_rankings.parquet")
+    for (m, fold), rows in fold_rankings.groupby(["metric", "fold"]):
+        assert list(zip(rows["param"], rows["flat_index"])) == tops[m, fold]
+        want = [float(scores[m, fold][n][i]) for n, i in tops[m, fold]]
+        np.testing.assert_allclose(rows["score"], want, rtol=1e-5)
+
+    table = pd.read_csv(run / "stability.csv")
+    assert list(table.columns) == list(STABILITY_COLUMNS)
+    assert len(table) == len(metrics) * 2 * (3 + 3)  # per metric and K: 3 folds against all, 3 pairs of folds
+    for r in table.itertuples(index=False):
+        a, b = set(tops[r.metric, r.a][: r.k]), set(tops[r.metric, r.b][: r.k])
+        assert (r.shared, r.union) == (len(a & b), len(a | b)) and r.overlap == pytest.approx(len(a & b) / r.k)
+        union = sorted(a | b)
+        rho = spearmanr([float(scores[r.metric, r.a][n][i]) for n, i in union],
+                        [float(scores[r.metric, r.b][n][i]) for n, i in union]).statistic
+        assert r.spearman_rho == pytest.approx(rho, abs=1e-9) and r.rho_low <= r.spearman_rho <= r.rho_high
+
+    rankings = pd.read_parquet(run / "rankings.parquet")
+    for m in metrics:
+        rows = rankings[rankings["metric"] == m]
+        want = [sum((n, i) in set(tops[m, f"fold_{j + 1}"]) for j in range(3)) / 3
+                for n, i in zip(rows["param"], rows["flat_index"])]
+        np.testing.assert_allclose(rows["inclusion_frequency"], want)
+    assert rankings[rankings["metric"] == "magnitude"]["inclusion_frequency"].isna().all()
+
+    for m in metrics:
+        for k in ("5", "20"):
+            s = summary["stability"][m][k]
+            mutual = table[(table["metric"] == m) & (table["k"] == int(k)) & (table["b"] != "all")]
+            assert s["fold_overlap_mean"] == pytest.approx(mutual["overlap"].mean())
+            assert s["unstable"] == (mutual["overlap"].mean() < 0.8)
+            assert any(f"The top {k} by {m} is {'unstable' if s['unstable'] else 'stable'} over 3 disjoint folds"
+                       in line for line in summary["findings"]["sentences"])
+    assert "Ranking stability" in (run / "report.html").read_text()

@@ -25,18 +25,18 @@ def _vector(x) -> torch.Tensor:
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n with ties given their average rank (as Spearman's coefficient needs)."""
+    """Ranks 1..n with ties given their average rank (as Spearman's coefficient needs); NaNs come
+    last, each a rank of its own, in the order they appear."""
     x = x.double()
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
+    nan = torch.isnan(x)
+    finite = x[~nan]
+    ordered = torch.sort(finite).values
+    # A value found at sorted positions i..j (0-based) ranks (i + j) / 2 + 1.
+    low = torch.searchsorted(ordered, finite, right=False)
+    high = torch.searchsorted(ordered, finite, right=True)
     out = torch.empty_like(x)
-    i, n = 0, len(x)
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        out[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    out[~nan] = (low + high + 1).double() / 2
+    out[nan] = torch.arange(len(finite) + 1, len(x) + 1, dtype=torch.float64)
     return out
 
 

@@ -87,6 +87,8 @@ class Split:
     evaluation: list[torch.Tensor]
     calibration_texts: list[int]  # positions of the texts in each set, for the record
     evaluation_texts: list[int]
+    calibration_sizes: tuple[int, ...] = ()  # windows of each calibration text, in order
+    calibration_folds: tuple[tuple[int, ...], ...] = ()  # --stability-folds: window positions of each fold
 
 
 def split_documents(documents: list[list[torch.Tensor]], calibration_fraction: float, seed: int) -> Split:
@@ -102,7 +104,8 @@ def split_documents(documents: list[list[torch.Tensor]], calibration_fraction: f
     n_cal = min(len(usable) - 1, max(1, round(calibration_fraction * len(usable))))
     cal = sorted(usable[i] for i in order[:n_cal])
     ev = sorted(usable[i] for i in order[n_cal:])
-    return Split([w for i in cal for w in documents[i]], [w for i in ev for w in documents[i]], cal, ev)
+    return Split([w for i in cal for w in documents[i]], [w for i in ev for w in documents[i]], cal, ev,
+                 tuple(len(documents[i]) for i in cal))
 
 
 def lockstep_batches(chunks: list[torch.Tensor], world_size: int, batch_size: int) -> list[list[list[torch.Tensor]]]:

@@ -73,6 +73,7 @@ class FeatureNorms:
         self._mask: torch.Tensor | None = None
         self._counted: set[str] = set()
         self._paused = False
+        self.counting = True  # False while the windows passing are not this count's (another fold's)
         # The base model runs once per batch, also when the loss is computed from its hidden states.
         root = getattr(model, "base_model", model)
         self._handles = [root.register_forward_pre_hook(self._new_batch, with_kwargs=True)]
@@ -90,7 +91,7 @@ class FeatureNorms:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._mask = (mask > 0) if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         self._counted = set()
-        if not self._paused:
+        if self._counts():
             self.tokens += float(self._mask.sum())
             if self._embedding is not None:
                 sq = self.squares[self._embedding]
@@ -100,7 +101,7 @@ class FeatureNorms:
         """Counts the module's input (or, `output`, the first element of its output)."""
 
         def record(module, inputs, out):
-            if self._paused or name in self._counted:  # a checkpointed block's recompute: seen already
+            if not self._counts() or name in self._counted:  # a checkpointed block's recompute: seen already
                 return
             self._counted.add(name)
             # Detached: no autograd record, so a recompute saves exactly what the forward saved.
@@ -110,6 +111,9 @@ class FeatureNorms:
             self.squares[name] += rows.float().square().sum(0).to(torch.float64)
 
         return record
+
+    def _counts(self) -> bool:
+        return self.counting and not self._paused
 
     @contextlib.contextmanager
     def paused(self):

@@ -60,7 +60,7 @@ def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_nor
 def full_shard(name: str, p: torch.Tensor, sums: GradientSums | None = None) -> ParamShard:
     """A whole parameter as a shard: the single-process case of the sharded interface. `sums`
     overrides `.grad` with its float32 sums (and gives the Fisher where it was kept)."""
-    g = sums.sums.get(name) if sums is not None else p.grad
+    g = sums.gradient(name) if sums is not None else p.grad
     grad = g.detach().reshape(-1) if g is not None else None
     fisher = sums.fisher(name, p) if sums is not None and sums.per_window else None
     return ParamShard(name=name, offset=0, weight=p.detach().reshape(-1), grad=grad, fisher=fisher)
@@ -148,13 +148,21 @@ class GradientSums:
     gradient of that window's own mean NLL, and g_c² is added to the squares.
     """
 
-    def __init__(self, per_window: bool = False):
+    def __init__(self, per_window: bool = False, fold_scales: Sequence[float] = ()):
         self.per_window = per_window
         self.sums: dict[str, torch.Tensor] = {}
         self.squares: dict[str, torch.Tensor] = {}
         self.windows = 0
+        # Stability folds (analysis/stability.py): a step's gradient goes to its fold's sums only,
+        # and the whole set's is their sum, formed when asked for, so it needs no accumulator.
+        self.folds = [GradientSums(per_window) for _ in fold_scales]
+        self.fold_scales = list(fold_scales)
+        self.fold: int | None = None  # the fold of the step being accumulated
 
     def add(self, name: str, grad: torch.Tensor, scale: float | None = None) -> None:
+        if self.fold is not None:
+            self.folds[self.fold].add(name, grad, scale)
+            return
         g = grad.detach().to(torch.float32, copy=True)  # a copy: the caller frees or reuses `grad`
         if self.per_window:
             if scale is None:
@@ -172,16 +180,45 @@ class GradientSums:
         """Count a window before its gradient arrives, so a parameter can be scored the moment its
         last window's gradient is added (inside that window's backward)."""
         self.windows += 1
+        if self.fold is not None:
+            self.folds[self.fold].start_window()
 
     def release(self, name: str) -> None:
         """Free one parameter's sums once it has been scored."""
         self.sums.pop(name, None)
         self.squares.pop(name, None)
+        for fold in self.folds:
+            fold.release(name)
+
+    def _total(self, name: str, of: str) -> torch.Tensor | None:
+        """`of` ("sums" or "squares") of one parameter, added over this accumulator and its folds'
+        (one copy at most: a fold's own tensor is never changed)."""
+        parts = [getattr(s, of)[name] for s in (self, *self.folds) if name in getattr(s, of)]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total.add_(part)
+        return total
+
+    def gradient(self, name: str) -> torch.Tensor | None:
+        """The summed gradient of the whole calibration set (None if no step reached the parameter)."""
+        return self._total(name, "sums")
+
+    def numel(self) -> int:
+        """Gradient elements held, the folds' included (the Fisher's squares not counted)."""
+        return sum(t.numel() for s in (self, *self.folds) for t in s.sums.values())
+
+    def fold_gradient(self, fold: int, name: str) -> torch.Tensor | None:
+        """The gradient of the fold's own token-weighted mean NLL, flat: its steps' sum (each a share
+        of the whole set's mean) times N / N_f."""
+        total = self.folds[fold].sums.get(name)
+        return None if total is None else (total * self.fold_scales[fold]).reshape(-1)
 
     def fisher(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """Σ_c g_c² / C over the windows started, flat (zeros shaped as `like` for a parameter no
         window reached)."""
-        squares = self.squares.get(name)
+        squares = self._total(name, "squares")
         if squares is None:
             return torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
         return (squares / max(1, self.windows)).reshape(-1)
@@ -251,13 +288,16 @@ class ShardScorer:
     parameter the moment its gradient is complete. `feature_norms` gives Wanda's input norms
     (needed only when `wanda` is asked for); they must be final before the first `add`."""
 
-    def __init__(self, metric_names: Sequence[str], k: int, feature_norms: FeatureNorms | None = None):
+    def __init__(self, metric_names: Sequence[str], k: int, feature_norms: FeatureNorms | None = None,
+                 scratch: Scratch | None = None):
         self.metrics: list[Metric] = [get_metric(m) for m in ranked_metrics(metric_names)]
         self.tops = {m.name: RunningTopK(k) for m in self.metrics}
         # The magnitude control only needs its ranking; a metric asked for also gets statistics.
         self.stats = {m.name: ScoreStatistics() for m in self.metrics if m.name in metric_names}
         self.feature_norms = feature_norms
-        self.scratch = Scratch()  # one score buffer for every shard and metric, reused
+        # One score buffer for every shard and metric, reused; scorers that run one after the other
+        # (the stability folds') share it.
+        self.scratch = scratch or Scratch()
         self.done: set[str] = set()  # parameters scored
         self.seconds = 0.0  # spent scoring, wherever it was called from
 

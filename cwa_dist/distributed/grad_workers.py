@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -55,6 +55,7 @@ class WorkerReport:
     peak_device_bytes: int  # peak GPU memory allocated by torch (0 on CPU)
     live_tensor_bytes: int  # bytes of the tensors this rank holds after scoring, measured
     peak_pinned_bytes: int = 0  # peak pinned host memory (offloaded buffers on a GPU rank; 0 on CPU)
+    fold_scores: list[ShardScores] = field(default_factory=list)  # one per stability fold
 
 
 PINNED_ROUNDING = "pinned_max_round_threshold_mb:64"
@@ -127,20 +128,24 @@ class GradientWorker:
         return total, predicted_tokens(chunks)
 
     def begin(self, scored: list[str], checkpointing: bool, inputs: frozenset[str] = frozenset(), *,
-              metrics: list[str] | None = None, k: int = 0, keep_gradients: bool = True) -> None:
+              metrics: list[str] | None = None, k: int = 0, keep_gradients: bool = True,
+              fold_scales: list[float] | tuple = ()) -> None:
         """Start accumulating; `inputs` is what the metrics read besides gradient and weight. With
         `metrics`, the step marked final scores each parameter inside its backward (and frees its
-        gradient unless `keep_gradients`); without, `score` scores everything afterwards."""
-        self.backend.prepare(scored, checkpointing, inputs, metrics=metrics, k=k, keep_gradients=keep_gradients)
+        gradient unless `keep_gradients`); without, `score` scores everything afterwards.
+        `fold_scales`: N / N_f of each stability fold, which is then scored on its own as well."""
+        self.backend.prepare(scored, checkpointing, inputs, metrics=metrics, k=k, keep_gradients=keep_gradients,
+                             fold_scales=fold_scales)
         self.loss = self.backward_s = 0.0
 
     def backward(self, chunks: list[torch.Tensor], *, total_tokens: int, window_scale: float | None = None,
-                 final: bool = False) -> None:
+                 final: bool = False, fold: int | None = None) -> None:
         """One forward/backward over these chunks as one batch, its NLL divided by total_tokens.
         In per-window mode (the Fisher) one rank has the window and `window_scale` is N / n_c.
-        `final`: the calibration pass's last step, every gradient complete once it is done."""
+        `final`: the calibration pass's last step, every gradient complete once it is done.
+        `fold`: the stability fold all of this step's windows (on every rank) belong to."""
         start = time.perf_counter()
-        self.backend.step_start(final)
+        self.backend.step_start(final, fold)
         if chunks:
             ((ids, mask),) = batches(chunks, len(chunks))
             self.loss += self.backend.forward_backward(ids, mask, total_tokens, window_scale)
@@ -169,10 +174,14 @@ class GradientWorker:
             peak_device_bytes=peak_device_bytes(),
             live_tensor_bytes=live_tensor_bytes("cuda" if torch.cuda.is_available() else "cpu"),
             peak_pinned_bytes=peak_pinned_bytes(),
+            fold_scores=[s.result() for s in self.backend.fold_scorers],
         ))  # to_cpu: a driver without GPUs must be able to unpickle it
 
-    def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-        return to_cpu(values_at(self.backend.shards(list(wanted)), wanted, self.backend.feature_norms))
+    def values_at(self, wanted: dict[str, torch.Tensor],
+                  fold: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+        backend = self.backend
+        norms = backend.fold_norms[fold] if fold is not None and backend.fold_norms else backend.feature_norms
+        return to_cpu(values_at(backend.shards(list(wanted), fold), wanted, norms))
 
     def teardown(self) -> None:
         self.backend.teardown()
@@ -186,6 +195,7 @@ class SensitivityResult:
     baseline: Perplexity  # of the evaluation chunks, before any perturbation
     merged: ShardScores  # the exact global top-K of each metric, and merged statistics
     reports: list[WorkerReport]  # one per rank, in rank order
+    folds: list[ShardScores] = field(default_factory=list)  # the same for each stability fold
 
     @property
     def calibration_loss(self) -> float:
@@ -198,10 +208,9 @@ def merge_reports(reports: list[WorkerReport], k: int) -> ShardScores:
     return merge_scores([r.scores for r in reports], k)
 
 
-
-
-
-
+def merge_folds(reports: list[WorkerReport], k: int) -> list[ShardScores]:
+    """The same for each stability fold."""
+    return [merge_scores([r.fold_scores[f] for r in reports], k) for f in range(len(reports[0].fold_scores))]
 
 
 class GradientGroup(WorkerGroup):
@@ -234,7 +243,6 @@ class GradientGroup(WorkerGroup):
             self.shutdown(graceful=False)
             raise UsageError(corrupt_weights_message(bad))
 
-
     def share_gpus(self) -> list[str]:
         """Every rank sees the GPUs of all ranks on its node (see devices.shared_visibility);
         returns each rank's CUDA_VISIBLE_DEVICES."""
@@ -242,15 +250,17 @@ class GradientGroup(WorkerGroup):
         return self._gather([w.see_gpus.remote(visible, index)
                              for w, (visible, index) in zip(self.workers, shared_visibility(assigned))])
 
-
     def sensitivity(self, *, evaluation: list[torch.Tensor], calibration: list[torch.Tensor], scored: list[str],
                     metrics: list[str], k: int, batch_size: int, checkpointing: bool, keep_gradients: bool = False,
+                    folds: Sequence[Sequence[int]] = (),
                     on_baseline: Callable[[Perplexity], None] = lambda _: None,
                     on_step: Callable[[int], None] = lambda _: None) -> SensitivityResult:
         """The whole stage: baseline perplexity of `evaluation`, the gradient of the mean NLL over
         `calibration` (every rank a share, in lockstep), each rank's scoring of what it owns, and
         the exact merge. `on_step` gets the number of chunks each lockstep step processed.
-        Gradients are freed as they are scored unless `keep_gradients` (for `values_at`)."""
+        Gradients are freed as they are scored unless `keep_gradients` (for `values_at`).
+        `folds` (disjoint lists of calibration window positions, covering them all) scores each
+        fold's own gradient too; the merged top-K of each is in the result's `folds`."""
         nll, tokens = 0.0, 0
         for step in lockstep_batches(evaluation, self.world_size, batch_size):
             for n, t in self.each("nll", step, batch_size=batch_size):
@@ -258,38 +268,48 @@ class GradientGroup(WorkerGroup):
         baseline = Perplexity(nll, tokens)
         on_baseline(baseline)
         reports = self.score_calibration(calibration, scored=scored, metrics=metrics, k=k, batch_size=batch_size,
-                                         checkpointing=checkpointing, keep_gradients=keep_gradients, on_step=on_step)
-        return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports)
+                                         checkpointing=checkpointing, keep_gradients=keep_gradients, folds=folds,
+                                         on_step=on_step)
+        return SensitivityResult(baseline=baseline, merged=merge_reports(reports, k), reports=reports,
+                                 folds=merge_folds(reports, k))
 
     def score_calibration(self, calibration: list[torch.Tensor], *, scored: list[str], metrics: list[str], k: int,
                           batch_size: int, checkpointing: bool = False, keep_gradients: bool = False,
+                          folds: Sequence[Sequence[int]] = (),
                           on_step: Callable[[int], None] = lambda _: None) -> list[WorkerReport]:
         """The gradient of the mean NLL over `calibration` (every rank a share, in lockstep) and each
-        rank's scoring of what it owns, inside the final step's backward: one report per rank."""
+        rank's scoring of what it owns, inside the final step's backward: one report per rank.
+        With `folds`, the steps go fold after fold, so that no step mixes two folds' windows."""
         total_tokens = predicted_tokens(calibration)
         inputs = needed_inputs(metrics)
+        parts = [[calibration[i] for i in fold] for fold in folds] or [calibration]
+        fold_scales = [total_tokens / predicted_tokens(p) for p in parts] if folds else []
         # Each parameter is scored inside the final step's backward, as soon as its gradient is
         # complete, and its gradient freed unless `keep_gradients` (values_at reads them later).
-        self.call("begin", scored, checkpointing, inputs, metrics=metrics, k=k, keep_gradients=keep_gradients)
-        if FISHER in inputs:
-            # The Fisher squares each window's own gradient, so a step is one window (on one rank;
-            # the reduce-scatter adds the others' zeros), and the ranks no longer split the windows.
-            steps = per_window_steps(calibration, self.world_size, total_tokens)
-            for i, (step, scale) in enumerate(steps):
-                self.each("backward", step, total_tokens=total_tokens, window_scale=scale, final=i == len(steps) - 1)
-                on_step(1)
-        else:
-            steps = lockstep_batches(calibration, self.world_size, batch_size)
-            for i, step in enumerate(steps):
-                self.each("backward", step, total_tokens=total_tokens, final=i == len(steps) - 1)
-                on_step(sum(len(s) for s in step))
+        self.call("begin", scored, checkpointing, inputs, metrics=metrics, k=k, keep_gradients=keep_gradients,
+                  fold_scales=fold_scales)
+        steps = []  # (each rank's chunks, the step's options, how many chunks it processes)
+        for f, part in enumerate(parts):
+            fold = f if folds else None
+            if FISHER in inputs:
+                # The Fisher squares each window's own gradient, so a step is one window (on one rank;
+                # the reduce-scatter adds the others' zeros), and the ranks no longer split the windows.
+                steps += [(step, {"window_scale": scale, "fold": fold}, 1)
+                          for step, scale in per_window_steps(part, self.world_size, total_tokens)]
+            else:
+                steps += [(step, {"fold": fold}, sum(len(s) for s in step))
+                          for step in lockstep_batches(part, self.world_size, batch_size)]
+        for i, (step, options, chunks) in enumerate(steps):
+            self.each("backward", step, total_tokens=total_tokens, final=i == len(steps) - 1, **options)
+            on_step(chunks)
         return self.call("score", scored=scored, metrics=metrics, k=k)
 
-    def values_at(self, wanted: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    def values_at(self, wanted: dict[str, torch.Tensor],
+                  fold: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
         """Gradient, weight, Fisher and input norm of chosen elements, each from the rank that owns it,
-        after `sensitivity`."""
+        after `sensitivity` (of one stability fold, with `fold`)."""
         merged: dict[str, list] = {}
-        for part in self.call("values_at", wanted):
+        for part in self.call("values_at", wanted, fold):
             for name, values in part.items():
                 merged.setdefault(name, []).append(values)
         out = {}
@@ -298,7 +318,3 @@ class GradientGroup(WorkerGroup):
             keep = torch.from_numpy(np.unique(columns[0].numpy(), return_index=True)[1])  # each element once
             out[name] = tuple(c[keep] for c in columns)
         return out
-
-
-
-

@@ -123,11 +123,14 @@ class WorkerGroup:
                     raise UsageError(str(e.cause)) from None
                 raise e.as_instanceof_cause() from None
         return ray.get(refs)
+
     def each(self, method: str, per_rank_args: list, **kwargs) -> list:
         """Call `method` on every rank with its own first argument, together."""
         return self._gather([getattr(w, method).remote(a, **kwargs) for w, a in zip(self.workers, per_rank_args)])
+
     def call(self, method: str, *args, **kwargs) -> list:
         return self._gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+
     def shutdown(self, graceful: bool = True) -> None:
         if graceful:
             try:
@@ -139,6 +142,7 @@ class WorkerGroup:
         if self.workers:
             remove_placement_group(self.pg)
         self.workers = []
+
     @property
     def world_size(self) -> int:
         return len(self.workers)

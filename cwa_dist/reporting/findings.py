@@ -1,7 +1,7 @@
 """The findings a user asked the run for, as numbers and as sentences made only from those numbers:
 at each K, which ranking did the most damage per weight; whether each targeted ranking beat its
-controls, by the perplexities' 95% intervals; and whether the calibration set is small enough that
-the ranking may not be stable. Pure pandas; no Ray.
+controls, by the perplexities' 95% intervals; whether the calibration set is small enough that the
+ranking may not be stable; and, with --stability-folds, whether it was. Pure pandas; no Ray.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ def _verdict(metric_row, control_rows: pd.DataFrame) -> str:
     return "overlap"
 
 
-def findings(results: pd.DataFrame | None, calibration_tokens: int | None) -> dict:
+def findings(results: pd.DataFrame | None, calibration_tokens: int | None, stability: dict | None = None) -> dict:
     """`per_k`: at each K's full set (its largest ratio), every method's damage per weight, the most
     damaging method, and each metric's verdict against each control; `sentences`: the same in words.
-    Without perturbation results (--no-perturbation), only the calibration set's size is judged."""
+    Without perturbation results (--no-perturbation), only the calibration set's size is judged.
+    `stability`: `analysis.stability.summarize` of the run's folds, where it ran."""
     per_k, sentences = [], []
     ok = results[(results["status"] == "ok") & results["ppl_ratio"].notna()] if results is not None else None
     for k, at_k in ([] if ok is None or ok.empty else ok.groupby("topk", sort=True)):
@@ -60,11 +61,23 @@ def findings(results: pd.DataFrame | None, calibration_tokens: int | None) -> di
                 sentences.append(_verdict_sentence(row, verdicts, controls))
         per_k.append(entry)
     small = calibration_tokens is not None and calibration_tokens < SMALL_CALIBRATION_TOKENS
-    if small:
+    if small and not stability:
         sentences.append(f"The calibration set is small ({calibration_tokens:,} predicted tokens, under "
-                         f"{SMALL_CALIBRATION_TOKENS:,}): the top-K may change with other texts; rerun with more "
-                         "text (--eval-limit, --dataset) before relying on single weights.")
+                         f"{SMALL_CALIBRATION_TOKENS:,}): the top-K may change with other texts; measure it with "
+                         "--stability-folds, or rerun with more text (--eval-limit, --dataset), before relying on "
+                         "single weights.")
+    sentences += [_stability_sentence(m, int(k), s) for m, by_k in (stability or {}).items() for k, s in by_k.items()]
     return {"per_k": per_k, "small_calibration": small, "sentences": sentences}
+
+
+def _stability_sentence(metric: str, k: int, s: dict) -> str:
+    word = "unstable" if s["unstable"] else "stable"
+    spread = (f" (pairs {s['fold_overlap_min']:.0%}–{s['fold_overlap_max']:.0%})"
+              if s["fold_overlap_min"] != s["fold_overlap_max"] else "")
+    return (f"The top {k} by {metric} is {word} over {s['folds']} disjoint folds of the calibration texts: "
+            f"the folds share {s['fold_overlap_mean']:.0%} of it{spread}, with Spearman ρ {s['fold_rho_mean']:.2f} "
+            f"(95% CI {s['fold_rho_low']:.2f}–{s['fold_rho_high']:.2f}) over the weights either puts in its top {k}; "
+            f"each fold shares {s['all_overlap_mean']:.0%} with the whole set's.")
 
 
 def _verdict_sentence(row, verdicts: dict[str, str], controls: dict[str, pd.DataFrame]) -> str:

@@ -227,6 +227,16 @@ def build(run: Path) -> str:
     parts.append(_figure(plots.overlap_matrix(overlap),
                          "Jaccard index of the rankings' top-K sets (1 = the same weights)."))
 
+    stability = _read(run, "stability.parquet")
+    if stability is not None and len(stability):
+        parts.append("<h2>Ranking stability</h2>")
+        parts.append(f'<p class="muted">The calibration texts dealt into {config.get("stability_folds")} disjoint '
+                     "folds, each ranked on its own. overlap: the share of a's top-K in b's top-K; Spearman ρ of "
+                     "the two rankings' scores over the weights either puts in its top-K, with a bootstrap interval "
+                     "over those weights. rankings.parquet's inclusion_frequency is the share of folds whose top-K "
+                     "holds each weight.</p>")
+        parts.append(_table(stability))
+
     if study is not None and summary.get("ablation_study"):
         s = summary["ablation_study"]
         parts.append("<h2>Does sensitivity predict impact?</h2>")

@@ -33,6 +33,22 @@ RANKING_COLUMNS = {
     "weight": "the weight's value",
     "grad": "its gradient of the calibration mean NLL",
 }
+INCLUSION_COLUMN = {
+    "inclusion_frequency": "with --stability-folds only: the share of folds whose own top-K (K the largest --topk) "
+                           "holds the weight; empty for the |W| control, which reads no text",
+}
+STABILITY_COLUMNS = {
+    "metric": "metric the rankings are by",
+    "k": "K of the top-K compared",
+    "a": "one ranking: fold_1, fold_2, ... (its fold of the calibration texts alone)",
+    "b": "the other: all (the whole calibration set) or a later fold",
+    "shared": "weights in both top-K",
+    "overlap": "shared / K",
+    "union": "weights in either top-K",
+    "spearman_rho": "Spearman ρ of a's and b's scores over those weights",
+    "rho_low": "its 95% bootstrap interval (1,000 resamples of the weights), low end",
+    "rho_high": "high end",
+}
 # The original tool's columns first, so its readers keep working.
 TOPK_CSV_COLUMNS = ["rank", "layer", "indices", "sensitivity"] + [
     c for c in RANKING_COLUMNS if c not in ("rank", "score", "metric", "param")
@@ -286,7 +302,7 @@ SUMMARY_FIELDS = {
     "num_parameters": "parameters of the model (tied ones once)",
     "num_scored_weights": "weights scored and ranked",
     "data": "texts, windows, seq_len, stride (null: non-overlapping); per set (calibration, evaluation): its texts' "
-            "positions, windows, predicted tokens",
+            "positions, windows, predicted tokens; with --stability-folds, calibration.folds: the same per fold",
     "baseline_perplexity": "perplexity of the unperturbed model on the evaluation chunks",
     "baseline_perplexity_ci": "its 95% bootstrap interval over evaluation windows [low, high]",
     "baseline_tasks": "with --eval-tasks, per task: examples, and per metric (acc, acc_norm, ...) the unperturbed "
@@ -304,7 +320,10 @@ SUMMARY_FIELDS = {
                   "magnitude control and, per metric, its random-same-tensor controls' mean/min/max/std",
     "findings": "per K: each method's damage per weight (nats of mean NLL), the most damaging one, each "
                 "metric's verdict against each control (beat / lost / overlap of the 95% intervals); "
-                "small_calibration; the same as sentences",
+                "small_calibration; the same as sentences, with the stability folds' where they ran",
+    "stability": "with --stability-folds, per metric and K: folds, fold_overlap_mean/min/max and fold_rho_mean/"
+                 "low/high over pairs of folds, all_overlap_mean (each fold against the whole set), unstable "
+                 "(the folds share under 80% of the top-K)",
     "run_directory": "where the files are",
     "stage_timings_s": "seconds of each stage",
 }

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 
 from cwa_dist import export
+from cwa_dist.analysis.stability import summarize
 from cwa_dist.errors import last_line
 from cwa_dist.reporting import html_report, plots
 from cwa_dist.reporting.findings import findings
@@ -31,7 +32,10 @@ def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.
         else:
             final["max_ppl_increase"] = None
         calibration = record.summary.get("data", {}).get("calibration", {}).get("predicted_tokens")
-        final["findings"] = findings(ok, calibration)
+        stability_path = out.path / "stability.parquet"
+        if cfg.analysis.stability_folds and stability_path.is_file():
+            final["stability"] = summarize(pd.read_parquet(stability_path))
+        final["findings"] = findings(ok, calibration, final.get("stability"))
         driver_peak = peak_rss_bytes()
         record.memory(driver={"peak_rss_bytes": driver_peak})
         rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")

@@ -7,6 +7,7 @@ import pandas as pd
 from cwa_dist.analysis.metrics import ranked_metrics
 from cwa_dist.analysis.sensitivity import ShardScores
 from cwa_dist.reporting.outputs import RunRecord, ranking_frame, topk_csv_frame
+from cwa_dist.stages import stability
 from cwa_dist.stages.context import Context
 
 
@@ -25,6 +26,9 @@ def export(ctx: Context, record: RunRecord, merged: ShardScores, shapes) -> pd.D
                 rep.line(f"  {metric} top-{k}: {top['param'].nunique()} tensors, "
                          f"{top['layer_index'].nunique()} blocks; #1 {top['param'].iloc[0]} {top['indices'].iloc[0]}")
         rankings = pd.concat(frames, ignore_index=True)
+        if cfg.analysis.stability_folds:
+            folds = pd.read_parquet(out.path / stability.FOLD_RANKINGS)
+            rankings["inclusion_frequency"] = stability.inclusion(rankings, folds)
         out.write_parquet("rankings.parquet", rankings.drop(columns=["indices"]))
         out.write_json(
             "sensitivity_statistics.json",

@@ -12,6 +12,7 @@ from cwa_dist.analysis.sensitivity import ShardScores, numel
 from cwa_dist.distributed.backends import deepspeed_config
 from cwa_dist.distributed.grad_workers import GradientGroup
 from cwa_dist.reporting.outputs import RunRecord
+from cwa_dist.stages import stability as stability_stage
 from cwa_dist.stages.context import Context, LoadedModel
 
 
@@ -30,19 +31,23 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
                               autoscaling=ctx.joined_cluster, call_timeout_s=cfg.run.stage_timeout_s,
                               placement_timeout_s=_placement_timeout_s(ctx), on_wait=rep.line,
                               node_gpus=ctx.plan.view.gpu_node.gpus if ctx.plan.view.gpu_node else None)
+        folds = [list(f) for f in split.calibration_folds]
+        # The ablation study and the stability folds read gradients back from the ranks after scoring.
+        ablation_study = bool(cfg.perturbation.ablation_study and not cfg.perturbation.no_perturbation)
         try:
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
                 result = group.sensitivity(
                     evaluation=split.evaluation, calibration=split.calibration, scored=scored,
                     metrics=list(cfg.analysis.metrics), k=cfg.analysis.max_k, batch_size=cfg.data.batch_size,
                     checkpointing=cfg.sharding.gradient_checkpointing,
-                    # The ablation study reads gradients back from the ranks after scoring.
-                    keep_gradients=bool(cfg.perturbation.ablation_study and not cfg.perturbation.no_perturbation),
+                    keep_gradients=ablation_study or bool(folds), folds=folds,
                     on_baseline=lambda b: rep.line(f"📏 Baseline perplexity (evaluation chunks): {b.value:.4f}"),
                     on_step=bar.update,
                 )
-            if cfg.perturbation.ablation_study and not cfg.perturbation.no_perturbation:
+            if ablation_study:
                 _study_weights(ctx, record, loaded, group, result.merged)
+            if folds:
+                stability_stage.study(ctx, record, group, result.merged, result.folds, loaded.shapes)
         finally:
             group.shutdown()
         record.fact(baseline_perplexity=result.baseline.value)

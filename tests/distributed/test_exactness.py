@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import brute_force_topk, build_wide_llama, run_gradient_group, token_chunks, wide_llama_config
+from conftest import (
+    brute_force_topk,
+    build_wide_llama,
+    run_gradient_group,
+    saved_model,
+    token_chunks,
+    wide_llama_config,
+)
 
 from cwa_dist.analysis.sensitivity import select_parameters
 from cwa_dist.distributed.backends import ZeroSettings
@@ -196,3 +203,37 @@ def test_each_rank_holds_its_share_measured(ray_local, wide, backend):
     assert held[2] <= 0.6 * held[1], held
     assert held[3] <= 0.45 * held[1], held
     assert held[3] < held[1] / 3 + 0.25 * model_bytes, held  # a whole copy would add model_bytes
+
+
+@pytest.mark.parametrize("backend,world_size", [
+    ("none", 1), ("zero3", 2), pytest.param("fsdp2", 2, marks=pytest.mark.extended)])
+def test_stability_folds_each_match_their_own_float64_reference(ray_local, wide, backend, world_size):
+    """--stability-folds: in the one pass over every window, each fold's top-K (mean gradient,
+    per-window Fisher, Wanda's norms) equals a float64 run over that fold's windows alone, the
+    whole set's is unchanged, and the values read back per fold are that fold's gradients."""
+    from cwa_dist.distributed.grad_workers import GradientGroup
+
+    net, chunks, names, loaded, _ = wide
+    chunks = chunks[:5]
+    folds = [[0, 3], [1, 2, 4]]
+    metrics = ["grad_x_weight", "fisher", "wanda"]
+    group = GradientGroup(saved_model(net), num_workers=world_size, backend=backend, device="cpu", cpus_per_worker=1,
+                          gpus_per_worker=0, settings=ZeroSettings())
+    try:
+        result = group.sensitivity(evaluation=chunks[:1], calibration=chunks, scored=names, metrics=metrics, k=K,
+                                   batch_size=2, checkpointing=False, keep_gradients=True, folds=folds)
+        wanted = {n: torch.tensor([0, 7, loaded[n].numel() - 1]) for n in names[:3]}
+        read = [group.values_at(wanted, fold=f) for f in range(len(folds))]
+    finally:
+        group.shutdown()
+    for metric in metrics:
+        assert_matches_reference(result.merged.candidates[metric],
+                                 float64_reference(build_wide_llama(), chunks, names), metric, loaded, rtol=1e-5)
+    for f, fold in enumerate(folds):
+        ref = float64_reference(build_wide_llama(), [chunks[i] for i in fold], names)
+        for metric in metrics:
+            assert_matches_reference(result.folds[f].candidates[metric], ref, metric, loaded, rtol=1e-5)
+        for n, index in wanted.items():
+            got_index, grad = read[f][n][0], read[f][n][1]
+            assert got_index.tolist() == index.tolist()
+            np.testing.assert_allclose(grad.numpy(), ref[n][1][index].numpy(), rtol=1e-5, atol=1e-9)

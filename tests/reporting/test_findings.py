@@ -64,3 +64,22 @@ def test_failed_and_destroyed_experiments_claim_nothing():
     out = findings(broken, calibration_tokens=None)
     assert "wanda" not in out["per_k"][1]["verdicts"]
     assert math.isnan(damage_per_weight({"ppl_ratio": 0.0, "weights_masked": 3}))
+
+
+def test_stability_folds_replace_the_advice_with_their_measured_answer():
+    fold = {"folds": 2, "fold_overlap_mean": 0.54, "fold_overlap_min": 0.54, "fold_overlap_max": 0.54,
+            "fold_rho_mean": 0.07, "fold_rho_low": -0.12, "fold_rho_high": 0.24, "all_overlap_mean": 0.765,
+            "unstable": True}
+    steady = dict(fold, folds=3, fold_overlap_mean=0.9, fold_overlap_min=0.85, fold_overlap_max=0.95, unstable=False)
+    out = findings(None, calibration_tokens=1304, stability={"grad_x_weight": {"100": fold}, "fisher": {"10": steady}})
+    assert out["small_calibration"]
+    assert not any("--stability-folds" in s for s in out["sentences"])  # it ran: no advice to run it
+    assert out["sentences"] == [
+        "The top 100 by grad_x_weight is unstable over 2 disjoint folds of the calibration texts: the folds share "
+        "54% of it, with Spearman ρ 0.07 (95% CI -0.12–0.24) over the weights either puts in its top 100; each fold "
+        "shares 76% with the whole set's.",
+        "The top 10 by fisher is stable over 3 disjoint folds of the calibration texts: the folds share 90% of it "
+        "(pairs 85%–95%), with Spearman ρ 0.07 (95% CI -0.12–0.24) over the weights either puts in its top 10; each "
+        "fold shares 76% with the whole set's.",
+    ]
+    assert "--stability-folds" in " ".join(findings(None, calibration_tokens=1304)["sentences"])

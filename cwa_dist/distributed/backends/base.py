@@ -50,6 +50,8 @@ class Backend:
     sums: GradientSums | None = None
     feature_norms: FeatureNorms | None = None
     scorer: ShardScorer | None = None
+    fold_scorers: list[ShardScorer] = []  # one per stability fold (see `analysis.stability`)
+    fold_norms: list[FeatureNorms] = []
     hooks: GradientHooks | None = None  # per-parameter gradient hooks, where the backend has them
     final = False
     phase = "loaded"  # loaded | started | scored
@@ -67,39 +69,65 @@ class Backend:
         loss.backward()
 
     def start(self, scored: list[str], inputs: frozenset[str], metrics: Sequence[str] | None = None,
-              k: int = 0, keep_gradients: bool = True) -> None:
+              k: int = 0, keep_gradients: bool = True, fold_scales: Sequence[float] = ()) -> None:
         """Fresh accumulators for what the metrics read: per-window sums for the Fisher, forward
-        hooks for the input-feature norms; with `metrics`, a scorer fed during the final backward."""
+        hooks for the input-feature norms; with `metrics`, a scorer fed during the final backward.
+        `fold_scales` (N / N_f of each stability fold) adds each fold's own sums, norms and scorer;
+        every step's gradient is then collected into the sums, whatever the metrics."""
         self.scored = scored
         self.params = dict(self.model.named_parameters())
         if self.hooks is not None:  # a second stage on the same rank: the subclass adds fresh ones
             self.hooks.remove()
             self.hooks = None
-        self.sums = GradientSums(per_window=True) if FISHER in inputs else None
-        if self.feature_norms is not None:
-            self.feature_norms.remove()
+        per_window = FISHER in inputs
+        self.sums = GradientSums(per_window, fold_scales) if per_window or fold_scales else None
+        for norms in self.all_norms:
+            norms.remove()
         self.feature_norms = FeatureNorms(self.model, scored) if FEATURE_NORM in inputs else None
+        self.fold_norms = [FeatureNorms(self.model, scored) for _ in fold_scales] if self.feature_norms else []
+        self.fold_count = len(fold_scales)
         self.scorer = ShardScorer(metrics, k, self.feature_norms) if metrics else None
+        self.fold_scorers = self._fold_scorers(metrics, k) if metrics else []
         self.keep_gradients = keep_gradients
         self.freed: set[str] = set()
         self.final = False
         self._norms_reduced = False
         self.phase = "started"
 
+    def _fold_scorers(self, metrics: Sequence[str], k: int) -> list[ShardScorer]:
+        norms = self.fold_norms or [None] * self.fold_count
+        return [ShardScorer(metrics, k, n, scratch=self.scorer.scratch) for n in norms]
+
+    @property
+    def all_norms(self) -> list[FeatureNorms]:
+        """The whole set's input-feature norms and each fold's, where Wanda needs them."""
+        return ([self.feature_norms] if self.feature_norms is not None else []) + self.fold_norms
+
     @property
     def per_window(self) -> bool:
         return self.sums is not None and self.sums.per_window
+
+    @property
+    def collects(self) -> bool:
+        """True when every step's gradient is moved into `sums` (the Fisher's windows, or the
+        stability folds), so a parameter can be scored only once the final step is collected."""
+        return self.sums is not None and (self.sums.per_window or bool(self.sums.folds))
 
     @property
     def scoring_now(self) -> bool:
         """True inside the final step: a gradient that arrives is complete."""
         return self.final and self.scorer is not None
 
-    def step_start(self, final: bool = False) -> None:
+    def step_start(self, final: bool = False, fold: int | None = None) -> None:
+        """`fold`: the stability fold every window of this step belongs to (None without folds)."""
         self._require("started", "a step")
         self.final = final
         if self.hooks is not None:
             self.hooks.final = final
+        if self.sums is not None:
+            self.sums.fold = fold
+        for i, norms in enumerate(self.fold_norms):
+            norms.counting = i == fold
         if self.per_window:
             self.sums.start_window()
 
@@ -120,23 +148,27 @@ class Backend:
         """After a step's backward, real or dummy: in per-window mode, take this rank's slice of the
         window's gradient into `sums`."""
         self._require("started", "the end of a step")
-        if self.per_window:
+        if self.collects:
             self._collect_window(window_scale)
 
     def _collect_window(self, scale: float | None) -> None:
-        """Move this window's local gradients into `sums` and clear them (sharded backends)."""
+        """Move this step's local gradients into `sums` and clear them (sharded backends)."""
 
     def reduce_feature_norms(self) -> None:
         """Every rank counted the input features of its own windows: sum them over the group, once."""
-        if self.feature_norms is not None and self.world_size > 1 and not self._norms_reduced:
-            vector = self.feature_norms.as_vector()
-            torch.distributed.all_reduce(vector)
-            self.feature_norms.load_vector(vector)
+        if self.world_size > 1 and not self._norms_reduced:
+            for norms in self.all_norms:
+                vector = norms.as_vector()
+                torch.distributed.all_reduce(vector)
+                norms.load_vector(vector)
         self._norms_reduced = True
 
     def score_ready(self, name: str) -> None:
-        """Score one parameter whose gradient is complete, then free that gradient."""
-        self.scorer.add(self.shard(name))
+        """Score one parameter whose gradient is complete (and each fold's), then free that gradient."""
+        shard = self.shard(name)
+        self.scorer.add(shard)
+        for fold, scorer in enumerate(self.fold_scorers):
+            scorer.add(self.fold_shard(fold, shard))
         if not self.keep_gradients:
             self._free(name)
             self.freed.add(name)
@@ -148,6 +180,7 @@ class Backend:
         self.reduce_feature_norms()
         if self.scorer is None:
             self.scorer = ShardScorer(metrics, k, self.feature_norms)
+            self.fold_scorers = self._fold_scorers(metrics, k)
         for name in self.scored:
             if name not in self.scorer.done:
                 self.score_ready(name)
@@ -157,6 +190,12 @@ class Backend:
     def shard(self, name: str) -> ParamShard:
         raise NotImplementedError
 
+    def fold_shard(self, fold: int, whole: ParamShard) -> ParamShard:
+        """`whole` (this rank's shard of one parameter) with the gradient and Fisher of one fold."""
+        grad = self.sums.fold_gradient(fold, whole.name)
+        fisher = self.sums.folds[fold].fisher(whole.name, whole.weight) if self.per_window else None
+        return ParamShard(whole.name, whole.offset, whole.weight, *colocated(self.device, grad, fisher))
+
     def _free(self, name: str) -> None:
         # A ZeRO-3 parameter's .grad is already None (its gradient lives in DeepSpeed's partition
         # buffer), so only the replica's and FSDP2's shards lose memory here.
@@ -164,13 +203,16 @@ class Backend:
         if self.sums is not None:
             self.sums.release(name)
 
-    def shards(self, scored: list[str]) -> Iterator[ParamShard]:
-        """The shards this rank owns, gradients included (refused for gradients freed as scored)."""
+    def shards(self, scored: list[str], fold: int | None = None) -> Iterator[ParamShard]:
+        """The shards this rank owns, gradients included (refused for gradients freed as scored);
+        with `fold`, that stability fold's gradients."""
         freed = sorted(set(scored) & self.freed)
         if freed:
             raise RuntimeError(f"the gradients of {freed[0]} (and {len(freed) - 1} more) were freed as they were "
                                "scored; start with keep_gradients=True to read them afterwards")
-        return (self.shard(name) for name in scored)
+        if fold is None:
+            return (self.shard(name) for name in scored)
+        return (self.fold_shard(fold, self.shard(name)) for name in scored)
 
     def nll_sum(self, ids, mask) -> float:
         with torch.no_grad():
@@ -181,8 +223,9 @@ class Backend:
         if self.world_size == 1:
             return
         ids, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
-        paused = self.feature_norms.paused() if self.feature_norms is not None else contextlib.nullcontext()
-        with paused:
+        with contextlib.ExitStack() as paused:
+            for norms in self.all_norms:
+                paused.enter_context(norms.paused())
             if backward:
                 self._final_aware_backward(batch_nll_sum(self.runner, ids, mask) * 0.0)
             else:
@@ -199,11 +242,12 @@ class Backend:
 
 def make_shard(name: str, offset: int, weight: torch.Tensor, grad: torch.Tensor | None,
            sums: GradientSums | None, device: torch.device) -> ParamShard:
-    """A rank's shard, every tensor on `device`; in per-window mode its gradient and Fisher come
-    from `sums`."""
+    """A rank's shard, every tensor on `device`; where the steps are collected (`Backend.collects`)
+    its gradient (and, per window, its Fisher) come from `sums`."""
     fisher = None
     if sums is not None:
-        grad, fisher = sums.sums.get(name), sums.fisher(name, weight)
+        grad = sums.gradient(name)
+        fisher = sums.fisher(name, weight) if sums.per_window else None
     return ParamShard(name, offset, *colocated(device, weight, grad, fisher))
 
 

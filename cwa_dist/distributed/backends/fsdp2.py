@@ -92,7 +92,7 @@ class Fsdp2Backend(Backend):
         # FSDP2 runs a sharded parameter's post-accumulate-grad hooks itself, right after its
         # unit's reduce-scatter has summed the rank's slice: there, in the final step, it is scored.
         self.hooks = (GradientHooks(self.model, scored, ready=self.score_ready)
-                      if self.scorer is not None and not self.per_window else None)
+                      if self.scorer is not None and not self.collects else None)
 
     def _collect_window(self, scale: float | None) -> None:
         for name in self.scored:
@@ -106,7 +106,7 @@ class Fsdp2Backend(Backend):
         start, _ = self._rows(p)
         grad = p.grad.to_local().detach().reshape(-1) if p.grad is not None else None
         return make_shard(name, start * (p.numel() // p.shape[0]), p.to_local().detach().reshape(-1), grad,
-                      self.sums if self.per_window else None, self.device)
+                      self.sums if self.collects else None, self.device)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():

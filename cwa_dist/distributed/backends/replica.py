@@ -62,5 +62,5 @@ class ReplicaBackend(Backend):
     def local_numel(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.model.parameters())
         if self.sums is not None:
-            return n, sum(g.numel() for g in self.sums.sums.values())
+            return n, self.sums.numel()
         return n, sum(p.grad.numel() for p in self.model.parameters() if p.grad is not None)

@@ -154,7 +154,7 @@ class Zero3Backend(Backend):
 
         def partition_grads(params_to_release, grad_partitions):
             out = original(params_to_release, grad_partitions)
-            if self.scoring_now and not self.per_window:
+            if self.scoring_now and not self.collects:
                 for p in params_to_release:
                     name = names.get(id(p))
                     if name in wanted and self._span(p)[1] > 0:
@@ -191,7 +191,7 @@ class Zero3Backend(Backend):
         weight = p.ds_tensor.detach().reshape(-1)[:length]  # the loaded values themselves
         # With --offload-params the partition is in host memory, with --offload-optimizer the
         # gradient is: make_shard brings both to this rank's device.
-        return make_shard(name, start, weight, self._local_grad(p), self.sums if self.per_window else None, self.device)
+        return make_shard(name, start, weight, self._local_grad(p), self.sums if self.collects else None, self.device)
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
