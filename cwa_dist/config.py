@@ -15,6 +15,7 @@ from typing import Literal
 from cwa_dist import settings
 from cwa_dist.analysis.metrics import MAGNITUDE, METRICS
 from cwa_dist.analysis.perturb import MODES, ModeOptions
+from cwa_dist.analysis.quantize import check_bits
 from cwa_dist.analysis.zero_shot import TaskRequest
 from cwa_dist.errors import UsageError
 from cwa_dist.settings import check_choices, check_run_id, non_negative, positive, setting
@@ -175,6 +176,12 @@ class PerturbationSection:
     ablation_study: int = setting(0)
     """Single-weight ablation study: the top N of every metric and N random weights, each zeroed
     alone; per metric, Spearman's ρ between score and the measured change in NLL (0: off)."""
+    quantization_study: int = setting(0)
+    """Quantize every scored matrix round-to-nearest at this many bits (2–8; 0: off), once with
+    nothing kept at full precision and once per kept set: each metric's top-K, its random, |W| and
+    same-tensor controls, the super weights (quantization_results.csv)."""
+    quant_block_size: int = setting(128)
+    """--quantization-study's blocks: this many consecutive weights along each row share one scale."""
     fast_perturbation: bool = setting(False)
     """Measure perturbation perplexity on the first --fast-eval-chunks evaluation chunks."""
     fast_eval_chunks: int = setting(4)
@@ -219,6 +226,12 @@ class PerturbationSection:
         positive("--fast-eval-chunks", self.fast_eval_chunks)
         positive("--bootstrap-samples", self.bootstrap_samples, minimum=100)
         non_negative("--ablation-study", self.ablation_study)
+        if self.quantization_study:
+            check_bits(self.quantization_study)
+            if self.no_perturbation:
+                raise UsageError("--quantization-study runs on the evaluation actors; it cannot run with "
+                                 "--no-perturbation")
+        positive("--quant-block-size", self.quant_block_size)
         non_negative("--super-weights", self.super_weights)
         non_negative("--random-seeds", self.random_seeds)
         non_negative("--same-tensor-seeds", self.same_tensor_seeds)

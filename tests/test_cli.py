@@ -436,3 +436,33 @@ def test_stability_folds_match_plain_pytorch_on_each_fold(ray_local, tiny_model_
             assert any(f"The top {k} by {m} is {'unstable' if s['unstable'] else 'stable'} over 3 disjoint folds"
                        in line for line in summary["findings"]["sentences"])
     assert "Ranking stability" in (run / "report.html").read_text()
+
+
+def test_quantization_study_keeps_the_main_experiments_sets(ray_local, tiny_model_dir, tmp_path):
+    """--quantization-study 4: one row per kept set, each the same weights as the matching main
+    experiment at the largest K (ratio 1), restored exactly; the summary and the page show it."""
+    from cwa_dist.reporting.outputs import QUANTIZATION_COLUMNS
+
+    code = main(["--model", str(tiny_model_dir["llama"]), *SMALL, "--topk", "4", "12", "--perturbation-ratios", "1.0",
+                 "--random-seeds", "2", "--super-weights", "1", "--quantization-study", "4", "--quant-block-size", "8",
+                 "--output", str(tmp_path), "--experiment-id", "q"])
+    assert code == 0
+    run = tmp_path / "q"
+    table = pd.read_csv(run / "quantization_results.csv")
+    assert list(table.columns) == list(QUANTIZATION_COLUMNS)
+    supers = pd.read_csv(run / "super_weights.csv")
+    sets = ["none", "grad_x_weight", "random", "random", "magnitude", "random_same_tensor[grad_x_weight]"]
+    assert sorted(table["kept"]) == sorted(sets + ["super_weights"] * (len(supers) > 0))
+    assert (table["status"] == "ok").all() and table["restored_exact"].all()
+    assert (table["bits"] == 4).all() and (table["block_size"] == 8).all()
+    kept = table.set_index(["kept", table["seed"].fillna(-1)])["weights_kept"]
+    assert kept[("none", -1)] == 0 and kept[("grad_x_weight", -1)] == 12 and kept[("random", 0)] == 12
+    none = table[table["kept"] == "none"].iloc[0]
+    np.testing.assert_allclose(table["vs_nothing_kept"], table["perplexity"] / none["perplexity"])
+    np.testing.assert_allclose(table["ppl_ratio"], table["perplexity"] / table["baseline_ppl"])
+    assert ((table["ppl_ci_low"] <= table["perplexity"]) & (table["perplexity"] <= table["ppl_ci_high"])).all()
+    main_rows = pd.read_csv(run / "perturbation_results.csv")
+    assert table["baseline_ppl"].iloc[0] == main_rows["baseline_ppl"].iloc[0]
+    summary = json.loads((run / "experiment_summary.json").read_text())
+    assert summary["quantization_study"]["bits"] == 4 and len(summary["quantization_study"]["rows"]) == len(table)
+    assert "Quantization study" in (run / "report.html").read_text()

@@ -22,6 +22,7 @@ from cwa_dist.analysis.devices import to_cpu
 from cwa_dist.analysis.evaluate import Perplexity, perplexity
 from cwa_dist.analysis.experiments import ABLATION, ExperimentResult
 from cwa_dist.analysis.perturb import PerturbationSpec, apply, fingerprint, restore, restored_exactly
+from cwa_dist.analysis.quantize import QuantizationSpec, quantize_in_place, stored_in_out
 from cwa_dist.analysis.replay import BlockReplay
 from cwa_dist.analysis.superweights import Candidate, detect
 from cwa_dist.analysis.zero_shot import TaskRequest, TaskScores, evaluate_tasks, task_manager
@@ -47,6 +48,7 @@ class EvalActor:
             self.tasks = task_manager(zero_shot.include)  # indexed once per actor
             self.baseline_tasks = self._tasks()
         self.params = dict(self.model.named_parameters())
+        self.stored_in_out = stored_in_out(self.model)  # quantized along their first dimension
         self.chunks, self.batch_size = chunks, batch_size
         self.fingerprints = {n: fingerprint(p) for n, p in self.params.items()}
         # The baseline pass keeps block outputs, so each experiment recomputes from its first changed block.
@@ -76,7 +78,10 @@ class EvalActor:
 
     def run(self, spec: PerturbationSpec, with_tasks: bool = True) -> ExperimentResult:
         start = time.perf_counter()
-        saved = apply(self.params, spec.targets, spec.mode, spec.options)
+        if isinstance(spec, QuantizationSpec):
+            saved = quantize_in_place(self.params, spec, self.stored_in_out)
+        else:
+            saved = apply(self.params, spec.targets, spec.mode, spec.options)
         tasks = None
         try:
             with self.replay.from_block(self.replay.first_block(saved.values)):
@@ -93,7 +98,7 @@ class EvalActor:
             key=spec.key,
             perturbed=perturbed,
             baseline=self.baseline,
-            weights_masked=len(spec.targets),
+            weights_masked=len(spec.targets),  # the kept weights, for a quantization
             wall_s=time.perf_counter() - start,
             restored_exact=exact,
             actor=self.name,

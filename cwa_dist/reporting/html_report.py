@@ -227,6 +227,17 @@ def build(run: Path) -> str:
     parts.append(_figure(plots.overlap_matrix(overlap),
                          "Jaccard index of the rankings' top-K sets (1 = the same weights)."))
 
+    quantized = _read(run, "quantization_results.parquet")
+    if quantized is not None and len(quantized):
+        parts.append("<h2>Quantization study</h2>")
+        parts.append(f'<p class="muted">Every scored matrix round-to-nearest at {config.get("quantization_study")} '
+                     f'bits in blocks of {config.get("quant_block_size")} along each row, each block scaled by its '
+                     "largest |w| after the kept weights are taken out; the kept weights stay at full precision "
+                     "(a dense-and-sparse split). Perplexity with its 95% interval, against the unquantized model "
+                     "and against nothing kept.</p>")
+        parts.append(_table(quantized[["kept", "seed", "weights_kept", "perplexity", "ppl_ci_low", "ppl_ci_high",
+                                       "ppl_ratio", "vs_nothing_kept"]]))
+
     stability = _read(run, "stability.parquet")
     if stability is not None and len(stability):
         parts.append("<h2>Ranking stability</h2>")

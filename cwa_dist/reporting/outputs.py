@@ -33,6 +33,26 @@ RANKING_COLUMNS = {
     "weight": "the weight's value",
     "grad": "its gradient of the calibration mean NLL",
 }
+QUANTIZATION_COLUMNS = {
+    "kept": "what stayed at full precision: none, a metric's top-K, random, magnitude, "
+            "random_same_tensor[<metric>] (the main experiments' controls of the largest K), super_weights",
+    "is_control": "a control's kept set",
+    "seed": "the control's seed (empty otherwise)",
+    "weights_kept": "weights kept at full precision",
+    "bits": "--quantization-study",
+    "block_size": "--quant-block-size",
+    "baseline_ppl": "perplexity of the unquantized model",
+    "perplexity": "perplexity with every scored matrix quantized and the kept weights at full precision",
+    "ppl_ci_low": "its 95% bootstrap interval over evaluation windows, low end",
+    "ppl_ci_high": "high end",
+    "ppl_ratio": "perplexity / baseline_ppl",
+    "ppl_ratio_ci_low": "its paired 95% bootstrap interval, low end",
+    "ppl_ratio_ci_high": "high end",
+    "vs_nothing_kept": "perplexity / the perplexity with nothing kept",
+    "restored_exact": "every quantized matrix had its loaded bytes again afterwards",
+    "status": "ok or failed",
+    "key": "the experiment's key in perturbation_results.jsonl",
+}
 INCLUSION_COLUMN = {
     "inclusion_frequency": "with --stability-folds only: the share of folds whose own top-K (K the largest --topk) "
                            "holds the weight; empty for the |W| control, which reads no text",
@@ -324,6 +344,8 @@ SUMMARY_FIELDS = {
     "stability": "with --stability-folds, per metric and K: folds, fold_overlap_mean/min/max and fold_rho_mean/"
                  "low/high over pairs of folds, all_overlap_mean (each fold against the whole set), unstable "
                  "(the folds share under 80% of the top-K)",
+    "quantization_study": "with --quantization-study: bits, block_size, and per kept set: kept, seed, "
+                          "weights_kept, perplexity with its interval, ppl_ratio, vs_nothing_kept",
     "run_directory": "where the files are",
     "stage_timings_s": "seconds of each stage",
 }

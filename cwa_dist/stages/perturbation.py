@@ -1,6 +1,7 @@
 """The perturbation stage: experiments planned from the rankings, run on the evaluation actors,
 logged as they finish (a resumed run keeps what an earlier try finished), then written as tables;
-super-weight candidates and the ablation study's single weights run in the same pool."""
+super-weight candidates, the ablation study's single weights and the quantization study's kept sets
+run in the same pool."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from cwa_dist.analysis.experiments import (
 )
 from cwa_dist.analysis.metrics import MAGNITUDE, ranked_metrics
 from cwa_dist.analysis.perturb import PerturbationSpec
+from cwa_dist.analysis.quantize import QUANTIZATION
 from cwa_dist.analysis.sensitivity import numel
 from cwa_dist.distributed.eval_actors import EvalPool
 from cwa_dist.distributed.runtime import settled_free_resources
@@ -29,6 +31,7 @@ from cwa_dist.planning.placement import actor_count
 from cwa_dist.planning.resume import ResultLog
 from cwa_dist.reporting.outputs import PERTURBATION_COLUMNS, RunRecord, candidates_from_rankings, super_weight_table
 from cwa_dist.reporting.results import baseline_interval, describe, failed_row, result_row, with_extra_columns
+from cwa_dist.stages import quantization
 from cwa_dist.stages.context import Context, LoadedModel
 
 
@@ -61,9 +64,10 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split, rank
         work = _resume(ctx, record, _plan(ctx, loaded, rankings))
         need_super = cfg.perturbation.super_weights > 0 and "super_weights" not in record.summary
         need_ablation = cfg.perturbation.ablation_study > 0 and "ablation_study" not in record.summary
+        need_quant = cfg.perturbation.quantization_study > 0 and "quantization_study" not in record.summary
         intact = True
-        if work.todo or need_super or need_ablation:
-            intact = _on_actors(ctx, record, loaded, split, rankings, work, need_super, need_ablation)
+        if work.todo or need_super or need_ablation or need_quant:
+            intact = _on_actors(ctx, record, loaded, split, rankings, work, need_super, need_ablation, need_quant)
         rows = [work.rows[s.key] for s in work.specs]
         results = pd.DataFrame(rows, columns=with_extra_columns(PERTURBATION_COLUMNS, rows))
         record.run_dir.write_csv("perturbation_results.csv", results)
@@ -83,7 +87,9 @@ def read(record: RunRecord) -> pd.DataFrame:
     return pd.read_parquet(record.run_dir.path / "perturbation_results.parquet")
 
 
-def _plan(ctx: Context, loaded: LoadedModel, rankings: pd.DataFrame) -> list[PerturbationSpec]:
+def _plan(ctx: Context, loaded: LoadedModel, rankings: pd.DataFrame, topk=None,
+          ratios=None) -> list[PerturbationSpec]:
+    """The experiments and controls at every K and ratio (or at the `topk` and `ratios` given)."""
     cfg = ctx.cfg
     candidates = candidates_from_rankings(rankings)
     return plan_experiments(
@@ -92,8 +98,8 @@ def _plan(ctx: Context, loaded: LoadedModel, rankings: pd.DataFrame) -> list[Per
         magnitude_control=not cfg.perturbation.no_magnitude_control,
         param_names=loaded.scored,
         numels=[numel(loaded.shapes[n]) for n in loaded.scored],
-        topk=cfg.analysis.topk,
-        ratios=cfg.perturbation.ratios,
+        topk=topk or cfg.analysis.topk,
+        ratios=ratios or cfg.perturbation.ratios,
         random_seeds=cfg.perturbation.random_seeds,
         same_tensor_seeds=cfg.perturbation.same_tensor_seeds,
         seed=cfg.data.seed,
@@ -108,7 +114,8 @@ def _resume(ctx: Context, record: RunRecord, specs: list[PerturbationSpec]) -> _
     log = ResultLog(record.run_dir.path / "perturbation_results.jsonl", on_write=record.run_dir.on_write)
     logged = [r for r in log.repair() if r["status"] == "ok"]
     work = _Experiments(specs, log, rows={r["key"]: r for r in logged if r["key"] in by_key},
-                        extra_rows={r["key"]: r for r in logged if r["metric"] in (SUPER_WEIGHT, ABLATION)})
+                        extra_rows={r["key"]: r for r in logged
+                                    if r["metric"] in (SUPER_WEIGHT, ABLATION, QUANTIZATION)})
     if work.rows:
         ctx.rep.line(f"🔁 {len(work.rows)} of {len(specs)} experiments finished earlier; "
                      f"running the other {len(work.todo)}")
@@ -116,7 +123,7 @@ def _resume(ctx: Context, record: RunRecord, specs: list[PerturbationSpec]) -> _
 
 
 def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split, rankings: pd.DataFrame,
-               work: _Experiments, need_super: bool, need_ablation: bool) -> bool:
+               work: _Experiments, need_super: bool, need_ablation: bool, need_quant: bool) -> bool:
     """Run what is left on a pool of evaluation actors; True when every actor's weights are intact
     at the end."""
     cfg, rep = ctx.cfg, ctx.rep
@@ -125,6 +132,8 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
     study = pd.read_parquet(record.run_dir.path / "ablation_weights.parquet") if need_ablation else None
     todo = work.todo
     n_extra = cfg.perturbation.super_weights + (len(study) if need_ablation else 0)
+    if need_quant:  # nothing kept, each top-K set and control at the largest K, the super weights
+        n_extra += 2 + len(_plan(ctx, loaded, rankings, topk=(cfg.analysis.max_k,), ratios=(1.0,)))
     n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources(),
                            gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor)
     rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
@@ -154,6 +163,11 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
         if need_ablation:
             extra_specs.update({spec.key: spec for spec in (
                 ablation_spec(r.param, r.flat_index) for r in study.itertuples(index=False))})
+        quant_specs = []
+        if need_quant:
+            top_sets = _plan(ctx, loaded, rankings, topk=(cfg.analysis.max_k,), ratios=(1.0,))
+            quant_specs = quantization.plan(ctx, loaded, top_sets, _super_weight_targets(record, found))
+            extra_specs.update({spec.key: spec for spec in quant_specs})
         extra_todo = [spec for key, spec in extra_specs.items() if key not in work.extra_rows]
         every = {**work.by_key, **extra_specs}
         with rep.progress(len(todo) + len(extra_todo), "experiments", "exp") as bar:
@@ -181,9 +195,20 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
             _export_super_weights(ctx, record, found, work.extra_rows, rankings)
         if need_ablation:
             _export_ablation(ctx, record, study, work.extra_rows)
+        if need_quant:
+            quantization.export(ctx, record, quant_specs, work.extra_rows)
     finally:
         pool.shutdown()
     return intact
+
+
+def _super_weight_targets(record: RunRecord, found: list) -> list[tuple[str, int]]:
+    """The super-weight candidates as (parameter, flat index): just found, or written by an earlier try."""
+    if found:
+        return [(c.param, c.flat_index) for c in found]
+    path = record.run_dir.path / "super_weights.parquet"
+    table = pd.read_parquet(path) if path.is_file() else None
+    return [] if table is None else list(zip(table["param"], table["flat_index"].astype(int)))
 
 
 def _baseline_tasks(ctx: Context, record: RunRecord, scores: dict) -> None:
