@@ -44,11 +44,11 @@ def text_folds(n_texts: int, folds: int, seed: int) -> list[list[int]]:
     return [sorted(order[f::folds]) for f in range(folds)]
 
 
-def window_folds(windows_per_text: Sequence[int], folds: int, seed: int) -> list[list[int]]:
-    """The calibration windows' positions in each fold: every window goes with its text."""
+def window_folds(windows_per_text: Sequence[int], folds: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The calibration windows' positions in each of `folds` (`text_folds`' positions of texts):
+    every window goes with its text."""
     starts = np.concatenate([[0], np.cumsum(windows_per_text)]).tolist()
-    return [[w for t in texts for w in range(starts[t], starts[t + 1])]
-            for texts in text_folds(len(windows_per_text), folds, seed)]
+    return [[w for t in texts for w in range(starts[t], starts[t + 1])] for texts in folds]
 
 
 def compare(tops: Mapping[str, Sequence[Weight]], scores: Mapping[str, Mapping[Weight, float]],

@@ -35,7 +35,7 @@ def _with_folds(ctx: Context, split: Split, facts: dict) -> Split:
     when there are fewer texts than folds)."""
     folds, seed = ctx.cfg.analysis.stability_folds, ctx.cfg.data.seed
     texts = stability.text_folds(len(split.calibration_texts), folds, seed)
-    windows = stability.window_folds(split.calibration_sizes, folds, seed)
+    windows = stability.window_folds(split.calibration_sizes, texts)
     facts["calibration"]["folds"] = [
         {"texts": [split.calibration_texts[t] for t in t_ids], "windows": len(w),
          "predicted_tokens": predicted_tokens([split.calibration[i] for i in w])}

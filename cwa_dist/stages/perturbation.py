@@ -132,8 +132,10 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
     study = pd.read_parquet(record.run_dir.path / "ablation_weights.parquet") if need_ablation else None
     todo = work.todo
     n_extra = cfg.perturbation.super_weights + (len(study) if need_ablation else 0)
-    if need_quant:  # nothing kept, each top-K set and control at the largest K, the super weights
-        n_extra += 2 + len(_plan(ctx, loaded, rankings, topk=(cfg.analysis.max_k,), ratios=(1.0,)))
+    # The quantization study keeps each top-K set and control of the largest K (ratio 1), besides
+    # nothing and the super weights.
+    top_sets = _plan(ctx, loaded, rankings, topk=(cfg.analysis.max_k,), ratios=(1.0,)) if need_quant else []
+    n_extra += (2 + len(top_sets)) if need_quant else 0
     n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources(),
                            gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor)
     rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
@@ -165,7 +167,6 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
                 ablation_spec(r.param, r.flat_index) for r in study.itertuples(index=False))})
         quant_specs = []
         if need_quant:
-            top_sets = _plan(ctx, loaded, rankings, topk=(cfg.analysis.max_k,), ratios=(1.0,))
             quant_specs = quantization.plan(ctx, loaded, top_sets, _super_weight_targets(record, found))
             extra_specs.update({spec.key: spec for spec in quant_specs})
         extra_todo = [spec for key, spec in extra_specs.items() if key not in work.extra_rows]

@@ -37,17 +37,13 @@ def study(ctx: Context, record: RunRecord, group: GradientGroup, merged: ShardSc
             for name, flat in weights:
                 wanted.setdefault(name, set()).add(flat)
     at = {name: torch.tensor(sorted(flats), dtype=torch.int64) for name, flats in wanted.items()}
-    tables = []
+    scores: dict[str, dict] = {m: {} for m in metrics}  # metric → ranking → weight → score
     for f, ranking in enumerate(rankings):
         values = group.values_at(at, fold=None if ranking == stability.ALL else f - 1)
         for m in metrics:
-            scores = _scores(get_metric(m), values)
-            tables.append((m, ranking, scores))
-    rows = []
-    for m in metrics:
-        scores = {ranking: s for metric, ranking, s in tables if metric == m}
-        table = stability.compare(tops[m], scores, ctx.cfg.analysis.topk, seed=ctx.cfg.data.seed)
-        rows.append(table.assign(metric=m))
+            scores[m][ranking] = _scores(get_metric(m), values)
+    rows = [stability.compare(tops[m], scores[m], ctx.cfg.analysis.topk, seed=ctx.cfg.data.seed).assign(metric=m)
+            for m in metrics]
     table = pd.concat(rows, ignore_index=True)[["metric", *rows[0].columns.drop("metric")]]
     record.run_dir.write_csv("stability.csv", table)
     record.run_dir.write_parquet("stability.parquet", table)

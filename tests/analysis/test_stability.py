@@ -28,7 +28,7 @@ def test_text_folds_refuse_what_cannot_be_compared():
 def test_window_folds_keep_each_text_whole():
     sizes = [2, 1, 3, 1]  # windows of each text: text 0 → windows 0,1; text 1 → 2; text 2 → 3,4,5; text 3 → 6
     texts = stability.text_folds(len(sizes), 2, seed=5)
-    windows = stability.window_folds(sizes, 2, seed=5)
+    windows = stability.window_folds(sizes, texts)
     owner = [0, 0, 1, 2, 2, 2, 3]
     for t_ids, w_ids in zip(texts, windows):
         assert sorted({owner[w] for w in w_ids}) == t_ids

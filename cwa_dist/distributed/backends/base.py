@@ -85,7 +85,6 @@ class Backend:
             norms.remove()
         self.feature_norms = FeatureNorms(self.model, scored) if FEATURE_NORM in inputs else None
         self.fold_norms = [FeatureNorms(self.model, scored) for _ in fold_scales] if self.feature_norms else []
-        self.fold_count = len(fold_scales)
         self.scorer = ShardScorer(metrics, k, self.feature_norms) if metrics else None
         self.fold_scorers = self._fold_scorers(metrics, k) if metrics else []
         self.keep_gradients = keep_gradients
@@ -95,7 +94,7 @@ class Backend:
         self.phase = "started"
 
     def _fold_scorers(self, metrics: Sequence[str], k: int) -> list[ShardScorer]:
-        norms = self.fold_norms or [None] * self.fold_count
+        norms = self.fold_norms or [None] * (len(self.sums.folds) if self.sums is not None else 0)
         return [ShardScorer(metrics, k, n, scratch=self.scorer.scratch) for n in norms]
 
     @property
