@@ -3,7 +3,8 @@
 
 The safetensors file holds, per metric and scored parameter, the int64 flat indices of that
 parameter's entries in the metric's top-K (in rank order), under the key `<metric>/<parameter>`,
-and the super-weight candidates' (row, col) under `super_weights/<parameter>`. The JSON says what
+and the super-weight candidates' (row, col) under `super_weights/<parameter>`, (expert, row, col) in
+a mixture-of-experts layer's fused experts tensor. The JSON says what
 they were computed from. A quantizer or pruner keeps those weights with `load_masks`:
 
     from cwa_dist.export import load_masks
@@ -27,7 +28,8 @@ import torch
 SCHEMA = {
     "<metric>/<parameter>": "int64 flat indices (into the flattened parameter) of the parameter's entries in the "
                             "metric's top-K, in rank order",
-    "super_weights/<parameter>": "int64 [n, 2]: (row, col) of each super-weight candidate in that parameter",
+    "super_weights/<parameter>": "int64 [n, 2]: (row, col) of each super-weight candidate in that parameter; "
+                                 "[n, 3], (expert, row, col), in a fused mixture-of-experts tensor",
 }
 SAFETENSORS, SIDECAR = "critical_weights.safetensors", "critical_weights.json"
 
@@ -39,7 +41,10 @@ def critical_tensors(rankings: pd.DataFrame, super_weights: pd.DataFrame | None)
         out[f"{metric}/{param}"] = torch.tensor(df["flat_index"].to_numpy(), dtype=torch.int64)
     if super_weights is not None:
         for param, df in super_weights.groupby("param", sort=True):
-            out[f"super_weights/{param}"] = torch.tensor(df[["row", "col"]].to_numpy(), dtype=torch.int64)
+            fused = "expert" in df and df["expert"].notna().all()
+            columns = ["expert", "row", "col"] if fused else ["row", "col"]
+            coords = torch.tensor(df[columns].to_numpy(dtype="int64"), dtype=torch.int64)
+            out[f"super_weights/{param}"] = coords.contiguous()  # safetensors refuses a strided view
     return out
 
 
@@ -54,10 +59,15 @@ def sidecar(config: dict, rankings: pd.DataFrame, super_weights: pd.DataFrame | 
         "k": int(rankings["rank"].max()) if len(rankings) else 0,
         "dtype": config.get("resolved_dtype"),
         "super_weights": [] if super_weights is None else [
-            {"param": r.param, "row": int(r.row), "col": int(r.col), "flat_index": int(r.flat_index)}
+            {"param": r.param, "expert": _optional_int(getattr(r, "expert", None)), "row": int(r.row),
+             "col": int(r.col), "flat_index": int(r.flat_index)}
             for r in super_weights.itertuples(index=False)],
         "schema": SCHEMA,
     }
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
 
 
 def load_masks(path: str | Path, model: torch.nn.Module, metric: str | None = None) -> dict[str, torch.Tensor]:

@@ -47,6 +47,107 @@ def _tiny_config(family: str):
 
 
 FAMILIES = ["llama", "llama_tied", "gpt2", "gpt_neox", "opt"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+
+
+def moe_config(family: str, hidden: int = 16, intermediate: int = 12, experts: int = 4):
+    """A tiny mixture-of-experts model of each kind transformers fuses: Mixtral (experts only),
+    Qwen2-MoE (plus a gated shared expert), Qwen3-MoE, DeepSeek-V3 (a dense first block, then
+    routed and shared experts, grouped routing)."""
+    from transformers import DeepseekV3Config, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=intermediate, num_local_experts=experts, num_experts_per_tok=2, **common)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(intermediate_size=2 * intermediate, moe_intermediate_size=intermediate,
+                              shared_expert_intermediate_size=intermediate + 4, num_experts=experts,
+                              num_experts_per_tok=2, decoder_sparse_step=1, **common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=2 * intermediate, moe_intermediate_size=intermediate,
+                              num_experts=experts, num_experts_per_tok=2, head_dim=8, **common)
+    if family == "deepseek_v3":  # multi-head latent attention: as many key/value heads as heads
+        common["num_key_value_heads"] = common["num_attention_heads"]
+        return DeepseekV3Config(intermediate_size=2 * intermediate, moe_intermediate_size=intermediate,
+                                n_routed_experts=experts, num_experts_per_tok=2, n_shared_experts=1,
+                                first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=None,
+                                qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **common)
+    raise ValueError(family)
+
+
+def build_tiny_moe(family: str, seed: int = 0, **sizes):
+    """A randomly initialised MoE model, weights spread as build_tiny_model's."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    net = AutoModelForCausalLM.from_config(moe_config(family, **sizes))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return net.eval()
+
+
+def moe_input_norms(net, chunks):
+    """Σ x_j² per input feature of every scored weight, by hand in float64, one chunk at a time
+    (so no padding): Linear and router inputs as they are; for each expert, the hidden states of
+    the tokens routed to it and silu(gate) · up of them, from the routing the router chose.
+    parameter → per-element ‖x_j‖₂, shaped like the parameter."""
+    import torch.nn.functional as F
+    from transformers.pytorch_utils import Conv1D
+
+    from cwa_dist.analysis.experts import experts_modules
+
+    seen, routing = {}, {}
+
+    def linear(module, args, _):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        seen[module] = seen.get(module, 0) + x.square().sum(0)
+
+    def experts(module, args):
+        routing.setdefault(module, []).append((args[0].detach().double(), args[1].detach()))
+
+    hooks = [m.register_forward_hook(linear) for m in net.modules()
+             if isinstance(m, (torch.nn.Linear, Conv1D)) or type(m).__name__.lower().endswith("router")]
+    hooks += [m.register_forward_pre_hook(experts) for _, m in experts_modules(net)]
+    with torch.no_grad():
+        for c in chunks:
+            net(input_ids=c[None])
+    for h in hooks:
+        h.remove()
+    out = {}
+    for m, total in seen.items():
+        out[id(m.weight)] = total.sqrt()[None, :].expand_as(m.weight)
+    for m, calls in routing.items():
+        n_exp, two_i, hidden = m.gate_up_proj.shape
+        up_sq = torch.zeros(n_exp, hidden, dtype=torch.float64)
+        down_sq = torch.zeros(n_exp, two_i // 2, dtype=torch.float64)
+        for x, index in calls:
+            for e in range(n_exp):
+                xe = x[(index == e).any(-1)]
+                gate, up = (xe @ m.gate_up_proj[e].detach().double().T).chunk(2, dim=-1)
+                up_sq[e] += xe.square().sum(0)
+                down_sq[e] += (F.silu(gate) * up).square().sum(0)
+        out[id(m.gate_up_proj)] = up_sq.sqrt()[:, None, :].expand_as(m.gate_up_proj)
+        out[id(m.down_proj)] = down_sq.sqrt()[:, None, :].expand_as(m.down_proj)
+    embed = net.get_input_embeddings().weight
+    counts = torch.bincount(torch.cat(chunks), minlength=embed.shape[0]).double()
+    out[id(embed)] = counts.sqrt()[:, None].expand_as(embed)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """save_pretrained directories of each tiny MoE family, in many small files, with a
+    tokenizer: family → path. transformers saves the experts one tensor each."""
+    root = tmp_path_factory.mktemp("tiny_moe")
+    out = {}
+    for family in MOE_FAMILIES:
+        path = root / family
+        build_tiny_moe(family).save_pretrained(path, max_shard_size="20KB")
+        _tiny_tokenizer(path)
+        out[family] = path
+    return out
 
 SMALL = ["--seq-len", "32", "--eval-limit", "12", "--batch-size", "4"]
 """CLI flags of a small, quick run (short windows, few texts)."""

@@ -32,9 +32,22 @@ def test_masks_are_true_exactly_at_each_metrics_ranked_weights(tmp_path):
     b = load_masks(path, net, "b")
     assert set(b) == {names[1]} and torch.nonzero(b[names[1]].view(-1)).view(-1).tolist() == [5]
     meta = json.loads((tmp_path / SIDECAR).read_text())
-    assert meta["k"] == 3 and meta["super_weights"] == [{"param": names[1], "row": 1, "col": 2, "flat_index": 0}]
+    assert meta["k"] == 3 and meta["super_weights"] == [{"param": names[1], "expert": None, "row": 1, "col": 2,
+                                                           "flat_index": 0}]
     with pytest.raises(ValueError, match="not 'c'"):
         load_masks(path, net, "c")
+
+
+def test_a_super_weight_in_a_fused_experts_tensor_is_exported_with_its_expert(tmp_path):
+    from safetensors.torch import load_file
+
+    rankings = pd.DataFrame({"metric": ["a"], "rank": [1], "param": ["x"], "flat_index": [0]})
+    supers = pd.DataFrame({"param": ["m.experts.down_proj"] * 2, "expert": pd.array([3, 1], dtype="Int64"),
+                           "row": [9, 0], "col": [17, 4], "flat_index": [1157, 324]})
+    path = _write(tmp_path, rankings, supers)
+    assert load_file(str(path))["super_weights/m.experts.down_proj"].tolist() == [[3, 9, 17], [1, 0, 4]]
+    meta = json.loads((tmp_path / SIDECAR).read_text())
+    assert [(s["expert"], s["row"], s["col"]) for s in meta["super_weights"]] == [(3, 9, 17), (1, 0, 4)]
 
 
 def test_a_model_without_the_ranked_parameter_is_refused(tmp_path):

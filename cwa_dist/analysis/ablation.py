@@ -13,8 +13,8 @@ import math
 import pandas as pd
 import torch
 
+from cwa_dist.analysis.experts import position
 from cwa_dist.analysis.metrics import METRICS
-from cwa_dist.analysis.sensitivity import unravel
 
 
 def _vector(x) -> torch.Tensor:
@@ -90,13 +90,13 @@ def weights_frame(chosen: dict[tuple[str, int], list[str]], values: dict[str, tu
         scores = {m: METRICS.get(m).score(grad.float(), weight.float(), fisher=fisher.float(),
                                           feature_norm=feature_norm.float()) for m in metrics}
         for i, flat in enumerate(idx.tolist()):
-            pos = unravel(flat, shapes[name])
-            rows.append({"param": name, "flat_index": flat, "row": pos[0], "col": pos[1] if len(pos) > 1 else None,
+            expert, row, col = position(name, shapes[name], flat)
+            rows.append({"param": name, "flat_index": flat, "expert": expert, "row": row, "col": col,
                          "source": "+".join(chosen[(name, flat)]), "weight": float(weight[i]), "grad": float(grad[i]),
                          "fisher": float(fisher[i]), "feature_norm": float(feature_norm[i]),
                          **{f"score_{m}": float(scores[m][i]) for m in metrics}})
     frame = pd.DataFrame(rows).sort_values(["param", "flat_index"], ignore_index=True)
-    frame["col"] = frame["col"].astype("Int64")
+    frame[["expert", "col"]] = frame[["expert", "col"]].astype("Int64")
     return frame
 
 

@@ -151,7 +151,10 @@ def single_weight_spec(method: str, param: str, flat_index: int, where: str) -> 
 
 
 def super_weight_spec(candidate) -> PerturbationSpec:
-    return single_weight_spec(SUPER_WEIGHT, candidate.param, candidate.flat_index, f"{candidate.row},{candidate.col}")
+    where = f"{candidate.row},{candidate.col}"
+    if candidate.expert is not None:
+        where = f"{candidate.expert},{where}"  # one fused tensor holds every expert's (row, col)
+    return single_weight_spec(SUPER_WEIGHT, candidate.param, candidate.flat_index, where)
 
 
 def ablation_spec(param: str, flat_index: int) -> PerturbationSpec:

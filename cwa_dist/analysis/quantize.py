@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from cwa_dist.analysis.experts import experts_modules, up_name
 from cwa_dist.analysis.perturb import PerturbationSpec, Saved, Targets
 from cwa_dist.errors import UsageError
 
@@ -58,19 +59,23 @@ def quantize_rows(w: torch.Tensor, bits: int, block: int, keep: torch.Tensor | N
 
 def quantize_matrix(w: torch.Tensor, bits: int, block: int, keep_flat: torch.Tensor | None = None,
                     transposed: bool = False) -> torch.Tensor:
-    """A parameter (2-D or more: trailing dimensions folded into its rows) quantized along its input
-    dimension; `keep_flat` are flat indices into the parameter to keep; `transposed` for a weight
-    stored (in, out), whose input dimension is its first."""
-    matrix = w.reshape(w.shape[0], -1)
+    """A parameter quantized along its input dimension: a matrix (more than 2-D: trailing dimensions
+    folded into its rows), or a fused experts tensor (3-D, expert first: each expert's matrix on its
+    own); `keep_flat` are flat indices into the parameter to keep; `transposed` for weights stored
+    (in, out), whose input dimension is the first of each matrix."""
+    # (matrices, rows, cols): one matrix, or one per expert
+    stack = w.reshape(w.shape[0], w.shape[1], -1) if w.ndim == 3 else w.reshape(1, w.shape[0], -1)
     keep = None
     if keep_flat is not None and keep_flat.numel():
-        keep = torch.zeros(matrix.numel(), dtype=torch.bool, device=w.device)
+        keep = torch.zeros(stack.numel(), dtype=torch.bool, device=w.device)
         keep[keep_flat.to(w.device)] = True
-        keep = keep.view(matrix.shape)
+        keep = keep.view(stack.shape)
     if transposed:
-        out = quantize_rows(matrix.t(), bits, block, keep.t() if keep is not None else None).t()
-    else:
-        out = quantize_rows(matrix, bits, block, keep)
+        stack, keep = stack.transpose(1, 2), keep.transpose(1, 2) if keep is not None else None
+    rows = stack.reshape(-1, stack.shape[-1])
+    out = quantize_rows(rows, bits, block, keep.reshape(rows.shape) if keep is not None else None).view(stack.shape)
+    if transposed:
+        out = out.transpose(1, 2)
     return out.reshape(w.shape)
 
 
@@ -107,9 +112,14 @@ def study_specs(sets: Sequence[PerturbationSpec], supers: Targets | None, *, k: 
 
 
 def stored_in_out(model: torch.nn.Module) -> set[str]:
-    """Names of the weights stored (in, out) (GPT-2's Conv1D), whose input dimension is the first."""
+    """Names of the weights stored (in, out) (GPT-2's Conv1D, and the experts of a class that says
+    `is_transposed`), whose input dimension is the first."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(m.weight)] for m in model.modules() if isinstance(m, Conv1D) and id(m.weight) in names}
+    out = {names[id(m.weight)] for m in model.modules() if isinstance(m, Conv1D) and id(m.weight) in names}
+    for _, m in experts_modules(model):
+        if getattr(m, "is_transposed", False):
+            out |= {names[id(p)] for p in (getattr(m, up_name(m)), m.down_proj) if id(p) in names}
+    return out
 
 
 @torch.no_grad()

@@ -46,9 +46,9 @@ class ParamShard:
 
 def parameter_kind(name: str, param: torch.Tensor) -> str:
     """'matrix' for weight matrices (embeddings and LM head included), else 'bias' or 'norm'."""
-    if param.ndim >= 2:
-        return "matrix"
-    return "bias" if name.endswith("bias") else "norm"
+    if name.endswith("bias"):  # also a mixture-of-experts layer's fused biases, (experts, out)
+        return "bias"
+    return "matrix" if param.ndim >= 2 else "norm"
 
 
 def select_parameters(model: torch.nn.Module, *, include_bias: bool, include_norm: bool) -> list[str]:

@@ -23,12 +23,12 @@ from cwa_dist.errors import UsageError
 INDEX = "model.safetensors.index.json"
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
+class _Sized:
+    """numel and nbytes of a record with a shape and a dtype."""
+
+    __slots__ = ()
     shape: tuple[int, ...]
     dtype: torch.dtype
-    file: str
-    offset: int  # of the tensor's first byte in its file
 
     @property
     def numel(self) -> int:
@@ -37,6 +37,32 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo(_Sized):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+    offset: int  # of the tensor's first byte in its file
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Elements [start, start + length) of stored tensor `key`, flattened."""
+
+    key: str
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FusedInfo(_Sized):
+    """A tensor the checkpoint does not store whole: the concatenation of `segments`, reshaped."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    segments: tuple[Segment, ...]
 
 
 _DTYPES = {
@@ -80,6 +106,7 @@ class Checkpoint:
         tensors those describe, for a process that only needs names, shapes and dtypes."""
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
+        self.fused: dict[str, FusedInfo] = {}  # added by a loader that follows a model's conversions
         self._open: dict[str, object] = {}
         if headers is not None:
             for file, header in headers.items():
@@ -134,6 +161,22 @@ class Checkpoint:
             return f"{prefix}.{name}"
         return None
 
+    def add_fused(self, key: str, shape: tuple[int, ...], segments: list[Segment]) -> None:
+        """Make `key` readable as the tensor of `shape` whose flattened elements are `segments`,
+        in order (see modeling.fusion)."""
+        dtypes = {self.tensors[s.key].dtype for s in segments}
+        if len(dtypes) != 1:
+            raise UsageError(f"{self.path}: the tensors fused into {key} have different dtypes "
+                             f"({', '.join(sorted(map(str, dtypes)))})")
+        info = FusedInfo(tuple(shape), dtypes.pop(), tuple(segments))
+        if sum(s.length for s in segments) != info.numel:
+            raise ValueError(f"the segments of {key} hold {sum(s.length for s in segments)} elements, not {info.numel}")
+        self.fused[key] = info
+
+    def info(self, key: str) -> TensorInfo | FusedInfo:
+        """Shape and dtype of a stored or fused tensor."""
+        return self.tensors[key] if key in self.tensors else self.fused[key]
+
     def _file(self, file: str):
         if file not in self._open:
             self._open[file] = open(self.path / file, "rb", buffering=0)
@@ -142,6 +185,8 @@ class Checkpoint:
     def read_flat(self, key: str, start: int, length: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Elements [start, start + length) of the flattened tensor (clipped to its end), reading
         only their bytes, as a new 1-D tensor in `dtype` (default: as stored)."""
+        if key in self.fused:
+            return self._read_fused(self.fused[key], start, length, dtype)
         info = self.tensors[key]
         length = max(0, min(length, info.numel - start))
         raw = torch.empty(length * info.dtype.itemsize, dtype=torch.uint8)
@@ -153,9 +198,24 @@ class Checkpoint:
         out = raw.view(info.dtype)
         return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
+    def _read_fused(self, info: FusedInfo, start: int, length: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """The fused tensor's elements [start, start + length): each overlapping segment's part,
+        read straight into its place in the output."""
+        length = max(0, min(length, info.numel - start))
+        out = torch.empty(length, dtype=dtype or info.dtype)
+        at = 0  # the first element of the current segment, in the fused tensor
+        for seg in info.segments:
+            lo, hi = max(start, at), min(start + length, at + seg.length)
+            if lo < hi:
+                out[lo - start : hi - start] = self.read_flat(seg.key, seg.start + lo - at, hi - lo, dtype)
+            at += seg.length
+            if at >= start + length:
+                break
+        return out
+
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole tensor, in `dtype` (default: as stored)."""
-        info = self.tensors[key]
+        info = self.info(key)
         return self.read_flat(key, 0, info.numel, dtype).reshape(info.shape)
 
     def close(self) -> None:

@@ -7,7 +7,6 @@ Ray; each process reads what it needs from the files (`load_replica`, or a backe
 from __future__ import annotations
 
 import json
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from cwa_dist.errors import UsageError, one_line
 from cwa_dist.modeling.checkpoint import Checkpoint
+from cwa_dist.modeling.fusion import route
 from cwa_dist.modeling.sources import (
     ModelSource,
     explain_load_failure,
@@ -158,41 +158,27 @@ def empty_model(config, *, dtype: torch.dtype, trust_remote_code: bool) -> torch
     return net.eval()
 
 
-def _renamed_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
-    """Model name → checkpoint key for the keys transformers renames when it loads a checkpoint
-    (GPT-NeoX's 'embed_out.' is the model's 'lm_head.'), from its own registry of renamings.
-    Conversions that merge or split tensors are not followed (those parameters are then
-    reported missing)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        renames = [(src, dst) for w in get_model_conversion_mapping(net) if type(w) is WeightRenaming
-                   for src, dst in zip(w.source_patterns, w.target_patterns)]
-    except Exception:  # a transformers without this registry: names are used as they are
-        return {}
-    out = {}
-    for key in ckpt.tensors:
-        name = key
-        for src, dst in renames:
-            name = re.sub(src, dst, name)
-        if name != key:
-            out[name] = key
-    return out
-
-
 def checkpoint_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
-    """Parameter name → checkpoint key for every (untied) parameter; refuses a checkpoint that
-    lacks one or holds it in another size."""
+    """Parameter name → checkpoint key for every (untied) parameter, following transformers' own
+    renamings and fusions (modeling.fusion; a fused parameter's key is its own name, registered
+    on `ckpt`); refuses a checkpoint that lacks one or holds it in another size."""
     prefix = getattr(net, "base_model_prefix", "")
-    renamed = _renamed_keys(net, ckpt)
+    renamed, fused = route(net, ckpt)
     keys, missing = {}, []
     for name, p in net.named_parameters():
         key = ckpt.key_for(name, prefix) or renamed.get(name)
+        if key is None and name in fused:
+            layout = fused[name]
+            if layout.shape != tuple(p.shape):
+                raise UsageError(f"{ckpt.path}: the tensors transformers fuses into {name} make shape "
+                                 f"{layout.shape}, but the model's is {tuple(p.shape)}; the weights do not belong "
+                                 "to this configuration")
+            ckpt.add_fused(name, layout.shape, list(layout.segments))
+            key = name
         if key is None:
             missing.append(name)
-        elif ckpt.tensors[key].numel != p.numel():
-            raise UsageError(f"{ckpt.path}: {key} has shape {ckpt.tensors[key].shape}, but the model's {name} is "
+        elif ckpt.info(key).numel != p.numel():
+            raise UsageError(f"{ckpt.path}: {key} has shape {ckpt.info(key).shape}, but the model's {name} is "
                              f"{tuple(p.shape)}; the weights do not belong to this configuration")
         else:
             keys[name] = key
@@ -205,7 +191,7 @@ def checkpoint_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
 def buffer_keys(net: torch.nn.Module, ckpt: Checkpoint) -> dict[str, str]:
     """Buffers the checkpoint holds (persistent ones); the rest keep the values __init__ computed."""
     prefix = getattr(net, "base_model_prefix", "")
-    renamed = _renamed_keys(net, ckpt)
+    renamed, _ = route(net, ckpt)
     return {n: k for n, _ in net.named_buffers() if (k := ckpt.key_for(n, prefix) or renamed.get(n)) is not None}
 
 

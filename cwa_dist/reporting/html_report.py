@@ -63,8 +63,9 @@ def _ratio(r: dict | pd.Series) -> str:
 
 
 def _position(r) -> str:
-    col = r["col"]
-    return f"{r['param']}[{r['row']}" + ("" if pd.isna(col) else f", {col}") + "]"
+    col, expert = r["col"], r.get("expert")
+    first = "" if expert is None or pd.isna(expert) else f"expert {expert}: "
+    return f"{r['param']}[{first}{r['row']}" + ("" if pd.isna(col) else f", {col}") + "]"
 
 
 def headline(summary: dict, config: dict, rankings: pd.DataFrame, results: pd.DataFrame | None,

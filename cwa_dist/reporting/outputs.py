@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cwa_dist.analysis.experts import position
 from cwa_dist.analysis.sensitivity import unravel
 from cwa_dist.analysis.topk import Candidates
 from cwa_dist.errors import UsageError
@@ -25,7 +26,8 @@ RANKING_COLUMNS = {
     "rank": "1 = most critical",
     "param": "parameter name, as in model.named_parameters()",
     "flat_index": "index into the flattened parameter",
-    "row": "first index of the unravelled position",
+    "expert": "the expert, in a mixture-of-experts tensor that holds all of a layer's experts (else empty)",
+    "row": "first index of the unravelled position (within the expert's matrix, for an experts tensor)",
     "col": "second index (empty for 1-D parameters)",
     "layer_index": "transformer block number (empty for embeddings, final norm, LM head)",
     "module": "module kind within the block, e.g. mlp.down_proj",
@@ -103,7 +105,8 @@ PERTURBATION_COLUMNS = {
 SUPER_WEIGHT_COLUMNS = {
     "layer": "transformer block of the MLP down-projection",
     "param": "the weight's parameter name",
-    "row": "first index into the weight as stored",
+    "expert": "the expert, in a mixture-of-experts layer's fused experts tensor (else empty)",
+    "row": "first index into the weight as stored (within the expert's matrix)",
     "col": "second index",
     "flat_index": "index into the flattened parameter",
     "output_channel": "the down-projection's output channel with the massive activation",
@@ -124,12 +127,15 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def describe_param(name: str) -> tuple[int | None, str]:
-    """(block number, module kind): 'model.layers.3.mlp.down_proj.weight' → (3, 'mlp.down_proj');
-    outside the blocks the module is the owning module's own name, e.g. 'embed_tokens'."""
+    """(block number, module kind): 'model.layers.3.mlp.down_proj.weight' → (3, 'mlp.down_proj'),
+    and a fused experts tensor keeps its projection: 'mlp.experts.down_proj'; outside the blocks
+    the module is the owning module's own name, e.g. 'embed_tokens'."""
     owner = name.rsplit(".", 1)[0] if "." in name else name
     m = _LAYER.search(name)
     if m:
         rest = name[m.end() :]
+        if rest.rsplit(".", 2)[-2:-1] == ["experts"]:
+            return int(m.group(1)), rest
         return int(m.group(1)), rest.rsplit(".", 1)[0] if "." in rest else rest
     return None, owner.rsplit(".", 1)[-1]
 
@@ -138,6 +144,7 @@ def ranking_frame(metric: str, c: Candidates, shapes: dict[str, Sequence[int]]) 
     names = c.names()
     flat = c.flat_index.tolist()
     pos = [unravel(i, shapes[n]) for n, i in zip(names, flat)]
+    where = [position(n, shapes[n], i) for n, i in zip(names, flat)]
     layer = [describe_param(n) for n in names]
     return pd.DataFrame(
         {
@@ -145,8 +152,9 @@ def ranking_frame(metric: str, c: Candidates, shapes: dict[str, Sequence[int]]) 
             "rank": range(1, len(c) + 1),
             "param": names,
             "flat_index": flat,
-            "row": pd.array([p[0] for p in pos], dtype="Int64"),
-            "col": pd.array([p[1] if len(p) > 1 else None for p in pos], dtype="Int64"),
+            "expert": pd.array([e for e, _, _ in where], dtype="Int64"),
+            "row": pd.array([r for _, r, _ in where], dtype="Int64"),
+            "col": pd.array([c for _, _, c in where], dtype="Int64"),
             "layer_index": pd.array([li for li, _ in layer], dtype="Int64"),
             "module": [mod for _, mod in layer],
             "score": c.score.double().numpy(),
@@ -167,7 +175,7 @@ def super_weight_table(found: list, rows: dict, rankings: pd.DataFrame, metrics:
     out = []
     for c in found:
         row = rows.get(super_weight_spec(c).key, {})
-        entry = {k: getattr(c, k) for k in ("layer", "param", "row", "col", "flat_index", "output_channel",
+        entry = {k: getattr(c, k) for k in ("layer", "param", "expert", "row", "col", "flat_index", "output_channel",
                                             "input_channel", "max_output_activation", "max_input_activation",
                                             "weight")}
         entry.update(baseline_ppl=row.get("baseline_ppl"), zeroed_ppl=row.get("perturbed_ppl"),

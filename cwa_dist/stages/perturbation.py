@@ -231,7 +231,8 @@ def _export_super_weights(ctx: Context, record: RunRecord, found: list, rows: di
     for c in table.itertuples(index=False):
         ranks = ", ".join(f"{m} {getattr(c, 'rank_' + m) if pd.notna(getattr(c, 'rank_' + m)) else '>K'}"
                           for m in ranked_metrics(ctx.cfg.analysis.metrics))
-        ctx.rep.line(f"  🦸 {c.param} [{c.row}, {c.col}] = {c.weight:.4g}, "
+        where = f"{c.row}, {c.col}" if pd.isna(c.expert) else f"expert {c.expert}: {c.row}, {c.col}"
+        ctx.rep.line(f"  🦸 {c.param} [{where}] = {c.weight:.4g}, "
                      f"|activation| in {c.max_input_activation:.4g} → "
                      f"out {c.max_output_activation:.4g}: zeroed alone PPL {c.baseline_ppl:.2f} → {c.zeroed_ppl:.2f} "
                      f"(×{c.ppl_ratio:.3g}); rank: {ranks}")

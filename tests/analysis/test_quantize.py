@@ -71,6 +71,20 @@ def test_matrix_keeps_flat_indices_and_quantizes_a_transposed_weight_along_its_f
     assert torch.equal(quantize_matrix(w, 4, 4, flat, transposed=True), want)
 
 
+def test_a_fused_experts_tensor_is_quantized_expert_by_expert_along_each_input_row():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 5, 7, generator=g)  # (experts, out, in)
+    flat = torch.tensor([0, 36, 104])  # one kept weight in each expert
+    keep = torch.zeros(105, dtype=torch.bool)
+    keep[flat] = True
+    keep = keep.view(3, 5, 7)
+    want = torch.stack([plain_quantizer(w[e], 4, 3, keep[e]) for e in range(3)])
+    assert torch.equal(quantize_matrix(w, 4, 3, flat), want)
+    # Experts stored (in, out): each expert's blocks run down its columns.
+    want = torch.stack([plain_quantizer(w[e].t().contiguous(), 4, 3, keep[e].t().contiguous()).t() for e in range(3)])
+    assert torch.equal(quantize_matrix(w, 4, 3, flat, transposed=True), want)
+
+
 def test_bit_widths_outside_two_to_eight_are_refused():
     for bits in (1, 9, 0):
         with pytest.raises(UsageError, match="from 2 to 8"):
@@ -127,3 +141,4 @@ def test_an_evaluation_actor_quantizes_as_the_plain_quantizer_does_and_restores(
         assert r.restored_exact and r.weights_masked == len(spec.targets)
         assert r.perturbed.value == pytest.approx(want.value, rel=1e-6)
         assert r.perturbed.value != pytest.approx(r.baseline.value, rel=1e-4)  # 3 bits change the model
+
