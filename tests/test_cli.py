@@ -459,6 +459,10 @@ def test_quantization_study_keeps_the_main_experiments_sets(ray_local, tiny_mode
     assert kept[("none", -1)] == 0 and kept[("grad_x_weight", -1)] == 12 and kept[("random", 0)] == 12
     none = table[table["kept"] == "none"].iloc[0]
     np.testing.assert_allclose(table["vs_nothing_kept"], table["perplexity"] / none["perplexity"])
+    # Paired against nothing kept, on the same resampled windows: nothing kept against itself is exactly 1.
+    assert (none["vs_nothing_kept_ci_low"], none["vs_nothing_kept_ci_high"]) == (1.0, 1.0)
+    assert ((table["vs_nothing_kept_ci_low"] <= table["vs_nothing_kept"])
+            & (table["vs_nothing_kept"] <= table["vs_nothing_kept_ci_high"])).all()
     np.testing.assert_allclose(table["ppl_ratio"], table["perplexity"] / table["baseline_ppl"])
     assert ((table["ppl_ci_low"] <= table["perplexity"]) & (table["perplexity"] <= table["ppl_ci_high"])).all()
     main_rows = pd.read_csv(run / "perturbation_results.csv")

@@ -1,7 +1,10 @@
 """The findings a user asked the run for, as numbers and as sentences made only from those numbers:
 at each K, which ranking did the most damage per weight; whether each targeted ranking beat its
 controls, by the perplexities' 95% intervals; whether the calibration set is small enough that the
-ranking may not be stable; and, with --stability-folds, whether it was. Pure pandas; no Ray.
+ranking may not be stable; with --stability-folds, whether it was; with --ablation-study, how well
+each metric's score predicted the damage of zeroing single weights; with --quantization-study,
+whether keeping each set at full precision measurably protected the quantized model. Pure pandas;
+no Ray.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ def _verdict(metric_row, control_rows: pd.DataFrame) -> str:
     return "overlap"
 
 
-def findings(results: pd.DataFrame | None, calibration_tokens: int | None, stability: dict | None = None) -> dict:
+def findings(results: pd.DataFrame | None, calibration_tokens: int | None, stability: dict | None = None,
+             ablation: dict | None = None, quantization: dict | None = None) -> dict:
     """`per_k`: at each K's full set (its largest ratio), every method's damage per weight, the most
     damaging method, and each metric's verdict against each control; `sentences`: the same in words.
     Without perturbation results (--no-perturbation), only the calibration set's size is judged.
-    `stability`: `analysis.stability.summarize` of the run's folds, where it ran."""
+    `stability`: `analysis.stability.summarize` of the run's folds, where it ran; `ablation` and
+    `quantization`: the summary's `ablation_study` and `quantization_study`, where they ran."""
     per_k, sentences = [], []
     ok = results[(results["status"] == "ok") & results["ppl_ratio"].notna()] if results is not None else None
     for k, at_k in ([] if ok is None or ok.empty else ok.groupby("topk", sort=True)):
@@ -67,7 +72,67 @@ def findings(results: pd.DataFrame | None, calibration_tokens: int | None, stabi
                          "--stability-folds, or rerun with more text (--eval-limit, --dataset), before relying on "
                          "single weights.")
     sentences += [_stability_sentence(m, int(k), s) for m, by_k in (stability or {}).items() for k, s in by_k.items()]
-    return {"per_k": per_k, "small_calibration": small, "sentences": sentences}
+    out = {"per_k": per_k, "small_calibration": small, "sentences": sentences}
+    if ablation and ablation.get("metrics"):
+        out["ablation"] = _ablation_findings(ablation, sentences)
+    if quantization and quantization.get("rows"):
+        out["quantization"] = _quantization_findings(quantization, sentences)
+    return out
+
+
+def _ablation_findings(study: dict, sentences: list[str]) -> dict:
+    """Which metric's score best ranked the damage of zeroing single weights (Spearman ρ), and
+    whether its interval lies clear of every other metric's."""
+    rho = {m: v["spearman"] for m, v in study["metrics"].items() if math.isfinite(v["spearman"])}
+    if not rho:
+        return {"best_predictor": None, "separated": False}
+    best = max(rho, key=rho.get)
+    low = study["metrics"][best]["spearman_ci"][0]
+    others = [m for m in rho if m != best]
+    separated = bool(others) and all(low > study["metrics"][m]["spearman_ci"][1] for m in others)
+    parts = [f"{m} ρ {v['spearman']:.2f} (95% CI {v['spearman_ci'][0]:.2f}–{v['spearman_ci'][1]:.2f}; its top "
+             f"tenth carries {v['top_tenth_share']:.0%} of the total |ΔNLL|)"
+             for m, v in sorted(study["metrics"].items(), key=lambda kv: -rho.get(kv[0], -math.inf))]
+    judged = (f"{best} ranks it best, its interval clear of the others'" if separated else
+              f"{best} ranks it best by the point estimate, but the intervals overlap" if others else
+              f"{best} is the only metric")
+    sentences.append(f"Zeroing each of {study['measured']} studied weights alone, the score's rank correlation "
+                     f"with the measured damage (ΔNLL) is: {'; '.join(parts)}. {judged}.")
+    return {"best_predictor": best, "separated": separated}
+
+
+def _quantization_findings(study: dict, sentences: list[str]) -> dict:
+    """Per kept set, whether keeping it changed the quantized model's perplexity, by the paired
+    interval of its ratio to nothing kept: 'protects' (wholly below 1), 'harms' (wholly above),
+    'no measurable effect' (the interval holds 1), 'unknown' without an interval."""
+    rows = [r for r in study["rows"] if r["kept"] != "none" and math.isfinite(r.get("vs_nothing_kept") or math.nan)]
+    none = next((r for r in study["rows"] if r["kept"] == "none"), None)
+    verdicts: dict[str, list[str]] = {}
+    parts = []
+    for kept in dict.fromkeys(r["kept"] for r in rows):
+        draws = [r for r in rows if r["kept"] == kept]
+        words = [_protection(r) for r in draws]
+        verdicts[kept] = words
+        ratios = [r["vs_nothing_kept"] for r in draws]
+        low = min(r.get("vs_nothing_kept_ci_low", math.nan) for r in draws)
+        high = max(r.get("vs_nothing_kept_ci_high", math.nan) for r in draws)
+        ratio = (f"×{ratios[0]:.4f}" if len(draws) == 1
+                 else f"×{min(ratios):.4f}–×{max(ratios):.4f} over {len(draws)} draws")
+        interval = f" (paired 95% CI {low:.4f}–{high:.4f})" if math.isfinite(low) and math.isfinite(high) else ""
+        word = words[0] if len(set(words)) == 1 else "mixed: " + ", ".join(words)
+        parts.append(f"keeping {kept} ({draws[0]['weights_kept']} weights) {ratio}{interval}: {word}")
+    if parts and none is not None:
+        sentences.append(f"Quantized to {study['bits']} bits in blocks of {study['block_size']}, the model's "
+                         f"perplexity is {none['perplexity']:.4g} with nothing kept (95% CI {none['ppl_ci_low']:.4g}–"
+                         f"{none['ppl_ci_high']:.4g}); against that, {'; '.join(parts)}.")
+    return {"verdicts": verdicts}
+
+
+def _protection(row: dict) -> str:
+    low, high = row.get("vs_nothing_kept_ci_low", math.nan), row.get("vs_nothing_kept_ci_high", math.nan)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "unknown"
+    return "protects" if high < 1 else "harms" if low > 1 else "no measurable effect"
 
 
 def _stability_sentence(metric: str, k: int, s: dict) -> str:

@@ -51,6 +51,8 @@ QUANTIZATION_COLUMNS = {
     "ppl_ratio_ci_low": "its paired 95% bootstrap interval, low end",
     "ppl_ratio_ci_high": "high end",
     "vs_nothing_kept": "perplexity / the perplexity with nothing kept",
+    "vs_nothing_kept_ci_low": "its paired 95% bootstrap interval (both on the same resampled windows), low end",
+    "vs_nothing_kept_ci_high": "high end",
     "restored_exact": "every quantized matrix had its loaded bytes again afterwards",
     "status": "ok or failed",
     "key": "the experiment's key in perturbation_results.jsonl",

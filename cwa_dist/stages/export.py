@@ -35,7 +35,9 @@ def finish(ctx: Context, record: RunRecord, rankings: pd.DataFrame, results: pd.
         stability_path = out.path / "stability.parquet"
         if cfg.analysis.stability_folds and stability_path.is_file():
             final["stability"] = summarize(pd.read_parquet(stability_path))
-        final["findings"] = findings(ok, calibration, final.get("stability"))
+        final["findings"] = findings(ok, calibration, final.get("stability"),
+                                     ablation=record.summary.get("ablation_study"),
+                                     quantization=record.summary.get("quantization_study"))
         driver_peak = peak_rss_bytes()
         record.memory(driver={"peak_rss_bytes": driver_peak})
         rep.detail(f"  driver: peak RSS {driver_peak / 2**30:.2f} GiB")

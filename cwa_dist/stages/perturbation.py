@@ -179,7 +179,7 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
 
             pool.run(
                 todo + extra_todo,
-                on_result=lambda r: keep(result_row(every[r.key], r, tokens, cfg)),
+                on_result=lambda r: keep(_logged_row(every[r.key], r, tokens, cfg)),
                 on_failure=lambda spec, error: keep(failed_row(spec, error, min(baselines))),
                 max_retries=cfg.run.max_retries,
                 timeout_s=cfg.run.experiment_timeout_s,
@@ -197,10 +197,19 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
         if need_ablation:
             _export_ablation(ctx, record, study, work.extra_rows)
         if need_quant:
-            quantization.export(ctx, record, quant_specs, work.extra_rows)
+            quantization.export(ctx, record, quant_specs, work.extra_rows, tokens)
     finally:
         pool.shutdown()
     return intact
+
+
+def _logged_row(spec: PerturbationSpec, r, tokens: list[int], cfg) -> dict:
+    """An experiment's row as logged; a quantization study's keeps its per-window NLLs, which its
+    paired interval against nothing kept needs (resumed runs included)."""
+    row = result_row(spec, r, tokens, cfg)
+    if spec.method == QUANTIZATION:
+        row["window_nll"] = list(r.perturbed.window_nll)
+    return row
 
 
 def _super_weight_targets(record: RunRecord, found: list) -> list[tuple[str, int]]:

@@ -1,6 +1,7 @@
 """The block quantizer (analysis/quantize.py) against a plain, one-block-at-a-time quantizer."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -142,3 +143,28 @@ def test_an_evaluation_actor_quantizes_as_the_plain_quantizer_does_and_restores(
         assert r.perturbed.value == pytest.approx(want.value, rel=1e-6)
         assert r.perturbed.value != pytest.approx(r.baseline.value, rel=1e-4)  # 3 bits change the model
 
+
+def test_the_paired_interval_against_nothing_kept_is_exact_for_a_uniform_shift():
+    """When every window's NLL moves by the same δ nats per token, every resample of the windows
+    gives the ratio e^δ, so the paired interval is that point; unpaired, it would be wide."""
+    from cwa_dist.stages.quantization import versus_nothing_kept
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, 60, (30,), generator=g).tolist()
+    nll = (torch.rand(30, generator=g, dtype=torch.float64) * 4 + 1) * torch.tensor(tokens, dtype=torch.float64)
+    delta = -0.03  # the kept set lowers every token's NLL a little
+    none = {"status": "ok", "perturbed_ppl": math.exp(nll.sum() / sum(tokens)), "window_nll": nll.tolist()}
+    shifted = nll + delta * torch.tensor(tokens, dtype=torch.float64)
+    kept = {"status": "ok", "perturbed_ppl": math.exp(shifted.sum() / sum(tokens)), "window_nll": shifted.tolist()}
+    got = versus_nothing_kept(none, kept, tokens, samples=200, seed=1)
+    assert got["vs_nothing_kept"] == pytest.approx(math.exp(delta), rel=1e-12)
+    assert got["vs_nothing_kept_ci_low"] == pytest.approx(math.exp(delta), rel=1e-12)
+    assert got["vs_nothing_kept_ci_high"] == pytest.approx(math.exp(delta), rel=1e-12)
+    same = versus_nothing_kept(none, none, tokens, samples=200, seed=1)
+    assert (same["vs_nothing_kept_ci_low"], same["vs_nothing_kept_ci_high"]) == (1.0, 1.0)
+    # A row logged without its windows (an earlier version's log) keeps its point ratio only.
+    old = {k: v for k, v in kept.items() if k != "window_nll"}
+    partial = versus_nothing_kept(none, old, tokens, samples=200, seed=1)
+    assert partial["vs_nothing_kept"] == pytest.approx(math.exp(delta))
+    assert math.isnan(partial["vs_nothing_kept_ci_low"])
+    assert math.isnan(versus_nothing_kept({"status": "failed"}, kept, tokens, samples=10, seed=1)["vs_nothing_kept"])

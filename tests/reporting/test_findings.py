@@ -83,3 +83,51 @@ def test_stability_folds_replace_the_advice_with_their_measured_answer():
         "fold shares 76% with the whole set's.",
     ]
     assert "--stability-folds" in " ".join(findings(None, calibration_tokens=1304)["sentences"])
+
+
+def test_the_ablation_study_names_the_best_predictor_only_as_far_as_its_interval_goes():
+    study = {"weights": 40, "measured": 40, "metrics": {
+        "grad_x_weight": {"spearman": 0.61, "spearman_ci": [0.45, 0.74], "top_tenth_share": 0.52},
+        "wanda": {"spearman": 0.12, "spearman_ci": [-0.10, 0.33], "top_tenth_share": 0.18},
+    }}
+    out = findings(None, calibration_tokens=None, ablation=study)
+    assert out["ablation"] == {"best_predictor": "grad_x_weight", "separated": True}  # 0.45 > 0.33
+    (text,) = out["sentences"]
+    assert text.startswith("Zeroing each of 40 studied weights alone")
+    assert ("grad_x_weight ρ 0.61 (95% CI 0.45–0.74; its top tenth carries 52% of the total |ΔNLL|); "
+            "wanda ρ 0.12") in text
+    assert "grad_x_weight ranks it best, its interval clear of the others'" in text
+    study["metrics"]["wanda"]["spearman_ci"] = [-0.10, 0.50]  # now reaching into the best one's interval
+    out = findings(None, calibration_tokens=None, ablation=study)
+    assert out["ablation"]["separated"] is False and "the intervals overlap" in out["sentences"][0]
+    study["metrics"] = {m: dict(v, spearman=float("nan")) for m, v in study["metrics"].items()}  # too few weights
+    assert findings(None, calibration_tokens=None, ablation=study)["ablation"]["best_predictor"] is None
+
+
+def _kept(kept, n, ratio, low, high, seed=None):
+    return {"kept": kept, "seed": seed, "weights_kept": n, "perplexity": 100 * ratio, "ppl_ci_low": 90 * ratio,
+            "ppl_ci_high": 110 * ratio, "ppl_ratio": 2 * ratio, "vs_nothing_kept": ratio,
+            "vs_nothing_kept_ci_low": low, "vs_nothing_kept_ci_high": high}
+
+
+def test_the_quantization_study_says_which_kept_set_measurably_protected_the_model():
+    study = {"bits": 4, "block_size": 128, "rows": [
+        _kept("none", 0, 1.0, 1.0, 1.0),
+        _kept("grad_x_weight", 100, 0.9715, 0.955, 0.988),
+        _kept("magnitude", 100, 1.0103, 1.002, 1.019),
+        _kept("random", 100, 1.0, 0.999, 1.001, seed=0),
+        _kept("random", 100, 1.0001, 0.9995, 1.0008, seed=1),
+        _kept("super_weights", 3, 1.002, float("nan"), float("nan")),  # logged without its windows
+    ]}
+    out = findings(None, calibration_tokens=None, quantization=study)
+    assert out["quantization"]["verdicts"] == {
+        "grad_x_weight": ["protects"], "magnitude": ["harms"], "random": ["no measurable effect"] * 2,
+        "super_weights": ["unknown"]}
+    (text,) = out["sentences"]
+    assert text.startswith("Quantized to 4 bits in blocks of 128, the model's perplexity is 100 with nothing kept "
+                           "(95% CI 90–110); against that,")
+    assert "keeping grad_x_weight (100 weights) ×0.9715 (paired 95% CI 0.9550–0.9880): protects" in text
+    assert "keeping magnitude (100 weights) ×1.0103 (paired 95% CI 1.0020–1.0190): harms" in text
+    assert ("keeping random (100 weights) ×1.0000–×1.0001 over 2 draws (paired 95% CI 0.9990–1.0010): "
+            "no measurable effect") in text
+    assert "keeping super_weights (3 weights) ×1.0020: unknown" in text
