@@ -120,6 +120,9 @@ def _quantization_findings(study: dict, sentences: list[str]) -> dict:
                  else f"×{min(ratios):.4f}–×{max(ratios):.4f} over {len(draws)} draws")
         interval = f" (paired 95% CI {low:.4f}–{high:.4f})" if math.isfinite(low) and math.isfinite(high) else ""
         word = words[0] if len(set(words)) == 1 else "mixed: " + ", ".join(words)
+        if word in ("protects", "harms"):  # how much, so that a tiny but certain effect reads as tiny
+            change = sum(ratios) / len(ratios) - 1
+            word += f" (perplexity {abs(change):.2%} {'lower' if change < 0 else 'higher'})"
         parts.append(f"keeping {kept} ({draws[0]['weights_kept']} weights) {ratio}{interval}: {word}")
     if parts and none is not None:
         sentences.append(f"Quantized to {study['bits']} bits in blocks of {study['block_size']}, the model's "

@@ -126,8 +126,10 @@ def test_the_quantization_study_says_which_kept_set_measurably_protected_the_mod
     (text,) = out["sentences"]
     assert text.startswith("Quantized to 4 bits in blocks of 128, the model's perplexity is 100 with nothing kept "
                            "(95% CI 90–110); against that,")
-    assert "keeping grad_x_weight (100 weights) ×0.9715 (paired 95% CI 0.9550–0.9880): protects" in text
-    assert "keeping magnitude (100 weights) ×1.0103 (paired 95% CI 1.0020–1.0190): harms" in text
+    assert ("keeping grad_x_weight (100 weights) ×0.9715 (paired 95% CI 0.9550–0.9880): protects "
+            "(perplexity 2.85% lower)") in text
+    assert ("keeping magnitude (100 weights) ×1.0103 (paired 95% CI 1.0020–1.0190): harms "
+            "(perplexity 1.03% higher)") in text
     assert ("keeping random (100 weights) ×1.0000–×1.0001 over 2 draws (paired 95% CI 0.9990–1.0010): "
             "no measurable effect") in text
     assert "keeping super_weights (3 weights) ×1.0020: unknown" in text
