@@ -12,7 +12,7 @@ import os
 from cwa_dist.analysis.perturb import flip_bit_index
 from cwa_dist.analysis.zero_shot import check_tasks
 from cwa_dist.config import RunConfig
-from cwa_dist.distributed.runtime import start_ray, stop_ray
+from cwa_dist.distributed.runtime import start_ray, stop_ray, stop_ray_beside
 from cwa_dist.errors import UsageError
 from cwa_dist.modeling.corpus import read_corpus
 from cwa_dist.modeling.sources import resolve_origin, resolve_source
@@ -56,7 +56,7 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
         return RunDirectory(run_path, where=where)
     rep.phase("Ray start-up")
     started_ray = start_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
-    record = None
+    record, stopper = None, None
     try:
         rep.phase("plan")
         ctx = _context(cfg, rep)
@@ -86,6 +86,8 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
                     compute=lambda: perturbation.run(ctx, record, loaded, split, rankings),
                     restore=lambda: perturbation.read(record),
                 )
+            if started_ray:  # nothing after this needs Ray
+                stopper = stop_ray_beside()
             export.finish(ctx, record, rankings, results)
         except BaseException as e:
             record.fail(e)
@@ -93,7 +95,9 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
         return record.run_dir
     finally:
         rep.phase("Ray shutdown")
-        if started_ray:
+        if stopper is not None:
+            stopper.join()
+        elif started_ray:
             stop_ray()
         if record is not None and record.manifest.get("status") == "complete":
             _record_timeline(record, rep)

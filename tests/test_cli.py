@@ -139,6 +139,10 @@ def test_summary_manifest_and_config(full_run):
     assert summary["experiments_completed"] == 28
     low, high = summary["baseline_perplexity_ci"]
     assert low < summary["baseline_perplexity"] < high
+    # Measured once, by the evaluation actors' first pass: the gradient worker makes no pass of its own.
+    results = pd.read_csv(run_dir / "perturbation_results.csv")
+    assert summary["baseline_perplexity"] == results["baseline_ppl"].iloc[0]
+    assert "Baseline perplexity (evaluation chunks)" not in proc.stdout
     for entry in summary["comparison"]:
         assert entry["random_min"] <= entry["random_mean"] <= entry["random_max"] and entry["random_std"] >= 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -179,6 +183,7 @@ def test_no_perturbation_run(ray_local, tiny_model_dir, tmp_path):
     assert not (run_dir / "perturbation_results.csv").exists()
     summary = json.loads((run_dir / "experiment_summary.json").read_text())
     assert summary["experiments_completed"] == 0 and summary["max_ppl_increase"] is None
+    assert summary["baseline_perplexity"] > 1  # with no actors, the gradient worker measures it
 
 
 ALL_METRICS = ["grad_x_weight", "grad_squared", "fisher", "obd", "wanda", "magnitude"]

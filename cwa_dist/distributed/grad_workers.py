@@ -192,7 +192,7 @@ class GradientWorker:
 class SensitivityResult:
     """What the gradient stage returns to the driver."""
 
-    baseline: Perplexity  # of the evaluation chunks, before any perturbation
+    baseline: Perplexity | None  # of the evaluation chunks, before any perturbation (None: not measured here)
     merged: ShardScores  # the exact global top-K of each metric, and merged statistics
     reports: list[WorkerReport]  # one per rank, in rank order
     folds: list[ShardScores] = field(default_factory=list)  # the same for each stability fold
@@ -255,18 +255,21 @@ class GradientGroup(WorkerGroup):
                     folds: Sequence[Sequence[int]] = (),
                     on_baseline: Callable[[Perplexity], None] = lambda _: None,
                     on_step: Callable[[int], None] = lambda _: None) -> SensitivityResult:
-        """The whole stage: baseline perplexity of `evaluation`, the gradient of the mean NLL over
-        `calibration` (every rank a share, in lockstep), each rank's scoring of what it owns, and
-        the exact merge. `on_step` gets the number of chunks each lockstep step processed.
+        """The whole stage: baseline perplexity of `evaluation` (None when it is empty: the
+        evaluation actors measure it), the gradient of the mean NLL over `calibration` (every rank
+        a share, in lockstep), each rank's scoring of what it owns, and the exact merge.
+        `on_step` gets the number of chunks each lockstep step processed.
         Gradients are freed as they are scored unless `keep_gradients` (for `values_at`).
         `folds` (disjoint lists of calibration window positions, covering them all) scores each
         fold's own gradient too; the merged top-K of each is in the result's `folds`."""
-        nll, tokens = 0.0, 0
-        for step in lockstep_batches(evaluation, self.world_size, batch_size):
-            for n, t in self.each("nll", step, batch_size=batch_size):
-                nll, tokens = nll + n, tokens + t
-        baseline = Perplexity(nll, tokens)
-        on_baseline(baseline)
+        baseline = None
+        if evaluation:
+            nll, tokens = 0.0, 0
+            for step in lockstep_batches(evaluation, self.world_size, batch_size):
+                for n, t in self.each("nll", step, batch_size=batch_size):
+                    nll, tokens = nll + n, tokens + t
+            baseline = Perplexity(nll, tokens)
+            on_baseline(baseline)
         reports = self.score_calibration(calibration, scored=scored, metrics=metrics, k=k, batch_size=batch_size,
                                          checkpointing=checkpointing, keep_gradients=keep_gradients, folds=folds,
                                          on_step=on_step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import ray
@@ -45,6 +46,15 @@ def available_cpus() -> int:
 
 def stop_ray() -> None:
     ray.shutdown()
+
+
+def stop_ray_beside() -> threading.Thread:
+    """Shut Ray down on a thread of its own and return it (join it before exiting). Stopping Ray
+    is mostly waiting for its processes to exit, so the driver's last work (the export, which
+    needs no Ray) runs meanwhile instead of after it."""
+    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    stopper.start()
+    return stopper
 
 
 def cluster_resources() -> dict:

@@ -73,6 +73,8 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split, rank
         record.run_dir.write_csv("perturbation_results.csv", results)
         record.run_dir.write_parquet("perturbation_results.parquet", results)
         ok = results[results["status"] == "ok"]
+        if "baseline_perplexity" not in record.summary and len(ok):  # every experiment ran in an earlier try
+            record.fact(baseline_perplexity=float(ok["baseline_ppl"].iloc[0]))
         inexact = int((results["restored_exact"] == False).sum())  # noqa: E712 (None: never ran)
         rep.line(f"✅ Completed {len(ok)}/{len(work.specs)} experiments; {len(results) - len(ok)} failed; "
                  f"{inexact} not restored bit-exactly; all weights intact at the end: {intact}")
@@ -149,7 +151,7 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
         baselines = {round(b.value, 6) for _, b in described}
         tokens = window_tokens(chunks)
         interval = baseline_interval(tokens, described[0][1], cfg)
-        record.fact(baseline_perplexity_ci=interval)
+        record.fact(baseline_perplexity=described[0][1].value, baseline_perplexity_ci=interval)
         rep.line(f"📏 Baseline perplexity on the actors: {described[0][1].value:.4f} (95% CI {interval[0]:.4f}–"
                  f"{interval[1]:.4f}, bootstrap over {len(tokens)} evaluation windows)")
         if len(baselines) > 1:

@@ -37,7 +37,9 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
         try:
             with rep.progress(len(split.calibration), "backward", "chunk") as bar:
                 result = group.sensitivity(
-                    evaluation=split.evaluation, calibration=split.calibration, scored=scored,
+                    # The evaluation actors measure the baseline anyway, as their replay's first pass.
+                    evaluation=split.evaluation if cfg.perturbation.no_perturbation else [],
+                    calibration=split.calibration, scored=scored,
                     metrics=list(cfg.analysis.metrics), k=cfg.analysis.max_k, batch_size=cfg.data.batch_size,
                     checkpointing=cfg.sharding.gradient_checkpointing,
                     keep_gradients=ablation_study or bool(folds), folds=folds,
@@ -50,7 +52,8 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
                 stability_stage.study(ctx, record, group, result.merged, result.folds, loaded.shapes)
         finally:
             group.shutdown()
-        record.fact(baseline_perplexity=result.baseline.value)
+        if result.baseline is not None:
+            record.fact(baseline_perplexity=result.baseline.value)
         merged, reports = result.merged, result.reports
         loss = result.calibration_loss
         rep.line(f"✅ Calibration loss (mean NLL): {loss:.4f}")
