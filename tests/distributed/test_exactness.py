@@ -236,4 +236,9 @@ def test_stability_folds_each_match_their_own_float64_reference(ray_local, wide,
         for n, index in wanted.items():
             got_index, grad = read[f][n][0], read[f][n][1]
             assert got_index.tolist() == index.tolist()
-            np.testing.assert_allclose(grad.numpy(), ref[n][1][index].numpy(), rtol=1e-5, atol=1e-9)
+            # These elements are arbitrary, not top-K: a small gradient is a float32 sum whose
+            # rounding scales with its parameter's largest terms, not with itself (one at 1.4e-4 was
+            # 1.7e-5 off relative, 2.5e-9 absolute), so the bound is relative to the parameter's
+            # largest gradient.
+            scale = float(ref[n][1].abs().max())
+            np.testing.assert_allclose(grad.numpy(), ref[n][1][index].numpy(), rtol=1e-5, atol=1e-5 * scale)
