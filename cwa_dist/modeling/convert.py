@@ -59,14 +59,26 @@ def verify(entry: Path) -> str | None:
     return None
 
 
+def _entry(kind: str, source: Path, files: list[Path]) -> tuple[Path, str]:
+    """Where `source`'s conversion is cached, and its key."""
+    key = source_key(kind, files)
+    return cache_root() / "checkpoints" / f"{source.name.removesuffix('.gguf')}-{key[:16]}", key
+
+
+def cached(kind: str, source: Path, files: list[Path]) -> Path | None:
+    """`source`'s cached safetensors directory if an earlier run converted it and its files are
+    intact, else None; converts nothing. An entry is renamed into place whole, so one that exists
+    is complete."""
+    entry, _ = _entry(kind, source, files)
+    return entry if entry.is_dir() and verify(entry) is None else None
+
+
 def converted(kind: str, source: Path, files: list[Path], *, announce: Callable[[str], None]) -> Path:
     """The cached safetensors directory for `source`, converting it first if needed."""
     from filelock import FileLock
 
-    key = source_key(kind, files)
-    root = cache_root() / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    entry = root / f"{source.name.removesuffix('.gguf')}-{key[:16]}"
+    entry, key = _entry(kind, source, files)
+    entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
         if entry.is_dir():
             problem = verify(entry)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cwa_dist.errors import UsageError, one_line
+from cwa_dist.modeling import convert
 from cwa_dist.modeling.checkpoint import Checkpoint
 from cwa_dist.modeling.fusion import route
 from cwa_dist.modeling.sources import (
@@ -111,6 +112,10 @@ def read_config(source: ModelSource, *, trust_remote_code: bool):
         return load_config(Path(source.location), trust_remote_code=trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.kind == "gguf":
+        gguf = Path(source.location) / source.gguf_file
+        done = convert.cached("gguf", gguf, [gguf])
+        if done is not None:  # converted by an earlier run: its config.json, not a parse of the whole .gguf
+            return load_config(done, trust_remote_code=trust_remote_code)
         kwargs["gguf_file"] = source.gguf_file
     else:
         kwargs["local_files_only"] = not hub_reachable()
