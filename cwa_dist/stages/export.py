@@ -72,7 +72,8 @@ def _final_report(ctx: Context, summary: dict) -> None:
     rep.line("🔬 Analysis Complete - Summary")
     rep.rule()
     rep.line(f"🤖 Model: {summary['model_name']}")
-    rep.line(f"📏 Baseline PPL: {summary['baseline_perplexity']:.2f}")
+    if summary.get("baseline_perplexity") is not None:  # measured by the actors, or the worker without them
+        rep.line(f"📏 Baseline PPL: {summary['baseline_perplexity']:.2f}")
     rep.line(f"🎯 Perturbation experiments: {summary['experiments_completed']}")
     if summary.get("max_ppl_increase") is not None:
         rep.line(f"📈 Max PPL increase: {summary['max_ppl_increase']:.2f}")

@@ -260,8 +260,6 @@ def test_a_converted_gguf_is_planned_from_its_cached_config(smollm2_path, tmp_pa
     itself is parsed, and nothing is converted for it."""
     from pathlib import Path
 
-    from transformers import AutoConfig
-
     from cwa_dist.modeling import convert
     from cwa_dist.modeling.loading import read_config
 
@@ -270,13 +268,12 @@ def test_a_converted_gguf_is_planned_from_its_cached_config(smollm2_path, tmp_pa
     resolve_checkpoint(source, announce=print)  # converted (once per cache; a no-op after setup)
     entry = convert.cached("gguf", gguf, [gguf])
     assert entry is not None and (entry / "config.json").is_file()
-    parsed = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    from_cache = read_config(source, trust_remote_code=False)
+    assert from_cache.name_or_path == str(entry)  # read from the conversion, not the .gguf
     fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps")
-    from_cache = read_config(source, trust_remote_code=False)
-    assert [getattr(from_cache, f) for f in fields] == [getattr(parsed, f) for f in fields]
     monkeypatch.setenv("CWA_DIST_CACHE", str(tmp_path / "empty-cache"))
     assert convert.cached("gguf", gguf, [gguf]) is None
-    assert [getattr(read_config(source, trust_remote_code=False), f) for f in fields] == [
-        getattr(parsed, f) for f in fields]
+    parsed = read_config(source, trust_remote_code=False)  # transformers' own parse of the .gguf itself
+    assert [getattr(from_cache, f) for f in fields] == [getattr(parsed, f) for f in fields]
     assert not list((tmp_path / "empty-cache").glob("checkpoints/*/"))
