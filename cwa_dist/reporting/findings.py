@@ -114,8 +114,12 @@ def _quantization_findings(study: dict, sentences: list[str]) -> dict:
         words = [_protection(r) for r in draws]
         verdicts[kept] = words
         ratios = [r["vs_nothing_kept"] for r in draws]
-        low = min(r.get("vs_nothing_kept_ci_low", math.nan) for r in draws)
-        high = max(r.get("vs_nothing_kept_ci_high", math.nan) for r in draws)
+        # The span of the draws' intervals; a draw logged without one makes the span unknown
+        # (min and max would otherwise keep or drop a NaN by where it stands in the list).
+        lows = [r.get("vs_nothing_kept_ci_low", math.nan) for r in draws]
+        highs = [r.get("vs_nothing_kept_ci_high", math.nan) for r in draws]
+        known = all(math.isfinite(x) for x in lows + highs)
+        low, high = (min(lows), max(highs)) if known else (math.nan, math.nan)
         ratio = (f"×{ratios[0]:.4f}" if len(draws) == 1
                  else f"×{min(ratios):.4f}–×{max(ratios):.4f} over {len(draws)} draws")
         interval = f" (paired 95% CI {low:.4f}–{high:.4f})" if math.isfinite(low) and math.isfinite(high) else ""

@@ -133,3 +133,9 @@ def test_the_quantization_study_says_which_kept_set_measurably_protected_the_mod
     assert ("keeping random (100 weights) ×1.0000–×1.0001 over 2 draws (paired 95% CI 0.9990–1.0010): "
             "no measurable effect") in text
     assert "keeping super_weights (3 weights) ×1.0020: unknown" in text
+    # Two draws, one logged without its interval: no span is claimed, whichever comes first.
+    for order in (slice(None), slice(None, None, -1)):
+        draws = [_kept("random", 100, 1.0, 0.999, 1.001, seed=0), _kept("random", 100, 1.0, float("nan"),
+                                                                        float("nan"), seed=1)][order]
+        out = findings(None, calibration_tokens=None, quantization=dict(study, rows=[study["rows"][0], *draws]))
+        assert "over 2 draws: mixed" in out["sentences"][0] and "paired 95% CI" not in out["sentences"][0]
