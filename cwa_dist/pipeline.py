@@ -56,7 +56,7 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
         return RunDirectory(run_path, where=where)
     rep.phase("Ray start-up")
     started_ray = start_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
-    record, stopper = None, None
+    record, stopper, ctx = None, None, None
     try:
         rep.phase("plan")
         ctx = _context(cfg, rep)
@@ -86,6 +86,7 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
                     compute=lambda: perturbation.run(ctx, record, loaded, split, rankings),
                     restore=lambda: perturbation.read(record),
                 )
+            ctx.handover.release()  # a gradient worker kept for actors that did not run
             if started_ray:  # nothing after this needs Ray
                 stopper = stop_ray_beside()
             export.finish(ctx, record, rankings, results)
@@ -95,6 +96,8 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
         return record.run_dir
     finally:
         rep.phase("Ray shutdown")
+        if ctx is not None and stopper is None:
+            ctx.handover.release()
         if stopper is not None:
             stopper.join()
         elif started_ray:

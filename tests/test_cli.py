@@ -156,13 +156,18 @@ def test_summary_manifest_and_config(full_run):
     assert set(manifest) <= set(MANIFEST_FIELDS) and set(summary) <= set(SUMMARY_FIELDS)
     assert {"memory", "stages", "summary"} <= set(manifest)
     assert {"driver", "gradient_ranks", "eval_actors"} <= set(manifest["memory"])
+    # On one machine the gradient worker, which holds the whole replica, served as the first actor.
+    served = [a for a in manifest["memory"]["eval_actors"] if a["from_gradient_worker"]]
+    assert [a["actor"] for a in served] == [manifest["memory"]["gradient_ranks"][0]["node"]]
+    assert served[0]["load_s"] == 0
     # The timeline: every phase in order, each stage's CPU where its processes spent it.
     phases = {p["phase"]: p for p in manifest["timeline"]}
     order = [p["phase"] for p in manifest["timeline"] if p["phase"] != "driver between stages"]
     assert order == ["python start and imports", "read input", "Ray start-up", "plan", "model", "data", "sensitivity",
                      "ranking", "perturbation", "export", "Ray shutdown"]
     assert phases["sensitivity"]["cpu_s"]["gradient worker"] > 0
-    assert phases["perturbation"]["cpu_s"]["evaluation actor"] > 0
+    # The worker serving as the first actor keeps its process, and its name in the timeline.
+    assert phases["perturbation"]["cpu_s"]["gradient worker"] > 0
     assert "Ray raylet" in phases["Ray start-up"]["cpu_s"]
     for stage, seconds in summary["stage_timings_s"].items():  # the stages' own clocks agree
         assert phases[stage]["wall_s"] == pytest.approx(seconds, abs=0.1)

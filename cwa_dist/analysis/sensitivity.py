@@ -112,6 +112,20 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def back_to_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `prepare_gradients` and `checkpoint_blocks`: no gradients, every parameter as a freshly
+    loaded replica has it, each block's own forward, eval mode. The weights are untouched (a
+    gradient stage never steps them), so the model then evaluates as a fresh replica would."""
+    for p in model.parameters():
+        p.grad = None
+        p.requires_grad_(True)
+    for block in transformer_blocks(model):
+        if getattr(block, "_cwa_checkpointed", False):
+            del block.forward  # the wrapper was set on the instance; the class's forward shows again
+            del block._cwa_checkpointed
+    return model.eval()
+
+
 def gradient_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, total_tokens: int,
                   world_size: int = 1, backward=torch.Tensor.backward) -> float:
     """One micro-batch: add the gradient of (its summed NLL) / `total_tokens` to the gradients.

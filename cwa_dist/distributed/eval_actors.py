@@ -14,9 +14,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cwa_dist.analysis.devices import to_cpu
 from cwa_dist.analysis.evaluate import Perplexity, perplexity
@@ -31,20 +34,18 @@ from cwa_dist.modeling.loading import ModelRef, load_replica, load_tokenizer
 from cwa_dist.reporting.memory import peak_device_bytes, peak_rss_bytes
 
 
-class EvalActor:
-    def __init__(self, model: ModelRef, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
-                 threads: int | None, replay_budget_bytes: int = 0, zero_shot: TaskRequest | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        start = time.perf_counter()
-        ckpt, config = model.open()
-        self.model = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
-                                  device=device, gpus=gpus)
-        ckpt.close()
-        self.load_s = time.perf_counter() - start
+class Evaluator:
+    """The experiments on a model held in this process: its baseline (the replay's first pass),
+    then one spec at a time. An evaluation actor loads its own replica; a gradient worker that
+    holds a whole one hands it here (`GradientWorker.serve`) and serves as an actor too."""
+
+    def _evaluate(self, model: torch.nn.Module, tokenizer_dir, chunks: list[torch.Tensor], batch_size: int,
+                  load_s: float, replay_budget_bytes: int, zero_shot: TaskRequest | None, trust_remote_code: bool,
+                  from_gradient_worker: bool = False):
+        self.model, self.load_s, self.from_gradient_worker = model, load_s, from_gradient_worker
         self.zero_shot, self.baseline_tasks = zero_shot, None
         if zero_shot is not None:
-            self.tokenizer = load_tokenizer(ckpt.path, trust_remote_code=model.trust_remote_code)
+            self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
             self.tasks = task_manager(zero_shot.include)  # indexed once per actor
             self.baseline_tasks = self._tasks()
         self.params = dict(self.model.named_parameters())
@@ -73,7 +74,8 @@ class EvalActor:
     def memory(self) -> dict:
         """This actor's measured peaks and load time, for the manifest."""
         return {"actor": self.name, "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
-                "load_s": round(self.load_s, 3), "replay_blocks_kept": len(self.replay.kept),
+                "load_s": round(self.load_s, 3), "from_gradient_worker": self.from_gradient_worker,
+                "replay_blocks_kept": len(self.replay.kept),
                 "replay_bytes": self.replay.kept_bytes}
 
     def run(self, spec: PerturbationSpec, with_tasks: bool = True) -> ExperimentResult:
@@ -111,29 +113,119 @@ class EvalActor:
         return all(fingerprint(p) == self.fingerprints[n] for n, p in self.params.items())
 
 
+class EvalActor(Evaluator):
+    """An evaluation actor: its own replica, built from the checkpoint files on its node."""
+
+    def __init__(self, model: ModelRef, device: str, gpus: int, chunks: list[torch.Tensor], batch_size: int,
+                 threads: int | None, replay_budget_bytes: int = 0, zero_shot: TaskRequest | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        ckpt, config = model.open()
+        net = load_replica(ckpt, config, dtype=model.torch_dtype, trust_remote_code=model.trust_remote_code,
+                           device=device, gpus=gpus)
+        ckpt.close()
+        self._evaluate(net, ckpt.path, chunks, batch_size, time.perf_counter() - start, replay_budget_bytes,
+                       zero_shot, model.trust_remote_code)
+
+
+@dataclass
+class KeptWorker:
+    """A gradient worker kept after its stage to serve as the first evaluation actor, with the
+    placement-group bundle it ran in: it claims one CPU of the bundle, and the pool places other
+    actors in the rest."""
+
+    actor: object  # its Ray actor handle (a GradientWorker)
+    pg: PlacementGroup
+    bundle_cpus: int
+
+    def strategy(self) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
+
+    def release(self) -> None:
+        """Unused after all: the worker and its bundle go."""
+        ray.kill(self.actor)
+        remove_placement_group(self.pg)
+
+
 class EvalPool:
     def __init__(self, model: ModelRef, chunks: list[torch.Tensor], *, num_actors: int, device: str,
                  gpus_per_actor: int, batch_size: int, replay_budget_bytes: int = 0,
-                 zero_shot: TaskRequest | None = None):
+                 zero_shot: TaskRequest | None = None, kept: KeptWorker | None = None):
+        """`kept`: a gradient worker holding a whole replica, which becomes the first actor (no
+        second process start or load); the next actors go in what its bundle has left, the rest
+        (and a replacement, where the one it replaces was) outside it."""
         gpus = gpus_per_actor if device == "cuda" else 0
-        remote = ray.remote(EvalActor).options(num_cpus=1, num_gpus=gpus)
+        remote = ray.remote(EvalActor)
         # On CPU each actor uses one core, so actors do not fight over threads.
         threads = None if device == "cuda" else 1
         chunks_ref = ray.put(chunks)  # once, shared by every actor (and every replacement)
-        self._new_actor = lambda: remote.remote(model, device, gpus, chunks_ref, batch_size, threads,
-                                                replay_budget_bytes, zero_shot)
-        self.actors = [self._new_actor() for _ in range(num_actors)]
+
+        def new_actor(in_bundle: bool):
+            placed = {"scheduling_strategy": kept.strategy()} if in_bundle else {}
+            return remote.options(num_cpus=1, num_gpus=gpus, **placed).remote(
+                model, device, gpus, chunks_ref, batch_size, threads, replay_budget_bytes, zero_shot)
+
+        self._new_actor, self._pg = new_actor, kept.pg if kept else None
+        self._serving = []  # the kept worker's `serve`, whose error describe() reports
+        if kept is not None:
+            self._serving = [kept.actor.serve.remote(model, chunks_ref, batch_size, threads, replay_budget_bytes,
+                                                     zero_shot)]
+        # Where each actor runs: True in the kept worker's bundle (which the worker itself is in).
+        self._in_bundle = [kept is not None and i < kept.bundle_cpus for i in range(num_actors)]
+        self.actors = [kept.actor] if kept is not None else []
+        self.actors += [new_actor(b) for b in self._in_bundle[len(self.actors):]]
+        # An actor is starting (loading, measuring its baseline) until its first answer; then idle.
+        self._starting = {a.describe.remote(): a for a in self.actors}  # ref of its first answer -> actor
+        self._idle: list = []
+        self._lost_while_loading = 0
+        self.baselines: dict[str, Perplexity] = {}  # every actor's baseline, by actor name, as it answers
 
     def describe(self) -> list[tuple[str, Perplexity]]:
+        """Every actor's name and baseline, once all have loaded."""
+        ray.get(self._serving)
         return ray.get([a.describe.remote() for a in self.actors])
+
+    def first_ready(self) -> tuple[str, Perplexity]:
+        """The name and baseline of the first actor to have loaded and measured it. The others join
+        `run` as they get there: the experiments need not wait for the slowest start."""
+        ray.get(self._serving)
+        while not self._idle:
+            ready, _ = ray.wait(list(self._starting), num_returns=1)
+            self._answered(ready[0], len(self.actors))
+        name = next(n for n in self.baselines)
+        return name, self.baselines[name]
+
+    def _answered(self, ref, max_lost: int) -> None:
+        """A starting actor's first answer: it is idle now, its baseline kept. One that died while
+        loading is replaced (more than `max_lost` such deaths: refused)."""
+        actor = self._starting.pop(ref)
+        try:
+            name, baseline = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._lost_while_loading += 1
+            if self._lost_while_loading > max_lost:
+                raise RuntimeError(
+                    f"evaluation actors keep dying while they load the model ({last_line(e)})") from None
+            fresh = self._replace(actor)
+            self._starting[fresh.describe.remote()] = fresh
+            return
+        self.baselines[name] = baseline
+        self._idle.append(actor)
+
+    def _ready_actor(self):
+        """An actor that has loaded (the first to, if none has yet)."""
+        if not self._idle:
+            self.first_ready()
+        return self._idle[0]
 
     def baseline_tasks(self) -> dict[str, TaskScores] | None:
         """The unperturbed model's zero-shot scores (every actor's are the same weights)."""
-        return ray.get(self.actors[0].baseline_scores.remote())
+        return ray.get(self._ready_actor().baseline_scores.remote())
 
     def super_weights(self, prompts: list[torch.Tensor], max_candidates: int) -> list[Candidate]:
         """Super-weight candidates, detected on one actor's replica (they all hold the same weights)."""
-        return ray.get(self.actors[0].super_weights.remote(prompts, max_candidates))
+        return ray.get(self._ready_actor().super_weights.remote(prompts, max_candidates))
 
     def run(self, specs: list[PerturbationSpec], *, on_result: Callable[[ExperimentResult], None],
             on_failure: Callable[[PerturbationSpec, str], None], max_retries: int,
@@ -146,12 +238,11 @@ class EvalPool:
         `on_failure` records it. Every spec ends in exactly one of the two callbacks.
         """
         queue = deque((spec, 0) for spec in specs)
-        idle = list(self.actors)
+        idle, starting = self._idle, self._starting  # actors that loaded; actors still loading
         in_flight: dict = {}  # ref -> (actor, spec, tries, deadline)
-        # A replacement loads the model and measures its baseline first (minutes for a large model):
-        # it takes a spec, and its experiment's deadline starts, only once it has answered.
-        starting: dict = {}  # ref of its first answer -> actor
-        lost_while_loading = 0
+        # A starting actor (a replacement too) loads the model and measures its baseline first
+        # (minutes for a large model): it takes a spec, and its experiment's deadline starts, only
+        # once it has answered.
 
         def retry(actor, spec, tries, what: str, detail: str) -> None:
             fresh = self._replace(actor)
@@ -172,18 +263,7 @@ class EvalPool:
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=wait_s)
             if ready and ready[0] in starting:
-                actor = starting.pop(ready[0])
-                try:
-                    ray.get(ready[0])
-                except ray.exceptions.RayActorError as e:
-                    lost_while_loading += 1
-                    if lost_while_loading > max_retries + len(self.actors):
-                        raise RuntimeError(
-                            f"evaluation actors keep dying while they load the model ({last_line(e)})") from None
-                    fresh = self._replace(actor)
-                    starting[fresh.describe.remote()] = fresh
-                    continue
-                idle.append(actor)
+                self._answered(ready[0], max_retries + len(self.actors))
                 continue
             if not ready:
                 now = time.monotonic()
@@ -206,11 +286,23 @@ class EvalPool:
                 continue
             idle.append(actor)
             on_result(result)
+        self._stop_starting()
+
+    def _stop_starting(self) -> None:
+        """Stop the actors still loading once every experiment is done (what follows would only
+        wait for them), as long as one that loaded remains."""
+        for ref, actor in list(self._starting.items()):
+            if not self._idle:
+                return
+            del self._starting[ref]
+            ray.kill(actor)
+            i = self.actors.index(actor)
+            del self.actors[i], self._in_bundle[i]
 
     def _replace(self, dead) -> object:
         ray.kill(dead)  # make sure it is gone, whatever state it died in
-        fresh = self._new_actor()
-        self.actors[self.actors.index(dead)] = fresh
+        i = self.actors.index(dead)
+        self.actors[i] = fresh = self._new_actor(self._in_bundle[i])
         return fresh
 
     def all_weights_intact(self) -> bool:
@@ -223,3 +315,6 @@ class EvalPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self._pg is not None:  # the kept worker's bundle
+            remove_placement_group(self._pg)
+            self._pg = None

@@ -30,7 +30,9 @@ from cwa_dist.analysis.sensitivity import (
     non_finite_tensors,
     values_at,
 )
+from cwa_dist.analysis.zero_shot import TaskRequest
 from cwa_dist.distributed.backends import BACKENDS, ZeroSettings
+from cwa_dist.distributed.eval_actors import Evaluator, KeptWorker
 from cwa_dist.distributed.process_group import destroy_group, init_group, rendezvous_address
 from cwa_dist.distributed.worker_group import WorkerGroup, placement_strategy
 from cwa_dist.errors import UsageError
@@ -75,8 +77,9 @@ def exact_pinned_blocks() -> None:
     os.environ["PYTORCH_ALLOC_CONF"] = PINNED_ROUNDING
 
 
-class GradientWorker:
-    """One rank. The driver calls its methods on all ranks together (collectives need that)."""
+class GradientWorker(Evaluator):
+    """One rank. The driver calls its methods on all ranks together (collectives need that).
+    A rank that holds the whole model (the `none` backend) can then `serve` as an evaluation actor."""
 
     def __init__(self, threads: int | None):
         exact_pinned_blocks()
@@ -187,6 +190,18 @@ class GradientWorker:
         self.backend.teardown()
         destroy_group()
 
+    def serve(self, model: ModelRef, chunks: list[torch.Tensor], batch_size: int, threads: int | None,
+              replay_budget_bytes: int = 0, zero_shot: TaskRequest | None = None) -> None:
+        """Become an evaluation actor on the replica this rank already holds, after `teardown`: the
+        same model a fresh actor would load from the same files, without a second process or load."""
+        if not hasattr(self.backend, "evaluation_model"):
+            raise RuntimeError(f"the {self.backend.name} backend holds a shard of the model, not a replica to evaluate")
+        net = self.backend.evaluation_model()
+        if threads:  # an actor's thread count, which its perplexities are bit-identical at
+            torch.set_num_threads(threads)
+        self._evaluate(net, model.local_dir() if zero_shot is not None else None, chunks, batch_size, 0.0,
+                       replay_budget_bytes, zero_shot, model.trust_remote_code, from_gradient_worker=True)
+
 
 @dataclass
 class SensitivityResult:
@@ -220,16 +235,20 @@ class GradientGroup(WorkerGroup):
                  gpus_per_worker: int, settings: ZeroSettings, autoscaling: bool = False,
                  placement_timeout_s: float = 600.0, call_timeout_s: float | None = None,
                  setup_timeout_s: float | None = None, on_wait: Callable[[str], None] = lambda _: None,
-                 node_gpus: int | None = None):
+                 node_gpus: int | None = None, serve_after: bool = False):
         """`call_timeout_s` bounds each stage call (--stage-timeout-s); loading the model is bounded by
-        `setup_timeout_s`, which defaults to it."""
+        `setup_timeout_s`, which defaults to it. `serve_after`: the one worker of the `none` backend on
+        CPU will be handed over (`hand_over`) to serve as an evaluation actor; it claims one CPU of its
+        bundle, so that the pool's next actors fit in the rest (it computes on all of them until then)."""
         if backend == "none" and num_workers != 1:
             raise UsageError("--shard-backend none runs a single worker; use --shard-backend zero3 for more")
+        if serve_after and (backend != "none" or device != "cpu"):
+            raise ValueError("only the none backend's worker on CPU holds a replica an evaluation actor can use")
         bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         super().__init__(GradientWorker, (None if device == "cuda" else cpus_per_worker,), num_workers=num_workers,
                          bundle=bundle, strategy=placement_strategy(num_workers, gpus_per_worker, node_gpus),
                          autoscaling=autoscaling, placement_timeout_s=placement_timeout_s,
-                         call_timeout_s=call_timeout_s, on_wait=on_wait)
+                         call_timeout_s=call_timeout_s, on_wait=on_wait, actor_cpus=1 if serve_after else None)
         if gpus_per_worker:
             self.visible_gpus = self.share_gpus()
         address, port = self._gather([self.workers[0].rendezvous.remote()])[0]
@@ -242,6 +261,15 @@ class GradientGroup(WorkerGroup):
         if bad:
             self.shutdown(graceful=False)
             raise UsageError(corrupt_weights_message(bad))
+
+    def hand_over(self) -> KeptWorker:
+        """End the stage (the process group left) but keep the worker and its bundle, for the
+        evaluation pool; the group is empty afterwards."""
+        self.call("teardown")
+        (worker,) = self.workers
+        kept = KeptWorker(worker, self.pg, bundle_cpus=int(self.bundle["CPU"]))
+        self.workers = []
+        return kept
 
     def share_gpus(self) -> list[str]:
         """Every rank sees the GPUs of all ranks on its node (see devices.shared_visibility);

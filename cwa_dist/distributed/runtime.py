@@ -49,6 +49,10 @@ def available_cpus() -> int:
     return int(ray.available_resources().get("CPU", 0))
 
 
+def available_resources() -> dict:
+    return ray.available_resources()
+
+
 def stop_ray() -> None:
     ray.shutdown()
 

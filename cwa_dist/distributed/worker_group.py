@@ -68,15 +68,17 @@ class WorkerGroup:
 
     def __init__(self, actor_cls, actor_args: tuple, *, num_workers: int, bundle: dict, strategy: str,
                  autoscaling: bool, placement_timeout_s: float, call_timeout_s: float | None,
-                 on_wait: Callable[[str], None]):
-        self.call_timeout_s = call_timeout_s
+                 on_wait: Callable[[str], None], actor_cpus: int | None = None):
+        """`actor_cpus`: the CPUs each member claims of its bundle (all of them unless given); the
+        rest stays reserved in the bundle for actors placed there later."""
+        self.call_timeout_s, self.bundle = call_timeout_s, bundle
         _check_capacity(bundle, num_workers, autoscaling)
         self.pg = placement_group([bundle] * num_workers, strategy=strategy)
         _wait_placed(self.pg, f"{num_workers} gradient worker(s) of {bundle}", placement_timeout_s, on_wait)
         remote = ray.remote(actor_cls)
         self.workers = [
             remote.options(
-                num_cpus=bundle.get("CPU", 0),
+                num_cpus=bundle.get("CPU", 0) if actor_cpus is None else actor_cpus,
                 num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(*actor_args)

@@ -47,6 +47,11 @@ class ModelRef:
 
     def open(self) -> tuple[Checkpoint, object]:
         """(checkpoint, transformers config) on this node."""
+        path = self.local_dir()
+        return Checkpoint(path), load_config(path, trust_remote_code=self.trust_remote_code)
+
+    def local_dir(self) -> Path:
+        """The checkpoint directory on this node."""
         path = Path(self.checkpoint_dir)
         if self.revision is not None:  # this node's own Hub cache, at the driver's commit
             path = hub_snapshot(self.source, self.revision)
@@ -57,7 +62,7 @@ class ModelRef:
                     "runs; put the model on a filesystem every node shares, or use a Hugging Face Hub id"
                 )
             path = resolve_checkpoint(resolve_source(self.source), announce=lambda _: None)
-        return Checkpoint(path), load_config(path, trust_remote_code=self.trust_remote_code)
+        return path
 
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool):

@@ -26,7 +26,7 @@ from cwa_dist.analysis.perturb import PerturbationSpec
 from cwa_dist.analysis.quantize import QUANTIZATION
 from cwa_dist.analysis.sensitivity import numel
 from cwa_dist.distributed.eval_actors import EvalPool
-from cwa_dist.distributed.runtime import settled_free_resources
+from cwa_dist.distributed.runtime import available_resources, settled_free_resources
 from cwa_dist.planning.placement import actor_count
 from cwa_dist.planning.resume import ResultLog
 from cwa_dist.reporting.outputs import PERTURBATION_COLUMNS, RunRecord, candidates_from_rankings, super_weight_table
@@ -138,24 +138,29 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
     # nothing and the super weights.
     top_sets = _plan(ctx, loaded, rankings, topk=(cfg.analysis.max_k,), ratios=(1.0,)) if need_quant else []
     n_extra += (2 + len(top_sets)) if need_quant else 0
-    n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, settled_free_resources(),
-                           gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor)
-    rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
-             f"{len(chunks)} evaluation chunk(s) each")
-    pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
-                    gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor, batch_size=cfg.data.batch_size,
-                    replay_budget_bytes=cfg.perturbation.replay_budget_bytes,
-                    zero_shot=cfg.perturbation.task_request(cfg.data.batch_size))
+    kept = ctx.handover.take()  # the gradient worker, serving as the first actor
     try:
-        described = pool.describe()
-        baselines = {round(b.value, 6) for _, b in described}
+        n_actors = actor_count(cfg, ctx.device, len(todo) + n_extra, loaded.model_bytes, _free_for_actors(kept),
+                               gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor)
+        rep.line(f"📊 Running {len(todo)} perturbation experiments on {n_actors} actor(s), "
+                 f"{len(chunks)} evaluation chunk(s) each"
+                 + ("; the gradient worker is the first, on the replica it holds" if kept else ""))
+        pool = EvalPool(loaded.model, chunks, num_actors=n_actors, device=ctx.device,
+                        gpus_per_actor=ctx.plan.layout.gpus_per_eval_actor, batch_size=cfg.data.batch_size,
+                        replay_budget_bytes=cfg.perturbation.replay_budget_bytes,
+                        zero_shot=cfg.perturbation.task_request(cfg.data.batch_size), kept=kept)
+    except BaseException:
+        if kept is not None:
+            kept.release()
+        raise
+    try:
+        # The first actor to load starts the experiments; the others join as they load.
+        _, baseline = pool.first_ready()
         tokens = window_tokens(chunks)
-        interval = baseline_interval(tokens, described[0][1], cfg)
-        record.fact(baseline_perplexity=described[0][1].value, baseline_perplexity_ci=interval)
-        rep.line(f"📏 Baseline perplexity on the actors: {described[0][1].value:.4f} (95% CI {interval[0]:.4f}–"
+        interval = baseline_interval(tokens, baseline, cfg)
+        record.fact(baseline_perplexity=baseline.value, baseline_perplexity_ci=interval)
+        rep.line(f"📏 Baseline perplexity on the actors: {baseline.value:.4f} (95% CI {interval[0]:.4f}–"
                  f"{interval[1]:.4f}, bootstrap over {len(tokens)} evaluation windows)")
-        if len(baselines) > 1:
-            rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
         if cfg.perturbation.eval_tasks:
             _baseline_tasks(ctx, record, pool.baseline_tasks())
         found, extra_specs = [], {}
@@ -182,10 +187,13 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
             pool.run(
                 todo + extra_todo,
                 on_result=lambda r: keep(_logged_row(every[r.key], r, tokens, cfg)),
-                on_failure=lambda spec, error: keep(failed_row(spec, error, min(baselines))),
+                on_failure=lambda spec, error: keep(failed_row(spec, error, baseline.value)),
                 max_retries=cfg.run.max_retries,
                 timeout_s=cfg.run.experiment_timeout_s,
             )
+        baselines = {round(b.value, 6) for b in pool.baselines.values()}
+        if len(baselines) > 1:
+            rep.line(f"⚠️  actors disagree on the baseline perplexity: {sorted(baselines)}")
         intact = pool.all_weights_intact()
         actors = pool.memory()
         for a in actors:
@@ -203,6 +211,16 @@ def _on_actors(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Spli
     finally:
         pool.shutdown()
     return intact
+
+
+def _free_for_actors(kept) -> dict:
+    """What the actors can use: with a kept gradient worker, what is free now plus its bundle's CPUs
+    (the worker and the actors placed there); without, what the gradient stage handed back."""
+    if kept is None:
+        return settled_free_resources()
+    free = dict(available_resources())
+    free["CPU"] = free.get("CPU", 0) + kept.bundle_cpus
+    return free
 
 
 def _logged_row(spec: PerturbationSpec, r, tokens: list[int], cfg) -> dict:

@@ -26,11 +26,13 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
         gpus, cpus = lay.gpus_per_worker, lay.cpus_per_worker
         rep.line(f"🔄 {lay.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
+        serve = worker_serves(ctx)
         group = GradientGroup(loaded.model, num_workers=lay.num_workers, backend=backend, device=ctx.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
                               autoscaling=ctx.joined_cluster, call_timeout_s=cfg.run.stage_timeout_s,
                               placement_timeout_s=_placement_timeout_s(ctx), on_wait=rep.line,
-                              node_gpus=ctx.plan.view.gpu_node.gpus if ctx.plan.view.gpu_node else None)
+                              node_gpus=ctx.plan.view.gpu_node.gpus if ctx.plan.view.gpu_node else None,
+                              serve_after=serve)
         folds = [list(f) for f in split.calibration_folds]
         # The ablation study and the stability folds read gradients back from the ranks after scoring.
         ablation_study = bool(cfg.perturbation.ablation_study and not cfg.perturbation.no_perturbation)
@@ -50,8 +52,10 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
                 _study_weights(ctx, record, loaded, group, result.merged)
             if folds:
                 stability_stage.study(ctx, record, group, result.merged, result.folds, loaded.shapes)
+            if serve:
+                ctx.handover.keep(group.hand_over())
         finally:
-            group.shutdown()
+            group.shutdown()  # nothing left to shut down once handed over
         if result.baseline is not None:
             record.fact(baseline_perplexity=result.baseline.value)
         merged, reports = result.merged, result.reports
@@ -85,6 +89,16 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
         })
     record.mark("sensitivity")
     return merged
+
+
+def worker_serves(ctx: Context) -> bool:
+    """True when the gradient worker will serve as the first evaluation actor: it holds a whole
+    replica (the `none` backend) on the CPU of a machine whose Ray this run started. It then saves
+    an actor's process start and load. On GPUs a fresh actor gets its own GPUs (and memory without
+    the gradient stage's cached blocks), and a joined cluster places actors by its own resources."""
+    cfg = ctx.cfg
+    return (ctx.plan.backend == "none" and ctx.device == "cpu" and not ctx.joined_cluster
+            and not cfg.perturbation.no_perturbation)
 
 
 def _placement_timeout_s(ctx: Context) -> float:

@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import FAMILIES, brute_force_topk, build_tiny_model, calibration_chunks
 
-from cwa_dist.analysis.evaluate import predicted_tokens
+from cwa_dist.analysis.evaluate import perplexity, predicted_tokens
 from cwa_dist.analysis.sensitivity import (
     accumulate_gradients,
+    back_to_inference,
     checkpoint_blocks,
     full_shards,
     prepare_gradients,
@@ -135,3 +136,29 @@ def test_block_checkpointing_gives_the_same_gradient(family):
     assert len(calls) == 2 * 2  # 2 batches, each run forward once and again in backward
     for n in reference:
         torch.testing.assert_close(got[n], reference[n], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_back_to_inference_leaves_a_model_that_evaluates_as_a_fresh_one(family):
+    """A gradient stage's model (gradients, checkpointed blocks, some parameters frozen), handed on to
+    evaluate: every perplexity bit for bit a fresh replica's, no gradient, each block its own forward."""
+    chunks, evaluation = calibration_chunks(3, 12, ragged=True), calibration_chunks(2, 12, seed=5)
+    fresh = build_tiny_model(family)
+    net = build_tiny_model(family)
+    checkpoint_blocks(net)
+    names = select_parameters(net, include_bias=False, include_norm=False)
+    prepare_gradients(net, names)
+    accumulate_gradients(net, chunks, batch_size=2, total_tokens=predicted_tokens(chunks))
+    assert any(p.grad is not None for p in net.parameters()) and not all(p.requires_grad for p in net.parameters())
+    assert back_to_inference(net) is net
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    assert not net.training
+    calls = []
+    block = [m for n, m in net.named_modules() if n.endswith("0.mlp")][0]
+    block.register_forward_pre_hook(lambda *a: calls.append(1))
+    with torch.enable_grad():  # checkpointing would run a block twice in a backward; now nothing recomputes
+        ids = torch.stack(evaluation)
+        net(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 1
+    net.zero_grad(set_to_none=True)
+    assert perplexity(net, evaluation, 2).window_nll == perplexity(fresh, evaluation, 2).window_nll

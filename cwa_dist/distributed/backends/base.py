@@ -76,13 +76,9 @@ class Backend:
         every step's gradient is then collected into the sums, whatever the metrics."""
         self.scored = scored
         self.params = dict(self.model.named_parameters())
-        if self.hooks is not None:  # a second stage on the same rank: the subclass adds fresh ones
-            self.hooks.remove()
-            self.hooks = None
+        self.release_stage()  # a second stage on the same rank: the subclass adds fresh hooks
         per_window = FISHER in inputs
         self.sums = GradientSums(per_window, fold_scales) if per_window or fold_scales else None
-        for norms in self.all_norms:
-            norms.remove()
         self.feature_norms = FeatureNorms(self.model, scored) if FEATURE_NORM in inputs else None
         self.fold_norms = [FeatureNorms(self.model, scored) for _ in fold_scales] if self.feature_norms else []
         self.scorer = ShardScorer(metrics, k, self.feature_norms) if metrics else None
@@ -92,6 +88,18 @@ class Backend:
         self.final = False
         self._norms_reduced = False
         self.phase = "started"
+
+    def release_stage(self) -> None:
+        """Drop what a stage accumulated and hooked into the model: gradient hooks, input-norm
+        hooks, sums and scorers."""
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+        for norms in self.all_norms:
+            norms.remove()
+        self.feature_norms, self.fold_norms = None, []
+        self.sums, self.scorer, self.fold_scorers = None, None, []
+        self.phase = "loaded"
 
     def _fold_scorers(self, metrics: Sequence[str], k: int) -> list[ShardScorer]:
         norms = self.fold_norms or [None] * (len(self.sums.folds) if self.sums is not None else 0)

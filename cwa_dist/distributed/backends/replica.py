@@ -9,6 +9,7 @@ from cwa_dist.analysis.sensitivity import (
     GradientHooks,
     GradientSums,
     ParamShard,
+    back_to_inference,
     checkpoint_blocks,
     full_shard,
     prepare_gradients,
@@ -64,3 +65,10 @@ class ReplicaBackend(Backend):
         if self.sums is not None:
             return n, self.sums.numel()
         return n, sum(p.grad.numel() for p in self.model.parameters() if p.grad is not None)
+
+    def evaluation_model(self) -> torch.nn.Module:
+        """Hand the replica on, as a freshly loaded one, to be evaluated in this process (the worker
+        serving as an evaluation actor); this backend computes no more gradients."""
+        self.release_stage()
+        model, self.model, self.params = back_to_inference(self.model), None, {}
+        return model
