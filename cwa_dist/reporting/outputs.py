@@ -324,7 +324,7 @@ MANIFEST_FIELDS = {
     "timeline": "this try's phases in order (imports, Ray start-up, plan, each stage, Ray shutdown): wall seconds and "
                 "CPU seconds per kind of process (driver, Ray's daemons, workers, actors), measured",
     "memory": "measured peaks: driver, gradient_ranks (each with live_tensor_bytes), eval_actors (each with load_s, "
-              "replay_blocks_kept, replay_bytes)",
+              "from_gradient_worker, replay_blocks_kept, replay_bytes)",
     "summary": "the summary facts of finished stages, which a resumed run needs",
 }
 SUMMARY_FIELDS = {
