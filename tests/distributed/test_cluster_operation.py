@@ -263,7 +263,7 @@ def test_ray_job_to_s3_stopped_mid_run_then_resumed_from_s3(cluster, tiny_model_
     rows = [json.loads(line) for line in logged.splitlines() if line.strip()]
     done_before = len([r for r in rows if r["metric"] != "super_weight"])
     experiments = 3 * 5 * (1 + 8 + 1 + 1)  # the metric, 8 random, |W|, one same-tensor draw
-    assert 0 < done_before < experiments
+    assert 0 < done_before < experiments, (len(logged), [(r["metric"], r["status"]) for r in rows])
 
     # --resume without an id continues the newest unfinished run under the S3 output.
     p = submit(cluster, "--submission-id", "cwa-resume", "--working-dir", ".", "--", *run, "--resume")
