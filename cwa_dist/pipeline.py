@@ -96,7 +96,7 @@ def _run(cfg: RunConfig, rep: Reporter) -> RunDirectory | None:
         return record.run_dir
     finally:
         rep.phase("Ray shutdown")
-        if ctx is not None and stopper is None:
+        if ctx is not None:  # a no-op once the worker was taken or released above
             ctx.handover.release()
         if stopper is not None:
             stopper.join()

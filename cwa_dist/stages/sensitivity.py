@@ -26,7 +26,7 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
         gpus, cpus = lay.gpus_per_worker, lay.cpus_per_worker
         rep.line(f"🔄 {lay.num_workers} gradient worker(s), backend {backend}, "
                  f"{cpus} CPU(s){f' and {gpus} GPU(s)' if gpus else ''} each")
-        serve = worker_serves(ctx)
+        serve = _worker_serves(ctx)
         group = GradientGroup(loaded.model, num_workers=lay.num_workers, backend=backend, device=ctx.device,
                               cpus_per_worker=cpus, gpus_per_worker=gpus, settings=settings,
                               autoscaling=ctx.joined_cluster, call_timeout_s=cfg.run.stage_timeout_s,
@@ -91,7 +91,7 @@ def run(ctx: Context, record: RunRecord, loaded: LoadedModel, split: Split) -> S
     return merged
 
 
-def worker_serves(ctx: Context) -> bool:
+def _worker_serves(ctx: Context) -> bool:
     """True when the gradient worker will serve as the first evaluation actor: it holds a whole
     replica (the `none` backend) on the CPU of a machine whose Ray this run started. It then saves
     an actor's process start and load. On GPUs a fresh actor gets its own GPUs (and memory without
